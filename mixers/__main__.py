@@ -1,0 +1,41 @@
+"""``python -m mixers list``: mixers, backends, availability and the plugin each came from."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mixers.registry import Registry, get_registry
+
+
+def format_listing(registry: Registry) -> str:
+    """A human-readable report of everything the registry loaded, and what failed to load."""
+    lines = ["Mixers:"]
+    for name, spec in sorted(registry.mixers.items()):
+        ops = ", ".join(spec.ops) or "-"
+        lines.append(f"  {name:<20} ops: {ops:<20} plugin: {spec.plugin}  {spec.description}")
+    lines.append("Backends:")
+    for op in sorted(registry.backends):
+        for b in sorted(registry.backends[op].values(), key=lambda b: -b.priority):
+            reason = registry.unavailable_reason(b)
+            status = "available" if reason is None else f"unavailable ({reason})"
+            lines.append(f"  {op}/{b.name:<14} priority {b.priority:>3}  plugin: {b.plugin}  {status}")
+    lines.append("Plugins:")
+    for info in registry.plugins.values():
+        origin = "built-in" if info.builtin else f"distribution {info.distribution or '?'} {info.version or ''}".rstrip()
+        lines.append(f"  {info.name:<32} {origin:<28} {'ok' if info.ok else 'BROKEN'}")
+        lines.extend(f"      error: {e}" for e in info.errors)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mixers", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list mixers, backends and plugins")
+    parser.parse_args(argv)
+    print(format_listing(get_registry()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

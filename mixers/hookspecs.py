@@ -1,0 +1,42 @@
+"""The plugin hooks of seqmixers: everything a plugin, built-in or third-party, can do.
+
+A plugin is a module (or object) with functions marked ``@mixers.hookimpl``. Third-party plugins are
+found through the ``seqmixers`` entry-point group; the built-ins are registered through the very same
+hooks (see ``mixers.registry.DEFAULT_PLUGINS``), so a third party can do anything a built-in can.
+
+Hooks hand the plugin a ``register`` callable instead of expecting a return value: the registry checks
+each entry as it arrives (duplicates, malformed fields) and records which plugin it came from.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
+    from mixers.registry import BackendRegistrar, MixerRegistrar
+
+PROJECT = "seqmixers"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_backends(register: BackendRegistrar) -> None:
+    """Register op backends: call ``register(Backend(...))`` once per backend.
+
+    Called once per plugin when the registry is first used. ``Backend.op`` names the op the
+    backend implements (``"retention"`` for ``mixers.functional.retention``); a plugin may also
+    implement an op of its own and dispatch to it with ``mixers.registry.resolve_backend``.
+    Raising here marks this plugin as broken; the other plugins still load.
+    """
+
+
+@hookspec
+def register_mixers(register: MixerRegistrar) -> None:
+    """Register token mixers: call ``register(name, factory, ops=(...), description=...)``.
+
+    ``factory(d_model, **options)`` must return a ``mixers.TokenMixer``. ``ops`` names the ops the
+    mixer computes with, so that ``mixers.available()`` can list the backends that serve it.
+    """

@@ -1,0 +1,339 @@
+"""The registry of mixers and op backends, filled through pluggy hooks.
+
+Plugins are loaded lazily and once (on the first ``get_registry()``): first the built-in plugins in
+``DEFAULT_PLUGINS``, then every entry point of the ``seqmixers`` group. Each plugin is loaded and
+called on its own, so one that fails to import, raises in a hook or registers something malformed is
+recorded (``Registry.plugins[name].error``) and the others still load.
+
+Environment variables:
+- ``SEQMIXERS_PLUGINS``: comma-separated entry-point names to load; unset loads all, ``""`` loads
+  none (the built-ins always load). Rescues a user from a third-party plugin that breaks everything.
+- ``SEQMIXERS_STRICT_PLUGINS=1``: raise on the first broken plugin instead of recording it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+import torch
+
+from mixers import hookspecs
+
+ENTRY_POINT_GROUP = "seqmixers"
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "mixers.backends.torch_backend",
+    "mixers.retention",
+)
+
+
+class RegistrationError(ValueError):
+    """A plugin registered something malformed or a duplicate."""
+
+
+class PluginLoadError(RuntimeError):
+    """Raised in strict mode (``SEQMIXERS_STRICT_PLUGINS=1``) for the first broken plugin."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of one op.
+
+    ``fn`` receives inputs already validated by the op's public function (for ``"retention"``:
+    ``fn(q, k, v, gamma, *, mode, chunk_size, initial_state) -> (o, final_state)``).
+    ``check_available()`` returns ``None`` when the backend can run here, else the reason it cannot
+    (it is called once and cached). ``devices``/``dtypes``/``modes`` of ``None`` mean "any".
+    ``"auto"`` picks the highest ``priority`` among available backends that support the inputs.
+    """
+
+    op: str
+    name: str
+    fn: Callable[..., Any]
+    priority: int = 0
+    devices: frozenset[str] | None = None
+    dtypes: frozenset[torch.dtype] | None = None
+    modes: frozenset[str] | None = None
+    check_available: Callable[[], str | None] | None = None
+    description: str = ""
+    plugin: str = ""  # filled in by the registry: the plugin that registered it
+
+    def unsupported_reason(self, device: torch.device, dtype: torch.dtype, mode: str) -> str | None:
+        """Why this backend cannot take these inputs, or ``None`` if it can."""
+        if self.devices is not None and device.type not in self.devices:
+            return f"runs on {sorted(self.devices)} devices, not {device.type!r}"
+        if self.dtypes is not None and dtype not in self.dtypes:
+            return f"takes dtypes {sorted(str(d) for d in self.dtypes)}, not {dtype}"
+        if self.modes is not None and mode not in self.modes:
+            return f"computes modes {sorted(self.modes)}, not {mode!r}"
+        return None
+
+
+@dataclass(frozen=True)
+class MixerSpec:
+    """A registered token mixer: ``factory(d_model, **options)`` builds a ``TokenMixer``."""
+
+    name: str
+    factory: Callable[..., Any]
+    ops: tuple[str, ...] = ()
+    description: str = ""
+    plugin: str = ""
+
+
+@dataclass
+class PluginInfo:
+    """What the registry knows of one plugin: where it came from and whether it loaded."""
+
+    name: str
+    distribution: str | None = None  # None for built-ins
+    version: str | None = None
+    builtin: bool = False
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+class _Staging:
+    """Collects one plugin's registrations; they are committed only if the whole hook succeeds."""
+
+    def __init__(self, plugin: str) -> None:
+        self.plugin = plugin
+        self.backends: list[Backend] = []
+        self.mixers: list[MixerSpec] = []
+
+    def backend(self, backend: Backend) -> None:
+        if not isinstance(backend, Backend):
+            raise RegistrationError(
+                f"register() expected a mixers.registry.Backend, got {type(backend).__name__}"
+            )
+        for attr in ("op", "name"):
+            value = getattr(backend, attr)
+            if not isinstance(value, str) or not value or value == "auto":
+                raise RegistrationError(f"Backend.{attr} must be a non-empty name other than 'auto', got {value!r}")
+        if not callable(backend.fn):
+            raise RegistrationError(f"Backend {backend.op}/{backend.name}: fn must be callable, got {backend.fn!r}")
+        if not isinstance(backend.priority, int) or isinstance(backend.priority, bool):
+            raise RegistrationError(
+                f"Backend {backend.op}/{backend.name}: priority must be an int, got {backend.priority!r}"
+            )
+        if backend.check_available is not None and not callable(backend.check_available):
+            raise RegistrationError(f"Backend {backend.op}/{backend.name}: check_available must be callable")
+        self.backends.append(dataclasses.replace(backend, plugin=self.plugin))
+
+    def mixer(
+        self, name: str, factory: Callable[..., Any], *, ops: Iterable[str] = (), description: str = ""
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise RegistrationError(f"mixer name must be a non-empty str, got {name!r}")
+        if not callable(factory):
+            raise RegistrationError(f"mixer {name!r}: factory must be callable, got {factory!r}")
+        ops = tuple(ops)
+        if not all(isinstance(op, str) for op in ops):
+            raise RegistrationError(f"mixer {name!r}: ops must be op names (str), got {ops!r}")
+        self.mixers.append(MixerSpec(name, factory, ops, description, self.plugin))
+
+
+BackendRegistrar = Callable[[Backend], None]
+MixerRegistrar = Callable[..., None]
+
+
+class Registry:
+    """Mixers and backends from all plugins, with where each came from and what failed."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.backends: dict[str, dict[str, Backend]] = {}
+        self.mixers: dict[str, MixerSpec] = {}
+        self.plugins: dict[str, PluginInfo] = {}
+        self._availability: dict[tuple[str, str], str | None] = {}
+        self.strict = os.environ.get("SEQMIXERS_STRICT_PLUGINS", "") not in ("", "0")
+
+    # -- loading -----------------------------------------------------------------------------
+    def load(self, builtins: Iterable[str] = DEFAULT_PLUGINS, entry_points: bool = True) -> Registry:
+        for module_name in builtins:
+            info = PluginInfo(module_name, builtin=True)
+            try:
+                self._add_plugin(info, importlib.import_module(module_name))
+            except Exception as exc:  # a broken built-in is reported like any other plugin
+                self._fail(info, f"failed to import: {type(exc).__name__}: {exc}")
+        if entry_points:
+            wanted = os.environ.get("SEQMIXERS_PLUGINS")
+            names = None if wanted is None else {n.strip() for n in wanted.split(",") if n.strip()}
+            for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+                if names is not None and ep.name not in names:
+                    continue
+                dist = getattr(ep, "dist", None)
+                info = PluginInfo(
+                    ep.name,
+                    distribution=dist.metadata["Name"] if dist is not None else None,
+                    version=dist.version if dist is not None else None,
+                )
+                if ep.name in self.plugins:
+                    self._fail(info, f"a plugin named {ep.name!r} is already loaded "
+                               f"(from {self.plugins[ep.name].distribution or 'the built-ins'})")
+                    continue
+                try:
+                    obj = ep.load()
+                except Exception as exc:
+                    self._fail(info, f"failed to import {ep.value!r}: {type(exc).__name__}: {exc}")
+                    continue
+                self._add_plugin(info, obj)
+        return self
+
+    def _fail(self, info: PluginInfo, message: str) -> None:
+        info.errors.append(message)
+        self.plugins.setdefault(info.name, info)
+        if self.strict:
+            where = f" (distribution {info.distribution})" if info.distribution else ""
+            raise PluginLoadError(f"plugin {info.name!r}{where}: {message}")
+
+    def _add_plugin(self, info: PluginInfo, obj: object) -> None:
+        try:
+            self.pm.register(obj, name=info.name)
+        except Exception as exc:  # pluggy validates hook names and signatures here
+            self._fail(info, f"is not a valid plugin: {type(exc).__name__}: {exc}")
+            return
+        self.plugins[info.name] = info
+        staging = _Staging(info.name)
+        hooks = (("register_backends", staging.backend), ("register_mixers", staging.mixer))
+        for hook_name, registrar in hooks:
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                if impl.plugin_name != info.name:
+                    continue
+                try:
+                    impl.function(register=registrar)
+                except Exception as exc:
+                    self._fail(info, f"{hook_name} raised {type(exc).__name__}: {exc}")
+                    self.pm.unregister(name=info.name)
+                    return
+        self._commit(info, staging)
+
+    def _commit(self, info: PluginInfo, staging: _Staging) -> None:
+        for b in staging.backends:
+            existing = self.backends.get(b.op, {}).get(b.name)
+            if existing is not None:
+                self._fail(info, f"backend {b.name!r} for op {b.op!r} is already registered by plugin "
+                           f"{existing.plugin!r}; this one (from plugin {info.name!r}) is ignored")
+                continue
+            self.backends.setdefault(b.op, {})[b.name] = b
+        for m in staging.mixers:
+            existing_m = self.mixers.get(m.name)
+            if existing_m is not None:
+                self._fail(info, f"mixer {m.name!r} is already registered by plugin {existing_m.plugin!r}; "
+                           f"this one (from plugin {info.name!r}) is ignored")
+                continue
+            self.mixers[m.name] = m
+
+    # -- queries -----------------------------------------------------------------------------
+    def unavailable_reason(self, backend: Backend) -> str | None:
+        """Why ``backend`` cannot run on this machine (cached), or ``None``."""
+        key = (backend.op, backend.name)
+        if key not in self._availability:
+            reason = None
+            if backend.check_available is not None:
+                try:
+                    reason = backend.check_available()
+                except Exception as exc:
+                    reason = f"its availability check raised {type(exc).__name__}: {exc}"
+            self._availability[key] = reason
+        return self._availability[key]
+
+    def describe_backends(self, op: str) -> str:
+        """One line per installed backend of ``op``: availability, priority, plugin."""
+        rows = []
+        for b in sorted(self.backends.get(op, {}).values(), key=lambda b: -b.priority):
+            reason = self.unavailable_reason(b)
+            state = "available" if reason is None else f"unavailable: {reason}"
+            rows.append(f"  {b.name!r} (priority {b.priority}, plugin {b.plugin!r}): {state}")
+        return "\n".join(rows) if rows else "  (none)"
+
+    def resolve_backend(
+        self, op: str, backend: str, *, device: torch.device, dtype: torch.dtype, mode: str
+    ) -> Backend:
+        """The backend to run ``op`` with: ``backend`` by name, or ``"auto"`` for the best one."""
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str ('auto' or a backend name), got {type(backend).__name__}")
+        candidates = self.backends.get(op, {})
+        if not candidates:
+            raise ValueError(f"no backend is registered for op {op!r}; registered ops: {sorted(self.backends)}")
+        if backend == "auto":
+            for b in sorted(candidates.values(), key=lambda b: -b.priority):
+                if self.unavailable_reason(b) is None and b.unsupported_reason(device, dtype, mode) is None:
+                    return b
+            raise ValueError(
+                f"no installed backend of op {op!r} can run mode {mode!r} on a {device.type} device with "
+                f"dtype {dtype}; installed backends:\n{self.describe_backends(op)}"
+            )
+        if backend not in candidates:
+            raise ValueError(
+                f"unknown backend {backend!r} for op {op!r}; expected 'auto' or one of "
+                f"{sorted(candidates)}. Installed backends:\n{self.describe_backends(op)}"
+            )
+        chosen = candidates[backend]
+        reason = self.unavailable_reason(chosen)
+        if reason is not None:
+            raise ValueError(
+                f"backend {backend!r} for op {op!r} is unavailable: {reason}. "
+                f"Installed backends:\n{self.describe_backends(op)}"
+            )
+        reason = chosen.unsupported_reason(device, dtype, mode)
+        if reason is not None:
+            raise ValueError(f"backend {backend!r} for op {op!r} cannot take these inputs: it {reason}")
+        return chosen
+
+    def available(self) -> dict[str, list[str]]:
+        """Mixer name -> names of the backends (of the mixer's ops) that can run on this machine."""
+        out = {}
+        for name, spec in sorted(self.mixers.items()):
+            names: list[str] = []
+            for op in spec.ops:
+                for b in sorted(self.backends.get(op, {}).values(), key=lambda b: -b.priority):
+                    if self.unavailable_reason(b) is None and b.name not in names:
+                        names.append(b.name)
+            out[name] = names
+        return out
+
+    def build(self, name: str, d_model: int, **options: Any) -> Any:
+        if not isinstance(name, str) or name not in self.mixers:
+            raise ValueError(f"unknown mixer {name!r}; registered mixers: {sorted(self.mixers)}")
+        return self.mixers[name].factory(d_model, **options)
+
+
+_REGISTRY: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, loaded on first use."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = Registry().load()
+    return _REGISTRY
+
+
+def reset_registry() -> None:
+    """Forget the loaded registry, so that the next use re-discovers plugins (for tests)."""
+    global _REGISTRY
+    _REGISTRY = None
+
+
+def resolve_backend(op: str, backend: str, *, device: torch.device, dtype: torch.dtype, mode: str) -> Backend:
+    """Module-level shortcut for ``get_registry().resolve_backend``."""
+    return get_registry().resolve_backend(op, backend, device=device, dtype=dtype, mode=mode)
+
+
+def available() -> Mapping[str, list[str]]:
+    """Mixer name -> names of the backends that can serve it on this machine."""
+    return get_registry().available()
+
+
+def build(name: str, d_model: int, **options: Any) -> Any:
+    """Build the registered mixer ``name`` (``num_heads``, ``backend`` and mixer-specific options)."""
+    return get_registry().build(name, d_model, **options)
