@@ -22,7 +22,9 @@ def format_listing(registry: Registry) -> str:
             lines.append(f"  {op}/{b.name:<14} priority {b.priority:>3}  plugin: {b.plugin}  {status}")
     lines.append("Plugins:")
     for info in registry.plugins.values():
-        origin = "built-in" if info.builtin else f"distribution {info.distribution or '?'} {info.version or ''}".rstrip()
+        origin = (
+            "built-in" if info.builtin else f"distribution {info.distribution or '?'} {info.version or ''}".rstrip()
+        )
         lines.append(f"  {info.name:<32} {origin:<28} {'ok' if info.ok else 'BROKEN'}")
         lines.extend(f"      error: {e}" for e in info.errors)
     return "\n".join(lines)

@@ -110,9 +110,7 @@ class _Staging:
 
     def backend(self, backend: Backend) -> None:
         if not isinstance(backend, Backend):
-            raise RegistrationError(
-                f"register() expected a mixers.registry.Backend, got {type(backend).__name__}"
-            )
+            raise RegistrationError(f"register() expected a mixers.registry.Backend, got {type(backend).__name__}")
         for attr in ("op", "name"):
             value = getattr(backend, attr)
             if not isinstance(value, str) or not value or value == "auto":
@@ -127,9 +125,7 @@ class _Staging:
             raise RegistrationError(f"Backend {backend.op}/{backend.name}: check_available must be callable")
         self.backends.append(dataclasses.replace(backend, plugin=self.plugin))
 
-    def mixer(
-        self, name: str, factory: Callable[..., Any], *, ops: Iterable[str] = (), description: str = ""
-    ) -> None:
+    def mixer(self, name: str, factory: Callable[..., Any], *, ops: Iterable[str] = (), description: str = "") -> None:
         if not isinstance(name, str) or not name:
             raise RegistrationError(f"mixer name must be a non-empty str, got {name!r}")
         if not callable(factory):
@@ -177,8 +173,11 @@ class Registry:
                     version=dist.version if dist is not None else None,
                 )
                 if ep.name in self.plugins:
-                    self._fail(info, f"a plugin named {ep.name!r} is already loaded "
-                               f"(from {self.plugins[ep.name].distribution or 'the built-ins'})")
+                    self._fail(
+                        info,
+                        f"a plugin named {ep.name!r} is already loaded "
+                        f"(from {self.plugins[ep.name].distribution or 'the built-ins'})",
+                    )
                     continue
                 try:
                     obj = ep.load()
@@ -220,15 +219,21 @@ class Registry:
         for b in staging.backends:
             existing = self.backends.get(b.op, {}).get(b.name)
             if existing is not None:
-                self._fail(info, f"backend {b.name!r} for op {b.op!r} is already registered by plugin "
-                           f"{existing.plugin!r}; this one (from plugin {info.name!r}) is ignored")
+                self._fail(
+                    info,
+                    f"backend {b.name!r} for op {b.op!r} is already registered by plugin "
+                    f"{existing.plugin!r}; this one (from plugin {info.name!r}) is ignored",
+                )
                 continue
             self.backends.setdefault(b.op, {})[b.name] = b
         for m in staging.mixers:
             existing_m = self.mixers.get(m.name)
             if existing_m is not None:
-                self._fail(info, f"mixer {m.name!r} is already registered by plugin {existing_m.plugin!r}; "
-                           f"this one (from plugin {info.name!r}) is ignored")
+                self._fail(
+                    info,
+                    f"mixer {m.name!r} is already registered by plugin {existing_m.plugin!r}; "
+                    f"this one (from plugin {info.name!r}) is ignored",
+                )
                 continue
             self.mixers[m.name] = m
 
@@ -255,9 +260,7 @@ class Registry:
             rows.append(f"  {b.name!r} (priority {b.priority}, plugin {b.plugin!r}): {state}")
         return "\n".join(rows) if rows else "  (none)"
 
-    def resolve_backend(
-        self, op: str, backend: str, *, device: torch.device, dtype: torch.dtype, mode: str
-    ) -> Backend:
+    def resolve_backend(self, op: str, backend: str, *, device: torch.device, dtype: torch.dtype, mode: str) -> Backend:
         """The backend to run ``op`` with: ``backend`` by name, or ``"auto"`` for the best one."""
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str ('auto' or a backend name), got {type(backend).__name__}")

@@ -14,7 +14,6 @@ float32 whatever the input dtype, so it needs no rescaling for range, and all mo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
