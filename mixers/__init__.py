@@ -1,7 +1,8 @@
 """seqmixers: token mixers (retention and friends) behind one interface, with pluggable backends.
 
 Public API:
-- ``mixers.functional``: the ops (``retention``), stable names that backends implement.
+- ``mixers.functional``: the ops (``retention``, ``linear_attention``, ``softmax_attention``), stable names
+  that backends implement.
 - ``mixers.build(name, d_model, **options)`` / ``mixers.available()``: registered mixers and backends.
 - ``mixers.TokenMixer`` / ``mixers.MixerState``: the interface every mixer implements.
 - ``mixers.hookimpl`` / ``mixers.Backend``: what a plugin needs to register a backend or mixer.

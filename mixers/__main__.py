@@ -1,4 +1,4 @@
-"""``python -m mixers list``: mixers, backends, availability and the plugin each came from."""
+"""``python -m mixers list`` / ``demo``: mixers, backends, feature maps, availability and the plugin each came from."""
 
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ def format_listing(registry: Registry) -> str:
         for b in sorted(registry.backends[op].values(), key=lambda b: -b.priority):
             reason = registry.unavailable_reason(b)
             status = "available" if reason is None else f"unavailable ({reason})"
-            lines.append(f"  {op}/{b.name:<14} priority {b.priority:>3}  plugin: {b.plugin}  {status}")
+            lines.append(f"  {op + '/' + b.name:<32} priority {b.priority:>3}  plugin: {b.plugin}  {status}")
+    lines.append("Feature maps:")
+    for name, fm in sorted(registry.feature_maps.items()):
+        lines.append(f"  {name:<20} plugin: {fm.plugin}  {fm.description}")
     lines.append("Plugins:")
     for info in registry.plugins.values():
         origin = (
@@ -34,7 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mixers", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list mixers, backends and plugins")
-    parser.parse_args(argv)
+    sub.add_parser("demo", help="show the three representations agreeing, and state hand-over")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from mixers import demo
+
+        demo.run()
+        return 0
     print(format_listing(get_registry()))
     return 0
 

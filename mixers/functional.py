@@ -7,7 +7,9 @@ so each backend stays a plain tensor function.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -140,3 +142,188 @@ def retention(
     check_state(initial_state, "initial_state", (B, H, Dk, Dv), state_dtype(q.dtype), q.device)
     impl = resolve_backend("retention", backend, device=q.device, dtype=q.dtype, mode=mode)
     return impl.fn(q, k, v, g, mode=mode, chunk_size=chunk, initial_state=initial_state)
+
+
+class LinearState(NamedTuple):
+    """Linear attention's state after ``t`` tokens: ``kv = sum_s k_s^T v_s`` ``[B, H, Dk, Dv]`` and the
+    normaliser ``z = sum_s k_s`` ``[B, H, Dk]`` (float32, or float64 for float64 inputs)."""
+
+    kv: Tensor
+    z: Tensor
+
+
+class KVCache(NamedTuple):
+    """Softmax attention's state: every key ``[B, Tc, Hkv, Dk]`` and value ``[B, Tc, Hkv, Dv]`` seen so far,
+    in the dtype of the inputs (they are stored, not accumulated, so nothing is gained by widening)."""
+
+    k: Tensor
+    v: Tensor
+
+
+def _check_pair(state: object, name: str, fields: str) -> tuple[object, object] | None:
+    if state is None:
+        return None
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise TypeError(f"{name} must be None or a pair {fields}, got {type(state).__name__}")
+    return state[0], state[1]
+
+
+def check_linear_state(
+    state: object, B: int, H: int, Dk: int, Dv: int, dtype: torch.dtype, device: torch.device
+) -> LinearState | None:
+    """Check a linear-attention state ``(kv [B, H, Dk, Dv], z [B, H, Dk])``; return it as a ``LinearState``."""
+    pair = _check_pair(state, "initial_state", "(kv [B, H, Dk, Dv], z [B, H, Dk]) such as a LinearState")
+    if pair is None:
+        return None
+    kv, z = pair
+    if kv is None or z is None:
+        raise TypeError("initial_state must hold two tensors (kv, z), got None in it")
+    check_state(kv, "initial_state.kv", (B, H, Dk, Dv), state_dtype(dtype), device)
+    check_state(z, "initial_state.z", (B, H, Dk), state_dtype(dtype), device)
+    return LinearState(kv, z)
+
+
+def check_eps(eps: float) -> float:
+    """Check a denominator guard: a finite float > 0."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < math.inf):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    return float(eps)
+
+
+def linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mode: str,
+    chunk_size: int | None = None,
+    initial_state: LinearState | tuple[Tensor, Tensor] | None = None,
+    normalize: bool = True,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> tuple[Tensor, LinearState]:
+    """Causal linear attention (Katharopoulos et al. 2020) on feature-mapped ``q, k``.
+
+    ``o_t = (q_t kv_0 + sum_{s<=t} (q_t . k_s) v_s) / guard(q_t . (z_0 + sum_{s<=t} k_s))``, where the
+    division happens only when ``normalize`` is set. ``guard(d)`` moves ``d`` away from zero while keeping
+    its sign: ``d`` if ``|d| >= eps``, else ``eps`` for ``d >= 0`` and ``-eps`` for ``d < 0``. With
+    non-negative features (``elu+1``, ``relu``) ``o_t`` is then a weighted mean of values scaled by
+    ``min(1, d / eps)``, so ``|o_t| <= max |v|`` however small the normaliser; a token whose features are
+    all zero gets ``o_t = 0``.
+
+    Arguments:
+        q, k: ``[B, T, H, Dk]``, already feature-mapped (the mixer's job).
+        v: ``[B, T, H, Dv]``.
+        mode: ``"parallel"``, ``"chunkwise"`` (any ``chunk_size``, default 64) or ``"recurrent"``; all
+            three compute the same function.
+        initial_state: ``(kv [B, H, Dk, Dv], z [B, H, Dk])`` from an earlier call, or ``None`` for zeros.
+        normalize: divide by the guarded normaliser (``False``: the plain sum, ``o_t = q_t kv_t``).
+        eps: the guard's threshold, compared with the normaliser in float32 (float64 for float64 inputs).
+        backend: a backend name, or ``"auto"``.
+
+    Returns:
+        ``(o, final_state)``: ``o`` is ``[B, T, H, Dv]`` in the dtype of ``q``; ``final_state`` is a
+        ``LinearState(kv, z)`` in float32 (float64 for float64 inputs). ``z`` is kept whether or not
+        ``normalize`` is set, so one state serves both.
+    """
+    B, T, H, Dk, Dv = check_qkv(q, k, v)
+    chunk = check_mode(mode, chunk_size)
+    state = check_linear_state(initial_state, B, H, Dk, Dv, q.dtype, q.device)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__} {normalize!r}")
+    eps = check_eps(eps)
+    impl = resolve_backend("linear_attention", backend, device=q.device, dtype=q.dtype, mode=mode)
+    o, (kv, z) = impl.fn(q, k, v, mode=mode, chunk_size=chunk, initial_state=state, normalize=normalize, eps=eps)
+    return o, LinearState(kv, z)
+
+
+def check_qkv_grouped(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int, int]:
+    """Check ``q: [B, T, H, Dk]``, ``k: [B, T, Hkv, Dk]``, ``v: [B, T, Hkv, Dv]`` with ``Hkv`` dividing ``H``
+    (grouped-query attention; ``Hkv = H`` is plain multi-head). Return ``(B, T, H, Hkv, Dk, Dv)``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have rank 4 [B, T, H, D], got rank {t.dim()} with shape {_shape(t)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    B, T, H, Dk = q.shape
+    Hkv = k.shape[2]
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != Dk:
+        raise ValueError(f"k must be [B, T, Hkv, Dk] with B, T, Dk = {B}, {T}, {Dk} as in q, got {_shape(k)}")
+    if Hkv < 1 or H % Hkv:
+        raise ValueError(f"k must have a number of heads Hkv dividing the H = {H} heads of q, got Hkv = {Hkv}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must be [B, T, Hkv, Dv] with B, T, Hkv = {tuple(k.shape[:3])} as in k, got {_shape(v)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    return B, T, H, Hkv, Dk, v.shape[-1]
+
+
+def check_kv_cache(
+    cache: object, B: int, Hkv: int, Dk: int, Dv: int, dtype: torch.dtype, device: torch.device
+) -> KVCache | None:
+    """Check a KV cache ``(k [B, Tc, Hkv, Dk], v [B, Tc, Hkv, Dv])`` against the new keys; return a ``KVCache``."""
+    pair = _check_pair(cache, "initial_state", "(k [B, Tc, Hkv, Dk], v [B, Tc, Hkv, Dv]) such as a KVCache")
+    if pair is None:
+        return None
+    for name, t, D in (("k", pair[0], Dk), ("v", pair[1], Dv)):
+        what = f"initial_state.{name} (the {'key' if name == 'k' else 'value'} cache)"
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{what} must have rank 4 [B, Tc, Hkv, {name.upper()}D], got shape {_shape(t)}")
+        if t.shape[0] != B:
+            raise ValueError(f"{what} was built for batch size {t.shape[0]}, but q has batch size {B}")
+        if t.shape[2] != Hkv:
+            raise ValueError(f"{what} holds {t.shape[2]} heads, but k and v have {Hkv} heads")
+        if t.shape[3] != D:
+            raise ValueError(f"{what} has head dim {t.shape[3]}, but {name} has head dim {D}")
+        if t.dtype != dtype:
+            raise TypeError(f"{what} must have the dtype of q, {dtype}, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{what} must be on device {device}, got {t.device}")
+    kc, vc = pair
+    if kc.shape[1] != vc.shape[1]:
+        raise ValueError(f"initial_state k and v caches must hold as many tokens, got {kc.shape[1]} and {vc.shape[1]}")
+    return KVCache(kc, vc)
+
+
+def softmax_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mode: str,
+    chunk_size: int | None = None,
+    initial_state: KVCache | tuple[Tensor, Tensor] | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, KVCache]:
+    """Causal scaled dot-product attention, continuing from a KV cache.
+
+    ``o_t = sum_{s<=t} exp(q_t . k_s / sqrt(Dk)) v_s / sum_{s<=t} exp(q_t . k_s / sqrt(Dk))``, where
+    ``s`` runs over the ``Tc`` cached tokens and then the new ones (query ``t`` sits at position ``Tc + t``).
+
+    Arguments:
+        q: ``[B, T, H, Dk]``; k: ``[B, T, Hkv, Dk]``; v: ``[B, T, Hkv, Dv]``. ``Hkv`` must divide ``H``:
+            query head ``h`` reads key/value head ``h // (H / Hkv)`` (grouped-query attention).
+        mode: ``"parallel"`` (``torch.nn.functional.scaled_dot_product_attention``), ``"chunkwise"``
+            (blockwise over keys with an online softmax, memory ``O(T * chunk_size)`` also in the
+            backward pass; any ``chunk_size``, default 64) or ``"recurrent"`` (token by token against
+            the cache). All three compute the same function up to rounding.
+        initial_state: a ``KVCache(k [B, Tc, Hkv, Dk], v [B, Tc, Hkv, Dv])`` from an earlier call, in the
+            dtype of ``q``, or ``None`` for an empty one.
+        backend: a backend name, or ``"auto"``.
+
+    Returns:
+        ``(o, final_state)``: ``o`` is ``[B, T, H, Dv]`` in the dtype of ``q``; ``final_state`` is the cache
+        with the new keys and values appended (``Tc + T`` tokens; it grows with the sequence).
+    """
+    B, T, H, Hkv, Dk, Dv = check_qkv_grouped(q, k, v)
+    chunk = check_mode(mode, chunk_size)
+    cache = check_kv_cache(initial_state, B, Hkv, Dk, Dv, q.dtype, q.device)
+    impl = resolve_backend("softmax_attention", backend, device=q.device, dtype=q.dtype, mode=mode)
+    o, (k_cache, v_cache) = impl.fn(q, k, v, mode=mode, chunk_size=chunk, initial_state=cache)
+    return o, KVCache(k_cache, v_cache)

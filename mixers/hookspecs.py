@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
-    from mixers.registry import BackendRegistrar, MixerRegistrar
+    from mixers.registry import BackendRegistrar, FeatureMapRegistrar, MixerRegistrar
 
 PROJECT = "seqmixers"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -39,4 +39,14 @@ def register_mixers(register: MixerRegistrar) -> None:
 
     ``factory(d_model, **options)`` must return a ``mixers.TokenMixer``. ``ops`` names the ops the
     mixer computes with, so that ``mixers.available()`` can list the backends that serve it.
+    """
+
+
+@hookspec
+def register_feature_maps(register: FeatureMapRegistrar) -> None:
+    """Register feature maps for linear attention: call ``register(name, fn, description=...)``.
+
+    ``fn(x)`` maps ``[B, T, H, D]`` to ``[B, T, H, D']`` in the dtype of ``x``, acting on each token on
+    its own (a map that mixes tokens would break causality). The ``"linear_attention"`` mixer picks
+    one by name (``feature_map="elu+1"``).
     """

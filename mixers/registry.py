@@ -1,4 +1,4 @@
-"""The registry of mixers and op backends, filled through pluggy hooks.
+"""The registry of mixers, op backends and feature maps, filled through pluggy hooks.
 
 Plugins are loaded lazily and once (on the first ``get_registry()``): first the built-in plugins in
 ``DEFAULT_PLUGINS``, then every entry point of the ``seqmixers`` group. Each plugin is loaded and
@@ -30,6 +30,8 @@ ENTRY_POINT_GROUP = "seqmixers"
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "mixers.backends.torch_backend",
     "mixers.retention",
+    "mixers.linear_attention",
+    "mixers.softmax_attention",
 )
 
 
@@ -46,7 +48,9 @@ class Backend:
     """One implementation of one op.
 
     ``fn`` receives inputs already validated by the op's public function (for ``"retention"``:
-    ``fn(q, k, v, gamma, *, mode, chunk_size, initial_state) -> (o, final_state)``).
+    ``fn(q, k, v, gamma, *, mode, chunk_size, initial_state) -> (o, final_state)``; for
+    ``"linear_attention"``: ``fn(q, k, v, *, mode, chunk_size, initial_state, normalize, eps) -> (o, (kv, z))``;
+    for ``"softmax_attention"``: ``fn(q, k, v, *, mode, chunk_size, initial_state) -> (o, (k_cache, v_cache))``).
     ``check_available()`` returns ``None`` when the backend can run here, else the reason it cannot
     (it is called once and cached). ``devices``/``dtypes``/``modes`` of ``None`` mean "any".
     ``"auto"`` picks the highest ``priority`` among available backends that support the inputs.
@@ -85,6 +89,16 @@ class MixerSpec:
     plugin: str = ""
 
 
+@dataclass(frozen=True)
+class FeatureMap:
+    """A registered feature map for linear attention: ``fn`` maps ``[B, T, H, D]`` to ``[B, T, H, D']``."""
+
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    description: str = ""
+    plugin: str = ""
+
+
 @dataclass
 class PluginInfo:
     """What the registry knows of one plugin: where it came from and whether it loaded."""
@@ -107,6 +121,7 @@ class _Staging:
         self.plugin = plugin
         self.backends: list[Backend] = []
         self.mixers: list[MixerSpec] = []
+        self.feature_maps: list[FeatureMap] = []
 
     def backend(self, backend: Backend) -> None:
         if not isinstance(backend, Backend):
@@ -135,21 +150,31 @@ class _Staging:
             raise RegistrationError(f"mixer {name!r}: ops must be op names (str), got {ops!r}")
         self.mixers.append(MixerSpec(name, factory, ops, description, self.plugin))
 
+    def feature_map(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor], *, description: str = "") -> None:
+        if not isinstance(name, str) or not name:
+            raise RegistrationError(f"feature map name must be a non-empty str, got {name!r}")
+        if not callable(fn):
+            raise RegistrationError(f"feature map {name!r}: fn must be callable, got {fn!r}")
+        self.feature_maps.append(FeatureMap(name, fn, description, self.plugin))
+
 
 BackendRegistrar = Callable[[Backend], None]
 MixerRegistrar = Callable[..., None]
+FeatureMapRegistrar = Callable[..., None]
 
 
 class Registry:
-    """Mixers and backends from all plugins, with where each came from and what failed."""
+    """Mixers, backends and feature maps from all plugins, with where each came from and what failed."""
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.backends: dict[str, dict[str, Backend]] = {}
         self.mixers: dict[str, MixerSpec] = {}
+        self.feature_maps: dict[str, FeatureMap] = {}
         self.plugins: dict[str, PluginInfo] = {}
         self._availability: dict[tuple[str, str], str | None] = {}
+        self._resolved: dict[tuple, Backend] = {}
         self.strict = os.environ.get("SEQMIXERS_STRICT_PLUGINS", "") not in ("", "0")
 
     # -- loading -----------------------------------------------------------------------------
@@ -189,7 +214,10 @@ class Registry:
 
     def _fail(self, info: PluginInfo, message: str) -> None:
         info.errors.append(message)
-        self.plugins.setdefault(info.name, info)
+        key = info.name
+        if self.plugins.get(key, info) is not info:  # a second plugin of that name: keep both on record
+            key = f"{info.name} ({info.distribution or 'built-in'})"
+        self.plugins.setdefault(key, info)
         if self.strict:
             where = f" (distribution {info.distribution})" if info.distribution else ""
             raise PluginLoadError(f"plugin {info.name!r}{where}: {message}")
@@ -202,7 +230,11 @@ class Registry:
             return
         self.plugins[info.name] = info
         staging = _Staging(info.name)
-        hooks = (("register_backends", staging.backend), ("register_mixers", staging.mixer))
+        hooks = (
+            ("register_backends", staging.backend),
+            ("register_mixers", staging.mixer),
+            ("register_feature_maps", staging.feature_map),
+        )
         for hook_name, registrar in hooks:
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 if impl.plugin_name != info.name:
@@ -236,6 +268,16 @@ class Registry:
                 )
                 continue
             self.mixers[m.name] = m
+        for fm in staging.feature_maps:
+            existing_f = self.feature_maps.get(fm.name)
+            if existing_f is not None:
+                self._fail(
+                    info,
+                    f"feature map {fm.name!r} is already registered by plugin {existing_f.plugin!r}; "
+                    f"this one (from plugin {info.name!r}) is ignored",
+                )
+                continue
+            self.feature_maps[fm.name] = fm
 
     # -- queries -----------------------------------------------------------------------------
     def unavailable_reason(self, backend: Backend) -> str | None:
@@ -261,7 +303,18 @@ class Registry:
         return "\n".join(rows) if rows else "  (none)"
 
     def resolve_backend(self, op: str, backend: str, *, device: torch.device, dtype: torch.dtype, mode: str) -> Backend:
-        """The backend to run ``op`` with: ``backend`` by name, or ``"auto"`` for the best one."""
+        """The backend to run ``op`` with: ``backend`` by name, or ``"auto"`` for the best one.
+
+        Successful choices are cached (the registry does not change once loaded), which keeps the
+        per-token cost of recurrent decoding low.
+        """
+        key = (op, backend, device.type, dtype, mode)
+        chosen = self._resolved.get(key)
+        if chosen is None:
+            chosen = self._resolved[key] = self._resolve(op, backend, device=device, dtype=dtype, mode=mode)
+        return chosen
+
+    def _resolve(self, op: str, backend: str, *, device: torch.device, dtype: torch.dtype, mode: str) -> Backend:
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str ('auto' or a backend name), got {type(backend).__name__}")
         candidates = self.backends.get(op, {})
@@ -303,6 +356,12 @@ class Registry:
                         names.append(b.name)
             out[name] = names
         return out
+
+    def get_feature_map(self, name: str) -> FeatureMap:
+        """The registered feature map ``name``; an unknown name lists the registered ones."""
+        if not isinstance(name, str) or name not in self.feature_maps:
+            raise ValueError(f"unknown feature map {name!r}; registered feature maps: {sorted(self.feature_maps)}")
+        return self.feature_maps[name]
 
     def build(self, name: str, d_model: int, **options: Any) -> Any:
         if not isinstance(name, str) or name not in self.mixers:

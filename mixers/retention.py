@@ -80,7 +80,7 @@ class MultiScaleRetention(TokenMixer):
             (paper; LayerNorm per head) or ``"rmsnorm"`` (torchscale), ``norm_affine`` its weights.
         decay: ``False`` sets gamma = 1 (no decay). multi_scale: ``False`` shares one gamma.
             gammas: explicit per-head decays (overrides both).
-        rotary: rotate q, k by position; ``rope_layout`` ``"half"``/``"interleaved"``,
+        rotary: rotate q, k by position; ``rope_layout`` ``"interleaved"`` (torchscale) or ``"half"``,
             ``rope_schedule`` ``"rope"``/``"linspace"`` (torchscale's), ``rope_base``.
         backend: the retention op's backend (``"auto"`` picks the best available).
         chunk_size: default chunk size for ``mode="chunkwise"``.
@@ -102,7 +102,7 @@ class MultiScaleRetention(TokenMixer):
         multi_scale: bool = True,
         gammas: Sequence[float] | None = None,
         rotary: bool = True,
-        rope_layout: str = "half",
+        rope_layout: str = "interleaved",
         rope_schedule: str = "rope",
         rope_base: float = 10000.0,
         backend: str = "auto",
@@ -170,9 +170,8 @@ class MultiScaleRetention(TokenMixer):
         if self.norm == "groupnorm":
             y = F.group_norm(o.reshape(B * T, H * Dv), H, self.norm_weight, self.norm_bias, self.norm_eps)
             return y.view(B, T, H * Dv)
-        y = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-        y = y.reshape(B, T, H * Dv)
-        return y * self.norm_weight if self.norm_weight is not None else y
+        weight = None if self.norm_weight is None else self.norm_weight.view(H, Dv)
+        return F.rms_norm(o, (Dv,), weight, self.norm_eps).reshape(B, T, H * Dv)
 
     def forward(
         self, x: Tensor, state: MixerState | None = None, *, mode: str = "parallel", chunk_size: int | None = None
@@ -181,17 +180,18 @@ class MultiScaleRetention(TokenMixer):
         state = self._check_state(state, B)
         offset = 0 if state is None else state.offset
         H, Dk, Dv = self.num_heads, self.head_dim, self.value_head_dim
-        q, k, v, *g = self.in_proj(x).split(self.widths, dim=-1)
-        q, k, v = q.view(B, T, H, Dk), k.view(B, T, H, Dk), v.view(B, T, H, Dv)
+        qk, v, *g = self.in_proj(x).split([2 * H * Dk, *self.widths[2:]], dim=-1)
+        qk = qk.unflatten(-1, (2, H, Dk))  # (B, T, 2, H, Dk): q and k, rotated and scaled in one pass
         if self.rotary:
-            theta = self._theta.to(x.device)
-            cos, sin = rope.cos_sin(theta, offset, T, layout=self.rope_layout, dtype=x.dtype)
-            q = rope.rotate(q, cos, sin, layout=self.rope_layout)
-            k = rope.rotate(k, cos, sin, layout=self.rope_layout)
+            phase = rope.phases(self._theta.to(x.device), offset, T)  # (T, Dk/2), complex
+            qk = rope.rotate(qk, torch.stack([phase, phase * self.scaling], dim=1)[:, :, None], layout=self.rope_layout)
+        else:
+            qk = qk * qk.new_tensor([1.0, self.scaling])[:, None, None]
+        q, k = qk.unbind(2)
         o, kv = functional.retention(
             q,
-            k * self.scaling,
-            v,
+            k,
+            v.view(B, T, H, Dv),
             self.gammas,
             mode=mode,
             chunk_size=chunk_size if chunk_size is not None else self.chunk_size,

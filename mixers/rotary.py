@@ -3,6 +3,10 @@
 Rotating q at position n and k at position m by the same per-position angles makes ``q . k`` depend
 on ``n - m`` only, which is what the paper's complex formulation ``Q_n e^{in theta} (K_m e^{im theta})^dagger``
 says. Positions are absolute (``offset + t``) so that a state hand-over continues them.
+
+The rotation is taken literally as a complex product: pairs of dimensions are viewed as complex numbers
+and multiplied by ``e^{i pos theta}`` (one fused kernel forward and backward, and a constant such as
+the key scaling folds into the same factor).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-LAYOUTS = ("half", "interleaved")
+LAYOUTS = ("interleaved", "half")
 SCHEDULES = ("rope", "linspace")
 
 
@@ -31,28 +35,27 @@ def angles(dim: int, *, schedule: str = "rope", base: float = 10000.0) -> Tensor
     return base**-exponent
 
 
-def cos_sin(theta: Tensor, offset: int, length: int, *, layout: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``cos`` and ``sin`` tables ``[length, 1, dim]`` for positions ``offset ... offset + length - 1``."""
+def phases(theta: Tensor, offset: int, length: int) -> Tensor:
+    """``e^{i pos theta}`` as complex128 ``[length, dim/2]`` for positions ``offset ... offset + length - 1``."""
     pos = torch.arange(offset, offset + length, dtype=torch.float64, device=theta.device)
-    phase = pos[:, None] * theta[None, :]  # (T, dim/2)
-    if layout == "half":
-        phase = torch.cat([phase, phase], dim=-1)
-    elif layout == "interleaved":
-        phase = phase.repeat_interleave(2, dim=-1)
-    else:
-        raise ValueError(f"rotation layout must be one of {LAYOUTS}, got {layout!r}")
-    return phase.cos()[:, None].to(dtype), phase.sin()[:, None].to(dtype)
+    return torch.polar(torch.ones((), dtype=torch.float64, device=theta.device), pos[:, None] * theta[None, :])
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor, *, layout: str) -> Tensor:
-    """Rotate pairs of dimensions of ``x [B, T, H, D]``: ``(a, b) -> (a cos - b sin, b cos + a sin)``.
+def rotate(x: Tensor, phase: Tensor, *, layout: str) -> Tensor:
+    """Rotate pairs of dimensions of ``x [..., D]`` by the complex ``phase`` (broadcast to ``[..., D/2]``).
 
-    ``"half"`` pairs dimension i with i + D/2; ``"interleaved"`` pairs 2i with 2i + 1 (torchscale).
+    ``(a, b) -> (a cos - b sin, b cos + a sin)`` times ``|phase|``. ``"interleaved"`` pairs dimensions
+    2i and 2i + 1 (torchscale's layout); ``"half"`` pairs i with i + D/2 (GPT-NeoX/LLaMA layout).
     """
+    if layout == "interleaved":
+        work = x if x.dtype in (torch.float32, torch.float64) else x.float()  # there is no complex bfloat16
+        if work.stride(-1) != 1 or any(s % 2 for s in work.stride()[:-1]):
+            work = work.contiguous()  # a complex view needs pairs adjacent in memory
+        pairs = torch.view_as_complex(work.unflatten(-1, (-1, 2)))
+        return torch.view_as_real(pairs * phase.to(pairs.dtype)).flatten(-2).to(x.dtype)
     if layout == "half":
+        cos = torch.cat([phase.real, phase.real], dim=-1).to(x.dtype)
+        sin = torch.cat([phase.imag, phase.imag], dim=-1).to(x.dtype)
         a, b = x.chunk(2, dim=-1)
-        turned = torch.cat([-b, a], dim=-1)
-    else:
-        a, b = x[..., 0::2], x[..., 1::2]
-        turned = torch.stack([-b, a], dim=-1).flatten(-2)
-    return x * cos + turned * sin
+        return x * cos + torch.cat([-b, a], dim=-1) * sin
+    raise ValueError(f"rotation layout must be one of {LAYOUTS}, got {layout!r}")

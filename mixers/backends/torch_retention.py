@@ -35,24 +35,74 @@ def _decays(log_g: Tensor, C: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return intra, q_decay, k_decay, chunk_decay
 
 
+def _carry(kv: Tensor, state: Tensor, chunk_decay: Tensor, *, reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """Run ``S <- chunk_decay * S + kv[:, :, n]`` over the chunks (backwards if ``reverse``).
+
+    Returns the value of ``S`` before each step ``[B, H, N, Dk, Dv]`` and after the last one. The loop
+    is over chunks (T / C steps) and touches only ``[B, H, Dk, Dv]`` states.
+    """
+    before = torch.empty_like(kv)
+    decay = chunk_decay[:, None, None]
+    order = range(kv.shape[2] - 1, -1, -1) if reverse else range(kv.shape[2])
+    for n in order:
+        before[:, :, n] = state
+        state = torch.addcmul(kv[:, :, n], decay, state)
+    return before, state
+
+
+def _bmm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """``a @ b`` over matching leading dims, as one ``bmm`` on flattened batch views (no copies of
+    transposed operands, which ``torch.matmul`` on 5-D tensors makes). With ``out``: ``out += a @ b``."""
+    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    if out is None:
+        return torch.bmm(a3, b3).view(*a.shape[:-1], b.shape[-1])
+    out.view(-1, *out.shape[-2:]).baddbmm_(a3, b3)
+    return out
+
+
+class _Chunks(torch.autograd.Function):
+    """Retention over N equal chunks ``q, k: [B, H, N, C, Dk]``, ``v: [B, H, N, C, Dv]`` from ``state``.
+
+    Inside a chunk: ``o = ((q k^T) * D) v``; across chunks: ``o += (q * gamma^(i+1)) S_in``, with
+    ``S_out = gamma^C S_in + k^T (v * gamma^(C-1-j))``. The backward is written out by hand so that it
+    saves only q, k, v and the incoming states and recomputes the ``C x C`` scores, instead of autograd
+    keeping every intermediate (and zero-filling a full gradient buffer per chunk of the state loop).
+    Inputs must be contiguous.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, state: Tensor, log_g: Tensor) -> tuple[Tensor, Tensor]:
+        intra, q_decay, k_decay, chunk_decay = _decays(log_g, q.shape[-2])
+        scores = _bmm(q, k.transpose(-1, -2)).mul_(intra[:, None])  # (B, H, N, C, C)
+        kv = _bmm((k * k_decay[:, None, :, None]).transpose(-1, -2), v)  # chunk's share of the state (B, H, N, Dk, Dv)
+        incoming, final = _carry(kv, state, chunk_decay)
+        o = _bmm(scores, v, out=_bmm(q * q_decay[:, None, :, None], incoming))  # (B, H, N, C, Dv)
+        ctx.save_for_backward(q, k, v, incoming, log_g)
+        return o, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do: Tensor, dfinal: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
+        q, k, v, incoming, log_g = ctx.saved_tensors
+        do = do.contiguous()
+        intra, q_decay, k_decay, chunk_decay = _decays(log_g, q.shape[-2])
+        intra, q_decay, k_decay = intra[:, None], q_decay[:, None, :, None], k_decay[:, None, :, None]
+        scores = _bmm(q, k.transpose(-1, -2)).mul_(intra)
+        dscores = _bmm(do, v.transpose(-1, -2)).mul_(intra)
+        # Gradient w.r.t. the state leaving each chunk: dS_out[n] = dS_in[n+1], run backwards from dfinal.
+        dkv, dstate = _carry(_bmm((q * q_decay).transpose(-1, -2), do), dfinal, chunk_decay, reverse=True)
+        dq = _bmm(dscores, k, out=_bmm(do, incoming.transpose(-1, -2)).mul_(q_decay))
+        dk = _bmm(dscores.transpose(-1, -2), q, out=_bmm(v, dkv.transpose(-1, -2)).mul_(k_decay))
+        dv = _bmm(scores.transpose(-1, -2), do, out=_bmm(k * k_decay, dkv))
+        return dq, dk, dv, dstate, None
+
+
 def _chunks(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
     """Retention over ``q, k: [B, H, N, C, Dk]``, ``v: [B, H, N, C, Dv]`` from ``state [B, H, Dk, Dv]``."""
-    B, H, N, C, Dk = q.shape
-    Dv = v.shape[-1]
-    intra, q_decay, k_decay, chunk_decay = _decays(log_g, C)
-    o = (q @ k.transpose(-1, -2) * intra[:, None]) @ v  # inside each chunk, (B, H, N, C, Dv)
-    kv = k.transpose(-1, -2) @ (v * k_decay[:, None, :, None])  # each chunk's contribution, (B, H, N, Dk, Dv)
-    if state is None and N == 1:
-        return o, kv[:, :, 0]
     if state is None:
-        state = q.new_zeros(B, H, Dk, Dv)
-    incoming = []  # the state entering each chunk
-    decay = chunk_decay[:, None, None]
-    for n in range(N):
-        incoming.append(state)
-        state = decay * state + kv[:, :, n]
-    o = o + (q * q_decay[:, None, :, None]) @ torch.stack(incoming, dim=2)
-    return o, state
+        B, H = q.shape[:2]
+        state = q.new_zeros(B, H, q.shape[-1], v.shape[-1])
+    return _Chunks.apply(q, k, v, state, log_g)
 
 
 def _recurrent(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -62,9 +112,11 @@ def _recurrent(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, state: Tensor | N
         state = q.new_zeros(B, H, Dk, v.shape[-1])
     g = gamma[:, None, None]
     outs = []
-    for t in range(T):
-        state = g * state + k[:, t, :, :, None] * v[:, t, :, None, :]
-        outs.append((q[:, t, :, None, :] @ state).squeeze(-2))  # (B, H, Dv)
+    # Split once with unbind: indexing q[:, t] in the loop would make autograd zero-fill and add a
+    # full-size gradient per token (O(T^2) work in the backward).
+    for q_t, k_t, v_t in zip(q.unbind(1), k.unbind(1), v.unbind(1), strict=True):
+        state = g * state + k_t[..., :, None] * v_t[..., None, :]
+        outs.append((q_t[..., None, :] @ state).squeeze(-2))  # (B, H, Dv)
     return torch.stack(outs, dim=1), state
 
 
@@ -87,11 +139,12 @@ def retention(
         state = initial_state if initial_state is not None else q.new_zeros(B, H, Dk, Dv, dtype=acc)
         return v.new_empty(B, 0, H, Dv), state
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
-    gamma = gamma.to(acc)
     if mode == "recurrent":
-        o, state = _recurrent(q, k, v, gamma, initial_state)
+        o, state = _recurrent(q, k, v, gamma.to(acc), initial_state)
         return o.to(out_dtype), state
 
+    # log(gamma) from the float64 gamma: a tiny gamma (say 1e-300) rounds to 0 in float32, and
+    # log(0) = -inf would turn the exponent-0 decays into 0 * inf = NaN.
     log_g = torch.log(gamma.to(torch.float64)).to(acc)
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     C = T if mode == "parallel" else min(chunk_size, T)

@@ -1,0 +1,167 @@
+"""A fake third-party distribution with one plugin of each kind, for testing plugin discovery for real.
+
+``write_fake_distribution(root)`` writes ``fakeplug-0.1.dist-info`` (``METADATA`` and an
+``entry_points.txt`` with a ``[seqmixers]`` group) and the plugin modules into ``root``; with ``root``
+on ``sys.path``, ``importlib.metadata`` finds the entry points exactly as for an installed package.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+DISTRIBUTION, VERSION = "fakeplug", "0.1"
+SECOND_DISTRIBUTION, SECOND_VERSION = "fakeplug-extra", "0.2"
+
+HEADER = """
+import torch
+import mixers
+from mixers.backends import torch_retention
+from mixers.registry import Backend
+
+CALLS = []
+
+
+def delegate(*args, **kwargs):
+    CALLS.append(kwargs["mode"])
+    return torch_retention.retention(*args, **kwargs)
+"""
+
+# entry-point name -> (module name, body after HEADER)
+PLUGINS: dict[str, tuple[str, str]] = {
+    # A good plugin: a low-priority backend and a mixer of its own.
+    "fake_good": (
+        "fakeplug_good",
+        """
+        from mixers.retention import MultiScaleRetention
+
+        @mixers.hookimpl
+        def register_backends(register):
+            register(Backend(op="retention", name="good", fn=delegate, priority=-1, description="fake, delegates"))
+
+        @mixers.hookimpl
+        def register_mixers(register):
+            register("fake_retention", MultiScaleRetention, ops=("retention",), description="a fake mixer")
+    """,
+    ),
+    # Higher priority than torch, but only float32 on CPU in parallel/chunkwise mode.
+    "fake_fast": (
+        "fakeplug_fast",
+        """
+        @mixers.hookimpl
+        def register_backends(register):
+            register(Backend(op="retention", name="fast", fn=delegate, priority=50, devices=frozenset({"cpu"}),
+                             dtypes=frozenset({torch.float32}), modes=frozenset({"parallel", "chunkwise"})))
+    """,
+    ),
+    # Highest priorities, but not available here: one says why, one's check crashes.
+    "fake_unavailable": (
+        "fakeplug_unavailable",
+        """
+        def crash():
+            raise RuntimeError("probe crashed")
+
+        @mixers.hookimpl
+        def register_backends(register):
+            register(Backend(op="retention", name="accel", fn=delegate, priority=100,
+                             check_available=lambda: "needs the FakeAccel driver, which is not installed"))
+            register(Backend(op="retention", name="flaky", fn=delegate, priority=90, check_available=crash))
+    """,
+    ),
+    "fake_broken": (
+        "fakeplug_broken",
+        """
+        import nonexistent_library_for_seqmixers_tests
+    """,
+    ),
+    # Malformed registrations: the backend registered first must not be committed either.
+    "fake_malformed": (
+        "fakeplug_malformed",
+        """
+        @mixers.hookimpl
+        def register_backends(register):
+            register(Backend(op="retention", name="staged", fn=delegate))
+            register(Backend(op="retention", name="auto", fn=delegate))
+    """,
+    ),
+    "fake_not_a_backend": (
+        "fakeplug_not_a_backend",
+        """
+        @mixers.hookimpl
+        def register_backends(register):
+            register({"op": "retention", "name": "dict"})
+    """,
+    ),
+    "fake_bad_mixer": (
+        "fakeplug_bad_mixer",
+        """
+        @mixers.hookimpl
+        def register_mixers(register):
+            register("fake_bad_mixer", 42)
+    """,
+    ),
+    # A hook implementation with the wrong argument name: pluggy rejects the plugin.
+    "fake_bad_hook": (
+        "fakeplug_bad_hook",
+        """
+        @mixers.hookimpl
+        def register_backends(registrar):
+            pass
+    """,
+    ),
+    "fake_raising": (
+        "fakeplug_raising",
+        """
+        @mixers.hookimpl
+        def register_backends(register):
+            register(Backend(op="retention", name="partial", fn=delegate))
+            raise RuntimeError("fake hook exploded")
+    """,
+    ),
+    # Duplicates of the built-in torch backend and retention mixer, plus one new backend that must load.
+    "fake_duplicate": (
+        "fakeplug_duplicate",
+        """
+        from mixers.retention import MultiScaleRetention
+
+        @mixers.hookimpl
+        def register_backends(register):
+            register(Backend(op="retention", name="torch", fn=delegate, priority=1000))
+            register(Backend(op="retention", name="dup_ok", fn=delegate, priority=-2))
+
+        @mixers.hookimpl
+        def register_mixers(register):
+            register("retention", MultiScaleRetention, ops=("retention",))
+    """,
+    ),
+}
+
+GOOD = ("fake_good", "fake_fast", "fake_unavailable")
+BROKEN = tuple(name for name in PLUGINS if name not in GOOD)
+# A second distribution that reuses a plugin name of the first one.
+SECOND = {"fake_good": "fakeplug_fast"}
+
+
+def _dist_info(root: Path, name: str, version: str, entry_points: dict[str, str]) -> None:
+    info = root / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    lines = ["[seqmixers]", *(f"{ep} = {module}" for ep, module in entry_points.items())]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+
+
+def write_fake_distribution(root: Path, *, second: bool = False) -> Path:
+    """Write the plugin modules and ``fakeplug-0.1.dist-info`` (and optionally a second distribution)."""
+    for module, body in PLUGINS.values():
+        (root / f"{module}.py").write_text(HEADER + textwrap.dedent(body))
+    _dist_info(root, DISTRIBUTION, VERSION, {ep: module for ep, (module, _) in PLUGINS.items()})
+    if second:
+        _dist_info(root, SECOND_DISTRIBUTION, SECOND_VERSION, SECOND)
+    return root
+
+
+def forget_fake_modules() -> None:
+    """Drop the imported fake plugin modules, so the next test imports its own copies."""
+    for name in [m for m in sys.modules if m.startswith("fakeplug_")]:
+        del sys.modules[name]

@@ -1,0 +1,269 @@
+"""The pluggy registry, tested with real plugin discovery: a fake distribution on ``sys.path``.
+
+Built-ins register through the same hooks as third-party plugins; ``"auto"`` picks the best available
+backend for the inputs; broken plugins are reported by name while the others load; environment
+variables filter plugins and make loading strict.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+
+import pytest
+import torch
+
+import mixers
+from mixers import functional, hookspecs
+from mixers import registry as registry_module
+from mixers.registry import PluginLoadError, Registry
+from tests.fake_plugins import BROKEN, DISTRIBUTION, GOOD, VERSION, forget_fake_modules, write_fake_distribution
+
+TORCH_PLUGIN = "mixers.backends.torch_backend"
+
+
+@pytest.fixture
+def fake_dist(tmp_path, monkeypatch):
+    """The fake distribution on ``sys.path``, with the plugin environment variables unset."""
+    write_fake_distribution(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("SEQMIXERS_PLUGINS", raising=False)
+    monkeypatch.delenv("SEQMIXERS_STRICT_PLUGINS", raising=False)
+    yield tmp_path
+    forget_fake_modules()
+
+
+@pytest.fixture
+def reg(fake_dist) -> Registry:
+    return Registry().load()
+
+
+def errors(reg: Registry, plugin: str) -> str:
+    return "\n".join(reg.plugins[plugin].errors)
+
+
+def test_good_plugins_load_with_their_distribution(reg):
+    for name in GOOD:
+        info = reg.plugins[name]
+        assert info.ok, info.errors
+        assert (info.distribution, info.version, info.builtin) == (DISTRIBUTION, VERSION, False)
+    backends = reg.backends["retention"]
+    assert {"torch", "good", "fast", "accel", "flaky", "dup_ok"} <= set(backends)
+    assert backends["good"].plugin == "fake_good" and backends["fast"].plugin == "fake_fast"
+    assert reg.mixers["fake_retention"].plugin == "fake_good"
+    assert reg.build("fake_retention", 8, num_heads=2, backend="good").d_model == 8
+
+
+def test_builtins_register_through_the_same_hook(reg):
+    impls = {impl.plugin_name for impl in reg.pm.hook.register_backends.get_hookimpls()}
+    assert {TORCH_PLUGIN, "fake_good", "fake_fast"} <= impls
+    assert reg.backends["retention"]["torch"].plugin == TORCH_PLUGIN
+    assert reg.mixers["retention"].plugin == "mixers.retention"
+    assert reg.plugins[TORCH_PLUGIN].builtin and reg.plugins[TORCH_PLUGIN].ok
+    # Nothing is hard-coded: without plugins there is no backend, and a third-party module loaded as a
+    # built-in registers exactly as it does through its entry point.
+    assert Registry().load(builtins=(), entry_points=False).backends == {}
+    alone = Registry().load(builtins=("fakeplug_good",), entry_points=False)
+    assert set(alone.backends["retention"]) == {"good"} and set(alone.mixers) == {"fake_retention"}
+
+
+@pytest.mark.parametrize(
+    ("plugin", "fragments"),
+    [
+        ("fake_broken", ["failed to import", "fakeplug_broken", "No module named", "nonexistent_library_for"]),
+        ("fake_malformed", ["register_backends raised RegistrationError", "other than 'auto'", "'auto'"]),
+        ("fake_not_a_backend", ["expected a mixers.registry.Backend", "got dict"]),
+        ("fake_bad_mixer", ["register_mixers raised", "'fake_bad_mixer'", "factory must be callable", "42"]),
+        ("fake_bad_hook", ["not a valid plugin", "registrar"]),
+        ("fake_raising", ["register_backends raised RuntimeError", "fake hook exploded"]),
+        (
+            "fake_duplicate",
+            [
+                "backend 'torch'",
+                f"already registered by plugin '{TORCH_PLUGIN}'",
+                "mixer 'retention'",
+                "already registered by plugin 'mixers.retention'",
+            ],
+        ),
+    ],
+)
+def test_broken_plugin_is_reported_by_name(reg, plugin, fragments):
+    info = reg.plugins[plugin]
+    assert not info.ok and info.distribution == DISTRIBUTION
+    message = errors(reg, plugin)
+    missing = [f for f in fragments if f not in message]
+    assert not missing, f"{plugin} errors {message!r} lack {missing}"
+
+
+def test_broken_plugins_register_nothing_and_others_still_load(reg):
+    assert set(BROKEN) <= set(reg.plugins)
+    backends = reg.backends["retention"]
+    # A registration is all-or-nothing per plugin: the entries staged before the failure are dropped.
+    assert not {"staged", "auto", "dict", "partial"} & set(backends)
+    assert "fake_bad_mixer" not in reg.mixers
+    assert reg.pm.get_plugin("fake_raising") is None
+    # A duplicate is ignored, the built-in stays, and the plugin's other entries load.
+    assert backends["torch"].plugin == TORCH_PLUGIN and backends["torch"].priority == 0
+    assert reg.mixers["retention"].plugin == "mixers.retention"
+    assert backends["dup_ok"].plugin == "fake_duplicate"
+    assert all(reg.plugins[name].ok for name in GOOD)
+
+
+def test_unavailable_backends_say_why(reg):
+    backends = reg.backends["retention"]
+    assert reg.unavailable_reason(backends["accel"]) == "needs the FakeAccel driver, which is not installed"
+    assert "RuntimeError: probe crashed" in reg.unavailable_reason(backends["flaky"])
+    assert reg.unavailable_reason(backends["torch"]) is None
+    assert reg.available()["retention"] == ["fast", "torch", "good", "dup_ok"]  # by priority, available only
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "mode", "expected"),
+    [
+        ("cpu", torch.float32, "parallel", "fast"),
+        ("cpu", torch.float32, "chunkwise", "fast"),
+        ("cpu", torch.float32, "recurrent", "torch"),  # fast computes no recurrent mode
+        ("cpu", torch.float64, "parallel", "torch"),  # nor float64
+        ("cpu", torch.bfloat16, "chunkwise", "torch"),
+        ("meta", torch.float32, "parallel", "torch"),  # nor other devices
+    ],
+)
+def test_auto_picks_the_best_available_supporting_backend(reg, device, dtype, mode, expected):
+    chosen = reg.resolve_backend("retention", "auto", device=torch.device(device), dtype=dtype, mode=mode)
+    assert chosen.name == expected
+
+
+def test_public_op_dispatches_through_auto(reg, monkeypatch):
+    monkeypatch.setattr(registry_module, "_REGISTRY", reg)
+    fast, good = sys.modules["fakeplug_fast"], sys.modules["fakeplug_good"]
+    q = torch.randn(1, 6, 2, 4)
+    expected, _ = functional.retention(q, q, q, 0.9, mode="parallel", backend="torch")
+    out, _ = functional.retention(q, q, q, 0.9, mode="parallel")
+    assert fast.CALLS == ["parallel"]
+    torch.testing.assert_close(out, expected)
+    functional.retention(q, q, q, 0.9, mode="recurrent")  # falls back to torch
+    functional.retention(q, q, q, 0.9, mode="recurrent", backend="good")
+    assert fast.CALLS == ["parallel"] and good.CALLS == ["recurrent"]
+    assert mixers.available()["fake_retention"][0] == "fast"
+
+
+def test_unknown_backend_lists_installed_and_why_unavailable(reg):
+    with pytest.raises(ValueError) as info:
+        reg.resolve_backend("retention", "nope", device=torch.device("cpu"), dtype=torch.float32, mode="parallel")
+    message = str(info.value)
+    for fragment in [
+        "'nope'",
+        "'auto'",
+        "'torch'",
+        "'fast'",
+        "'good'",
+        "'accel'",
+        "FakeAccel driver",
+        "'flaky'",
+        "probe crashed",
+        "plugin 'fake_unavailable'",
+    ]:
+        assert fragment in message, fragment
+
+
+def test_unavailable_backend_by_name_says_why(reg):
+    with pytest.raises(ValueError, match="'accel'.*unavailable: needs the FakeAccel driver"):
+        reg.resolve_backend("retention", "accel", device=torch.device("cpu"), dtype=torch.float32, mode="parallel")
+
+
+def test_named_backend_that_cannot_take_the_inputs(reg):
+    with pytest.raises(ValueError, match=r"'fast'.*cannot take these inputs.*torch\.float64"):
+        reg.resolve_backend("retention", "fast", device=torch.device("cpu"), dtype=torch.float64, mode="parallel")
+    with pytest.raises(ValueError, match=r"'fast'.*recurrent"):
+        reg.resolve_backend("retention", "fast", device=torch.device("cpu"), dtype=torch.float32, mode="recurrent")
+
+
+def test_auto_without_any_suitable_backend(fake_dist):
+    only_fast = Registry().load(builtins=("fakeplug_fast",), entry_points=False)
+    with pytest.raises(ValueError) as info:
+        only_fast.resolve_backend("retention", "auto", device=torch.device("cpu"), dtype=torch.float64, mode="parallel")
+    assert "torch.float64" in str(info.value) and "'fast'" in str(info.value)
+    with pytest.raises(ValueError, match="no backend is registered for op 'softmax'.*'retention'"):
+        only_fast.resolve_backend("softmax", "auto", device=torch.device("cpu"), dtype=torch.float32, mode="parallel")
+
+
+def test_broken_builtin_is_reported_and_the_rest_load():
+    reg = Registry().load(builtins=(TORCH_PLUGIN, "no_such_builtin_plugin", "mixers.retention"), entry_points=False)
+    assert reg.plugins["no_such_builtin_plugin"].builtin
+    assert "failed to import" in errors(reg, "no_such_builtin_plugin")
+    assert "No module named 'no_such_builtin_plugin'" in errors(reg, "no_such_builtin_plugin")
+    assert "torch" in reg.backends["retention"] and "retention" in reg.mixers
+
+
+@pytest.mark.parametrize(
+    ("selection", "loaded"),
+    [("fake_good", {"fake_good"}), ("fake_good, fake_fast ,", {"fake_good", "fake_fast"}), ("", set())],
+)
+def test_plugin_selection_by_environment(fake_dist, monkeypatch, selection, loaded):
+    monkeypatch.setenv("SEQMIXERS_PLUGINS", selection)
+    reg = Registry().load()
+    third_party = {name for name, info in reg.plugins.items() if not info.builtin}
+    assert third_party == loaded
+    assert "torch" in reg.backends["retention"]  # built-ins always load
+    assert ("fast" in reg.backends["retention"]) == ("fake_fast" in loaded)
+
+
+def test_strict_mode_raises_naming_the_plugin(fake_dist, monkeypatch):
+    monkeypatch.setenv("SEQMIXERS_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginLoadError, match=rf"plugin '(?:{'|'.join(BROKEN)})' \(distribution {DISTRIBUTION}\)"):
+        Registry().load()
+    monkeypatch.setenv("SEQMIXERS_PLUGINS", "fake_raising")
+    with pytest.raises(PluginLoadError, match="'fake_raising'.*fake hook exploded"):
+        Registry().load()
+    monkeypatch.setenv("SEQMIXERS_PLUGINS", ",".join(GOOD))
+    assert Registry().load().plugins["fake_good"].ok  # strict mode passes when nothing is broken
+    monkeypatch.setenv("SEQMIXERS_STRICT_PLUGINS", "0")
+    monkeypatch.delenv("SEQMIXERS_PLUGINS")
+    assert not Registry().load().plugins["fake_broken"].ok  # "0" means not strict
+
+
+def test_duplicate_plugin_name_from_another_distribution_is_reported(tmp_path, monkeypatch):
+    write_fake_distribution(tmp_path, second=True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("SEQMIXERS_PLUGINS", "fake_good")
+    monkeypatch.delenv("SEQMIXERS_STRICT_PLUGINS", raising=False)
+    try:
+        reg = Registry().load()
+    finally:
+        forget_fake_modules()
+    named = [info for info in reg.plugins.values() if info.name == "fake_good"]
+    assert len(named) == 2, [(i.name, i.distribution, i.errors) for i in reg.plugins.values()]
+    ok, dup = sorted(named, key=lambda info: not info.ok)
+    assert ok.ok and not dup.ok and dup.distribution != ok.distribution
+    assert "already loaded" in "\n".join(dup.errors) and ok.distribution in "\n".join(dup.errors)
+
+
+def test_process_registry_is_loaded_once_and_can_be_reset(monkeypatch):
+    monkeypatch.setattr(registry_module, "_REGISTRY", None)
+    first = mixers.get_registry()
+    assert mixers.get_registry() is first
+    registry_module.reset_registry()
+    assert mixers.get_registry() is not first
+
+
+def test_available_lists_the_available_backends_of_each_mixer():
+    reg = mixers.get_registry()
+    available = mixers.available()
+    assert set(available) == set(reg.mixers)
+    assert "torch" in available["retention"]
+    for name, backends in available.items():
+        for backend in backends:
+            op_backends = [reg.backends[op][backend] for op in reg.mixers[name].ops if backend in reg.backends[op]]
+            assert op_backends and all(reg.unavailable_reason(b) is None for b in op_backends), (name, backend)
+
+
+def test_every_hook_is_documented_and_called_with_a_registrar():
+    """Each hookspec has a docstring and a single ``register`` argument (the registry hands it over)."""
+    specs = [f for _, f in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(f, "seqmixers_spec")]
+    assert {f.__name__ for f in specs} >= {"register_backends", "register_mixers"}
+    for spec in specs:
+        assert (spec.__doc__ or "").strip(), spec.__name__
+        assert list(inspect.signature(spec).parameters) == ["register"], spec.__name__
+    assert mixers.hookimpl is hookspecs.hookimpl
+    assert importlib.import_module(TORCH_PLUGIN).register_backends.seqmixers_impl is not None

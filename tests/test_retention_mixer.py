@@ -1,0 +1,223 @@
+"""The ``"retention"`` mixer (gated multi-scale retention): the paper's formula, three agreeing modes,
+and state hand-over that continues positions.
+
+The generic properties every mixer shares (causality, batch independence, gradients) are in
+``test_mixer_conformance.py``; this file checks what is specific to retention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mixers
+from mixers.retention import MultiScaleRetention, RetentionState
+from tests.strategies import MODES, assert_rel_close, norm_rel_error
+
+D_MODEL = 24
+
+
+def make(seed: int = 0, dtype: torch.dtype = torch.float64, **options) -> MultiScaleRetention:
+    torch.manual_seed(seed)
+    options.setdefault("num_heads", 3)
+    mixer = mixers.build("retention", D_MODEL, backend="torch", **options).to(dtype)
+    if mixer.norm_weight is not None:  # non-trivial affine weights, so that a mixed-up head order shows
+        with torch.no_grad():
+            mixer.norm_weight.uniform_(0.5, 1.5)
+            if mixer.norm_bias is not None:
+                mixer.norm_bias.uniform_(-0.5, 0.5)
+    return mixer
+
+
+def inputs(B: int = 2, T: int = 23, seed: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    return torch.randn(B, T, D_MODEL, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+def msr_reference(
+    mixer: MultiScaleRetention, x: torch.Tensor, schedule: str = "rope", base: float = 10000.0
+) -> torch.Tensor:
+    """MSR straight from the paper, in float64, with complex rotations and relative positions.
+
+    ``o_n = sum_{m<=n} gamma^(n-m) Re[(Q_n e^{in theta}) (K_m e^{im theta})^dagger] V_m``, where a pair of
+    real dimensions is one complex number: ``(i, i + D/2)`` for the "half" layout, ``(2i, 2i+1)`` for
+    "interleaved". Then a per-head norm, the swish gate and the output projection.
+    """
+    x = x.double()
+    B, T, _ = x.shape
+    H, Dk, Dv = mixer.num_heads, mixer.head_dim, mixer.value_head_dim
+    w = mixer.in_proj.weight.double()
+    wq, wk, wv = w[: H * Dk], w[H * Dk : 2 * H * Dk], w[2 * H * Dk : 2 * H * Dk + H * Dv]
+    q, k, v = (x @ wq.T).view(B, T, H, Dk), (x @ wk.T).view(B, T, H, Dk), (x @ wv.T).view(B, T, H, Dv)
+    k = k / math.sqrt(Dk)
+    n = torch.arange(T, dtype=torch.float64)
+    rel = n[:, None] - n[None, :]  # n - m
+    gamma = torch.tensor(mixer.gammas, dtype=torch.float64)
+    decay = torch.where(rel >= 0, gamma[:, None, None] ** rel.clamp(min=0), 0.0)  # (H, T, T)
+    if mixer.rotary:
+        if schedule == "rope":
+            theta = base ** (-torch.arange(0, Dk, 2, dtype=torch.float64) / Dk)
+        else:  # torchscale's
+            theta = base ** -torch.linspace(0, 1, Dk // 2, dtype=torch.float64)
+        if mixer.rope_layout == "half":
+            zq, zk = (
+                torch.complex(q[..., : Dk // 2], q[..., Dk // 2 :]),
+                torch.complex(k[..., : Dk // 2], k[..., Dk // 2 :]),
+            )
+        else:
+            zq, zk = torch.complex(q[..., 0::2], q[..., 1::2]), torch.complex(k[..., 0::2], k[..., 1::2])
+        phase = torch.exp(1j * rel[:, :, None] * theta)  # e^{i (n - m) theta}, (T, T, Dk/2)
+        scores = torch.einsum("bnhj,bmhj,nmj->bhnm", zq, zk.conj(), phase).real
+    else:
+        scores = torch.einsum("bnhd,bmhd->bhnm", q, k)
+    o = torch.einsum("bhnm,bmhe->bnhe", scores * decay, v)  # (B, T, H, Dv)
+    if mixer.group_norm:
+        if mixer.norm == "groupnorm":
+            mean, var = o.mean(-1, keepdim=True), o.var(-1, unbiased=False, keepdim=True)
+            o = (o - mean) / torch.sqrt(var + mixer.norm_eps)
+        else:
+            o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + mixer.norm_eps)
+    y = o.reshape(B, T, H * Dv)
+    if mixer.norm_weight is not None:
+        y = y * mixer.norm_weight.double()
+    if mixer.norm_bias is not None:
+        y = y + mixer.norm_bias.double()
+    if mixer.gate:
+        y = F.silu(x @ w[2 * H * Dk + H * Dv :].T) * y
+    return y @ mixer.out_proj.weight.double().T
+
+
+OPTIONS = [
+    {},
+    {"rope_layout": "interleaved"},
+    {"rope_layout": "interleaved", "rope_schedule": "linspace", "rope_base": 500.0},
+    {"norm": "rmsnorm"},
+    {"norm": "rmsnorm", "norm_affine": False},
+    {"gate": False},
+    {"group_norm": False},
+    {"rotary": False},
+    {"decay": False},
+    {"multi_scale": False},
+    {"gammas": [1.0, 0.5, 1e-6]},
+    {"value_dim": 12, "head_dim": 4},
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_matches_paper_formula(options):
+    mixer = make(**options)
+    x = inputs()
+    expected = msr_reference(
+        mixer, x, schedule=options.get("rope_schedule", "rope"), base=options.get("rope_base", 10000.0)
+    )
+    for mode in MODES:
+        y, state = mixer(x, mode=mode, chunk_size=5)
+        assert_rel_close(y, expected, 1e-9, mode)
+        assert state.offset == x.shape[1]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_three_modes_agree(options):
+    mixer = make(**options)
+    x = inputs(T=41)
+    y_par, s_par = mixer(x, mode="parallel")
+    for mode, chunk_size in [
+        ("recurrent", None),
+        ("chunkwise", None),
+        ("chunkwise", 1),
+        ("chunkwise", 6),
+        ("chunkwise", 41),
+        ("chunkwise", 50),
+    ]:
+        y, s = mixer(x, mode=mode, chunk_size=chunk_size)
+        assert_rel_close(y, y_par, 1e-10, f"{mode} {chunk_size} output")
+        assert_rel_close(s.kv, s_par.kv, 1e-10, f"{mode} {chunk_size} state")
+
+
+@pytest.mark.parametrize("first", MODES)
+@pytest.mark.parametrize("second", MODES)
+@pytest.mark.parametrize("cut", [1, 11, 22])
+def test_handover_continues_positions(first, second, cut):
+    mixer = make()
+    x = inputs()
+    expected, whole = mixer(x)
+    y1, s1 = mixer(x[:, :cut], mode=first, chunk_size=4)
+    assert s1.offset == cut
+    y2, s2 = mixer(x[:, cut:], s1, mode=second, chunk_size=4)
+    assert s2.offset == x.shape[1]
+    assert_rel_close(torch.cat([y1, y2], dim=1), expected, 1e-10, "outputs")
+    assert_rel_close(s2.kv, whole.kv, 1e-10, "state")
+
+
+@pytest.mark.parametrize("rotary", [True, False])
+def test_offset_is_what_continues_the_rotation(rotary):
+    """Restarting the position count at 0 changes the continuation exactly when q, k are rotated."""
+    mixer = make(rotary=rotary)
+    x = inputs()
+    expected, _ = mixer(x)
+    _, s1 = mixer(x[:, :10])
+    y2, _ = mixer(x[:, 10:], RetentionState(offset=0, kv=s1.kv))
+    err = (y2 - expected[:, 10:]).abs().max().item()
+    assert (err > 1e-3) if rotary else (err < 1e-10)
+
+
+def test_token_by_token_decoding_equals_parallel():
+    mixer = make()
+    x = inputs(T=12)
+    expected, _ = mixer(x)
+    state, outs = mixer.init_state(2, dtype=torch.float64), []
+    for t in range(x.shape[1]):
+        y, state = mixer(x[:, t : t + 1], state, mode="recurrent")
+        outs.append(y)
+    assert_rel_close(torch.cat(outs, dim=1), expected, 1e-10, "decoded")
+
+
+def test_reordered_state_follows_its_batch_entries():
+    """Beam search: ``state.reorder(index)`` continues the reordered batch entries."""
+    mixer = make()
+    x = inputs(B=3)
+    index = torch.tensor([2, 0, 0])
+    expected, _ = mixer(x[index])
+    _, s1 = mixer(x[:, :9])
+    y2, _ = mixer(x[index, 9:], s1.reorder(index), mode="recurrent")
+    assert_rel_close(y2, expected[:, 9:], 1e-10, "reordered continuation")
+
+
+def test_init_state_is_the_empty_history():
+    mixer = make()
+    x = inputs()
+    state = mixer.init_state(2, dtype=torch.float64)
+    assert state.offset == 0 and state.kv.dtype == torch.float64 and not state.kv.any()
+    assert state.kv.shape == (2, mixer.num_heads, mixer.head_dim, mixer.value_head_dim)
+    torch.testing.assert_close(mixer(x, state)[0], mixer(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bfloat16_module_within_2e_2_of_float64(mode):
+    """``mixer.to(bfloat16)`` keeps the decays exact and stays within 2e-2 of the same weights in float64."""
+    mixer = make(dtype=torch.bfloat16)
+    assert mixer.gammas == tuple(1 - 2.0 ** (-5 - h) for h in range(3))
+    x = inputs(T=64, dtype=torch.bfloat16)
+    y, state = mixer(x, mode=mode, chunk_size=16)
+    assert y.dtype == torch.bfloat16 and state.kv.dtype == torch.float32
+    expected = msr_reference(mixer, x)  # the bf16 weights and inputs, computed in float64
+    assert norm_rel_error(y, expected) < 2e-2
+
+
+def test_float32_modes_agree_to_1e_5():
+    mixer = make(dtype=torch.float32)
+    x = inputs(T=100, dtype=torch.float32)
+    y_par, _ = mixer(x)
+    for mode in ("chunkwise", "recurrent"):
+        assert_rel_close(mixer(x, mode=mode, chunk_size=7)[0], y_par, 1e-5, mode)
+
+
+def test_default_configuration_runs():
+    """Default heads (head dim 256, at most d_model) and widths build and run (torchscale's did not)."""
+    for d_model in (8, 256, 768):
+        mixer = mixers.build("retention", d_model)
+        y, _ = mixer(torch.randn(1, 5, d_model))
+        assert y.shape == (1, 5, d_model) and torch.isfinite(y).all()
+    assert mixers.build("retention", 768).num_heads == 3
