@@ -29,7 +29,7 @@ def format_listing(registry: Registry) -> str:
             "built-in" if info.builtin else f"distribution {info.distribution or '?'} {info.version or ''}".rstrip()
         )
         lines.append(f"  {info.name:<32} {origin:<28} {'ok' if info.ok else 'BROKEN'}")
-        lines.extend(f"      error: {e}" for e in info.errors)
+        lines.extend("      error: " + e.replace("\n", "\n             ") for e in info.errors)
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ from mixers import hookspecs
 ENTRY_POINT_GROUP = "seqmixers"
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "mixers.backends.torch_backend",
+    "mixers.backends.cupy",
     "mixers.retention",
     "mixers.linear_attention",
     "mixers.softmax_attention",

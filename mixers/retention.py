@@ -170,8 +170,9 @@ class MultiScaleRetention(TokenMixer):
         if self.norm == "groupnorm":
             y = F.group_norm(o.reshape(B * T, H * Dv), H, self.norm_weight, self.norm_bias, self.norm_eps)
             return y.view(B, T, H * Dv)
-        weight = None if self.norm_weight is None else self.norm_weight.view(H, Dv)
-        return F.rms_norm(o, (Dv,), weight, self.norm_eps).reshape(B, T, H * Dv)
+        # F.rms_norm takes a weight of the normalised shape (Dv,) only; the weights here are per head.
+        y = F.rms_norm(o, (Dv,), None, self.norm_eps).reshape(B, T, H * Dv)
+        return y if self.norm_weight is None else y * self.norm_weight
 
     def forward(
         self, x: Tensor, state: MixerState | None = None, *, mode: str = "parallel", chunk_size: int | None = None

@@ -214,6 +214,8 @@ inline uint32_t load32(const void* p) {
     return u;
 }
 
+inline void store32(void* p, uint32_t u) { std::memcpy(p, &u, 4); }
+
 inline Warp& my_warp(int& lane) {
     Machine& M = m();
     lane = M.cur->linear % 32;

@@ -31,7 +31,7 @@ from mixers.backends.cupy._runtime import Runtime, cupy_runtime
 
 CHUNK = 64  # positions per chunk in the kernels (any T: the last chunk may be shorter)
 KEY_TILE = 64  # key dimensions per shared-memory tile
-MAX_HEAD_DIM = 512  # the recurrent kernel keeps at most 32 state rows per thread, 16 row groups
+MAX_HEAD_DIM = 512  # the recurrent kernel keeps at most 32 state rows per thread, in 16 row groups
 _SIMT_THREADS = 256
 _MMA_THREADS = 128
 _DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -42,7 +42,7 @@ def _smem_bytes(kind: str, bv: int, dk: int) -> int:
     dk_pad = math.ceil(dk / KEY_TILE) * KEY_TILE
     if kind == "simt":
         return 4 * (68 + 3 * CHUNK * (KEY_TILE + 1) + CHUNK * (bv + 1) + dk_pad * (bv + 1))
-    return 4 * 68 + 2 * (2 * CHUNK * (KEY_TILE + 8) + CHUNK * (bv + 8)) + 4 * dk_pad * (bv + 4)
+    return 4 * 68 + 2 * (2 * CHUNK + 5 * bv) * (KEY_TILE + 8) + 4 * dk_pad * (bv + 4)
 
 
 def _chunk_kind(rt: Runtime, dtype: torch.dtype) -> str:
@@ -129,7 +129,8 @@ def recurrent_retention(
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
-    row_groups = min(16, max(1, math.ceil(Dk / 16)))  # at most ceil(Dk / 16) <= 32 rows per thread
+    row_groups = min(16, math.ceil(Dk / 16))  # 16 state rows per thread up to Dk = 256, then up to 32
+    rows = 16 if Dk <= 256 else 32
     o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=q.device)
     s_out = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=q.device)
     args: Sequence[int | float] = (
@@ -138,7 +139,8 @@ def recurrent_retention(
     )  # fmt: skip
     smem = 4 * (2 * Dk + row_groups * 33)
     grid = B * H * math.ceil(Dv / 32)
-    rt.launch("retention_recurrent", f"retention_recurrent_{_DTYPE_NAMES[q.dtype]}", grid, (32, row_groups), smem, args)
+    name = f"retention_recurrent_{_DTYPE_NAMES[q.dtype]}_r{rows}"
+    rt.launch("retention_recurrent", name, grid, (32, row_groups), smem, args)
     return o, s_out
 
 

@@ -167,6 +167,14 @@ SM_DEVICE u32 sm_ld32(const u16* p) {
 #endif
 }
 
+SM_DEVICE void sm_st32(u16* p, u32 x) {
+#ifdef SEQMIXERS_CUDA_EMULATION
+    emu::store32(p, x);
+#else
+    *reinterpret_cast<u32*>(p) = x;
+#endif
+}
+
 // Copy 8 16-bit elements (16 bytes) between 16-byte aligned addresses, in one access.
 SM_DEVICE void sm_copy16(void* dst, const void* src) {
     *static_cast<sm_vec16*>(dst) = *static_cast<const sm_vec16*>(src);

@@ -4,49 +4,54 @@
 //
 // Block: 128 threads, 4 warps; warp w owns the 16 chunk rows 16w .. 16w+15 of every product whose rows
 // are chunk positions (scores A = Q K^T, output O), and the 16 key rows 16w .. 16w+15 of the state tile.
-// Operands that come straight from the inputs (q, k, v) are exact in 16 bits. The two float32 operands,
-// the decayed scores A and the state S (and zeta * V), enter as hi + lo pairs (sm_split), two MMAs each,
-// so the result keeps about float32 accuracy instead of rounding those to 8 (bf16) or 11 (f16) bits.
+// Operands that come straight from the inputs (q, k, v) are exact in 16 bits. The float32 operands -
+// the state S, zeta * V and the decayed scores A - enter as hi + lo pairs (sm_split), two MMAs each,
+// so the result keeps about float32 accuracy instead of rounding them to 8 (bf16) or 11 (f16) bits.
 //
-// Shared memory:
-//   decay [68] f32 | Q [64][72] 16-bit | K [64][72] | V [64][BV+8] | S [Dk_pad][BV+4] f32
-// Row paddings make every fragment load below hit 32 different banks (or share words).
-// Per chunk:  load V;  for each 64-wide key tile: load Q, K tiles;
-//               phase 1 (chunk rows): A += Q K^T (only column tiles left of the diagonal), Oi += Q S_tile;
-//               phase 2 (key rows):   S_tile = gamma^L S_tile + K^T (zeta * V);
-//             phase 3 (chunk rows, registers): A *= D, Oi *= xi;  O = Oi + A V;  store O via shared memory.
+// Shared memory (all 16-bit tiles have rows of 64 + 8 elements, so that every fragment load below is a
+// 32-bit word and a warp's 32 loads hit 32 different banks):
+//   decay [68] f32 | Q [64][72] | K [64][72] | V^T [BV][72] | (zeta V)^T hi, lo [BV][72] each
+//   | S^T hi, lo [BV][72] each (the current key tile of S) | S [Dk_pad][BV+4] f32 (the state itself)
+// Per chunk:
+//   load V as V^T and (zeta V)^T hi/lo;
+//   for each 64-wide key tile: load Q, K tiles, split the tile of S into S^T hi/lo;  barrier;
+//     phase 1 (chunk rows): A += Q K^T (only column tiles left of the diagonal), Oi += Q S_tile;
+//     phase 2 (key rows):   S_tile = gamma^L S_tile + K^T (zeta V)   (reads no tile phase 1 writes,
+//                           and writes only the float32 S, which phase 1 does not read);
+//     barrier unless it was the last tile (the next tile's loads overwrite what both phases read);
+//   phase 3 (chunk rows, in registers): A *= D, Oi *= xi, O = Oi + A V; store O through shared memory.
 #include "chunk.cuh"
 
 #define MMA_THREADS 128
-#define MMA_LDH (SM_BK + 8)  // row stride (16-bit elements) of the Q and K tiles: 144 bytes
+#define MMA_LD (SM_BK + 8)  // row length (16-bit elements) of every 16-bit tile: 144 bytes
+#define MMA_TILE (SM_CHUNK * MMA_LD)
 
 template <int BV>
 SM_DEVICE i64 mma_smem_bytes(i64 Dk_pad) {
-    return 4 * SM_DECAY_FLOATS + 2 * (2 * SM_CHUNK * MMA_LDH + SM_CHUNK * (BV + 8)) + 4 * Dk_pad * (BV + 4);
+    return 4 * SM_DECAY_FLOATS + 2 * (2 * MMA_TILE + 5 * BV * MMA_LD) + 4 * Dk_pad * (BV + 4);
 }
 
-// dst[j][d] = x[b, time(p0 + j), h, c0 + d] for j < L and c0 + d < D, else 0; j < CHUNK, d < width.
+// dst[j][d] = x[b, time(p0 + j), h, c0 + d] for j < L and c0 + d < D, else 0; j < CHUNK, d < SM_BK.
 // `vec`: x's base pointer is 16-byte aligned and its strides and D are multiples of 8, so rows can be
 // copied 8 elements (16 bytes) at a time.
-SM_DEVICE void mma_load_tile(u16* dst, int ld, const SmTensor& x, const ChunkArgs& a, i64 b, i64 h, i64 p0, int L,
-                             i64 c0, int width, i64 D, bool vec, int tid) {
+SM_DEVICE void mma_load_rows(u16* dst, const SmTensor& x, const ChunkArgs& a, i64 b, i64 h, i64 p0, int L, i64 c0,
+                             i64 D, bool vec, int tid) {
     const u16* src = static_cast<const u16*>(x.p);
     if (vec) {
-        const int per_row = width / 8;
-        for (int idx = tid; idx < SM_CHUNK * per_row; idx += MMA_THREADS) {
-            const int j = idx / per_row, d = 8 * (idx % per_row);
+        for (int idx = tid; idx < SM_CHUNK * (SM_BK / 8); idx += MMA_THREADS) {
+            const int j = idx / (SM_BK / 8), d = 8 * (idx % (SM_BK / 8));
             if (j < L && c0 + d < D) {
-                sm_copy16(dst + j * ld + d, src + sm_row(x, b, sm_time(a, p0 + j), h) + c0 + d);
+                sm_copy16(dst + j * MMA_LD + d, src + sm_row(x, b, sm_time(a, p0 + j), h) + c0 + d);
             } else {
-                sm_zero16(dst + j * ld + d);
+                sm_zero16(dst + j * MMA_LD + d);
             }
         }
     } else {
-        for (int idx = tid; idx < SM_CHUNK * width; idx += MMA_THREADS) {
-            const int j = idx / width, d = idx % width;
+        for (int idx = tid; idx < SM_CHUNK * SM_BK; idx += MMA_THREADS) {
+            const int j = idx / SM_BK, d = idx % SM_BK;
             u16 e = 0;
             if (j < L && c0 + d < D) e = src[sm_row(x, b, sm_time(a, p0 + j), h) + c0 + d];
-            dst[j * ld + d] = e;
+            dst[j * MMA_LD + d] = e;
         }
     }
 }
@@ -55,10 +60,56 @@ SM_DEVICE bool mma_vec_ok(const void* p, i64 sb, i64 st, i64 sh, i64 D) {
     return sm_aligned16(p) && sb % 8 == 0 && st % 8 == 0 && sh % 8 == 0 && D % 8 == 0;
 }
 
+// The chunk's values, transposed: vt[e][j] = V[j][e], and zh[e][j] + zl[e][j] = zeta_j V[j][e] with
+// zeta_j = gamma^(L-delta-j); zero for j >= L or v0 + e >= Dv. Each thread does two positions j, j+1
+// of one or eight columns, so that it writes whole 32-bit words.
+template <int DT, int BV>
+SM_DEVICE void mma_load_values(u16* vt, u16* zh, u16* zl, const float* decay, const ChunkArgs& a, i64 b, i64 h,
+                               i64 p0, int L, i64 v0, bool vec, int tid) {
+    const u16* src = static_cast<const u16*>(a.v.p);
+    const int cols = vec ? 8 : 1;  // value columns per thread
+    for (int idx = tid; idx < (SM_CHUNK / 2) * (BV / cols); idx += MMA_THREADS) {
+        const int j = 2 * (idx / (BV / cols)), e0 = cols * (idx % (BV / cols));
+        sm_vec16 raw0{0u, 0u, 0u, 0u}, raw1{0u, 0u, 0u, 0u};  // V[j][e0 .. e0+7], V[j+1][e0 .. e0+7]
+        if (v0 + e0 < a.Dv) {  // (vec: Dv is a multiple of 8, so the 8 columns are all in or all out)
+            if (j < L) {
+                const u16* row = src + sm_row(a.v, b, sm_time(a, p0 + j), h) + v0 + e0;
+                if (vec) {
+                    sm_copy16(&raw0, row);
+                } else {
+                    raw0.x = row[0];
+                }
+            }
+            if (j + 1 < L) {
+                const u16* row = src + sm_row(a.v, b, sm_time(a, p0 + j + 1), h) + v0 + e0;
+                if (vec) {
+                    sm_copy16(&raw1, row);
+                } else {
+                    raw1.x = row[0];
+                }
+            }
+        }
+        const u32 w0[4] = {raw0.x, raw0.y, raw0.z, raw0.w}, w1[4] = {raw1.x, raw1.y, raw1.z, raw1.w};
+        const float z0 = j < L ? decay[L - (int)a.delta - j] : 0.f;
+        const float z1 = j + 1 < L ? decay[L - (int)a.delta - j - 1] : 0.f;
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+            if (c >= cols) break;
+            const u16 x0 = (u16)(w0[c / 2] >> (16 * (c % 2))), x1 = (u16)(w1[c / 2] >> (16 * (c % 2)));
+            u16 h0, l0, h1, l1;
+            sm_split<DT>(z0 * sm_to_float<DT>(x0), h0, l0);
+            sm_split<DT>(z1 * sm_to_float<DT>(x1), h1, l1);
+            const int at = (e0 + c) * MMA_LD + j;
+            sm_st32(vt + at, sm_pack(x0, x1));
+            sm_st32(zh + at, sm_pack(h0, h1));
+            sm_st32(zl + at, sm_pack(l0, l1));
+        }
+    }
+}
+
 template <int DT, int BV>
 SM_DEVICE void chunk_mma(const ChunkArgs& a) {
     constexpr int NT = BV / 8;  // value n-tiles of 8 columns
-    constexpr int LDV = BV + 8;
     constexpr int LDS = BV + 4;
     const int tid = threadIdx.x;
     const int warp = tid / 32, lane = tid % 32;
@@ -75,9 +126,13 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
     if ((i64)sm_dynamic_smem_bytes() < mma_smem_bytes<BV>(Dk_pad)) sm_trap("chunk_mma: shared memory too small");
     float* decay = smem;
     u16* sQ = reinterpret_cast<u16*>(decay + SM_DECAY_FLOATS);
-    u16* sK = sQ + SM_CHUNK * MMA_LDH;
-    u16* sV = sK + SM_CHUNK * MMA_LDH;
-    float* sS = reinterpret_cast<float*>(sV + SM_CHUNK * LDV);
+    u16* sK = sQ + MMA_TILE;
+    u16* sVt = sK + MMA_TILE;
+    u16* sZh = sVt + BV * MMA_LD;
+    u16* sZl = sZh + BV * MMA_LD;
+    u16* sSh = sZl + BV * MMA_LD;
+    u16* sSl = sSh + BV * MMA_LD;
+    float* sS = reinterpret_cast<float*>(sSl + BV * MMA_LD);
 
     const bool vec_q = mma_vec_ok(a.q.p, a.q.sb, a.q.st, a.q.sh, a.Dk);
     const bool vec_k = mma_vec_ok(a.k.p, a.k.sb, a.k.st, a.k.sh, a.Dk);
@@ -92,7 +147,7 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
     for (i64 c = 0; c < n_chunks; ++c) {
         const i64 p0 = c * SM_CHUNK;
         const int L = (int)sm_min(SM_CHUNK, a.T - p0);
-        mma_load_tile(sV, LDV, a.v, a, b, h, p0, L, v0, BV, a.Dv, vec_v, tid);
+        mma_load_values<DT, BV>(sVt, sZh, sZl, decay, a, b, h, p0, L, v0, vec_v, tid);
 
         float acc_a[8][4];   // scores, rows r0 + g (+8), columns 8 nt + 2 t4 (+1)
         float acc_o[NT][4];  // output, rows r0 + g (+8), value columns 8 nt + 2 t4 (+1)
@@ -106,9 +161,18 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
 
         for (i64 k0 = 0; k0 < a.Dk; k0 += SM_BK) {
             const int kw = (int)sm_min(SM_BK, a.Dk - k0);
-            mma_load_tile(sQ, MMA_LDH, a.q, a, b, h, p0, L, k0, SM_BK, a.Dk, vec_q, tid);
-            mma_load_tile(sK, MMA_LDH, a.k, a, b, h, p0, L, k0, SM_BK, a.Dk, vec_k, tid);
-            __syncthreads();  // Q, K tiles (and, in the first tile, V) are in place
+            mma_load_rows(sQ, a.q, a, b, h, p0, L, k0, a.Dk, vec_q, tid);
+            mma_load_rows(sK, a.k, a, b, h, p0, L, k0, a.Dk, vec_k, tid);
+            // S^T hi/lo of this key tile: sSh[n][k] + sSl[n][k] = S[k0 + k][n] (zero rows past Dk).
+            for (int idx = tid; idx < (SM_BK / 2) * BV; idx += MMA_THREADS) {
+                const int n = idx % BV, k = 2 * (idx / BV);
+                u16 h0, l0, h1, l1;
+                sm_split<DT>(sS[(k0 + k) * LDS + n], h0, l0);
+                sm_split<DT>(sS[(k0 + k + 1) * LDS + n], h1, l1);
+                sm_st32(sSh + n * MMA_LD + k, sm_pack(h0, h1));
+                sm_st32(sSl + n * MMA_LD + k, sm_pack(l0, l1));
+            }
+            __syncthreads();  // Q, K, S^T tiles (and, in the first tile, the values) are in place
 
             // Phase 1: this warp's 16 chunk rows against the key tile.
 #pragma unroll
@@ -116,31 +180,25 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
                 if (16 * ks >= kw) continue;  // all-zero key columns
                 const int kc = 16 * ks + 2 * t4;
                 u32 aq[4];
-                aq[0] = sm_ld32(sQ + (r0 + g) * MMA_LDH + kc);
-                aq[1] = sm_ld32(sQ + (r0 + g + 8) * MMA_LDH + kc);
-                aq[2] = sm_ld32(sQ + (r0 + g) * MMA_LDH + kc + 8);
-                aq[3] = sm_ld32(sQ + (r0 + g + 8) * MMA_LDH + kc + 8);
+                aq[0] = sm_ld32(sQ + (r0 + g) * MMA_LD + kc);
+                aq[1] = sm_ld32(sQ + (r0 + g + 8) * MMA_LD + kc);
+                aq[2] = sm_ld32(sQ + (r0 + g) * MMA_LD + kc + 8);
+                aq[3] = sm_ld32(sQ + (r0 + g + 8) * MMA_LD + kc + 8);
 #pragma unroll
                 for (int nt = 0; nt < 8; ++nt) {
                     if (nt >= 2 * warp + 2) continue;  // right of the diagonal: masked to zero anyway
-                    const u16* kr = sK + (8 * nt + g) * MMA_LDH + kc;  // B[k][n] = K[n][k]
+                    const u16* kr = sK + (8 * nt + g) * MMA_LD + kc;  // B[k][n] = K[n][k]
                     sm_mma<DT>(acc_a[nt], aq, sm_ld32(kr), sm_ld32(kr + 8));
                 }
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
-                    const float* s = sS + (k0 + kc) * LDS + 8 * nt + g;  // B[k][n] = S[k0 + k][n]
-                    u16 h0, l0, h1, l1, h2, l2, h3, l3;
-                    sm_split<DT>(s[0], h0, l0);
-                    sm_split<DT>(s[LDS], h1, l1);
-                    sm_split<DT>(s[8 * LDS], h2, l2);
-                    sm_split<DT>(s[9 * LDS], h3, l3);
-                    sm_mma<DT>(acc_o[nt], aq, sm_pack(h0, h1), sm_pack(h2, h3));
-                    sm_mma<DT>(acc_o[nt], aq, sm_pack(l0, l1), sm_pack(l2, l3));
+                    const int at = (8 * nt + g) * MMA_LD + kc;  // B[k][n] = S[k0 + k][n] = S^T[n][k]
+                    sm_mma<DT>(acc_o[nt], aq, sm_ld32(sSh + at), sm_ld32(sSh + at + 8));
+                    sm_mma<DT>(acc_o[nt], aq, sm_ld32(sSl + at), sm_ld32(sSl + at + 8));
                 }
             }
-            __syncthreads();  // every warp is done reading this state tile before it is updated
 
-            // Phase 2: this warp's 16 rows of the state tile, S = gamma^L S + K^T (zeta * V).
+            // Phase 2: this warp's 16 rows of the state tile, S = gamma^L S + K^T (zeta V).
             if (k0 + r0 < a.Dk) {
                 float* srow = sS + (k0 + r0 + g) * LDS + 2 * t4;
                 const float chunk_decay = decay[L];
@@ -159,25 +217,15 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
                     // A[d][j'] = K[j'][k0 + d] for d = r0 + g (+8), j' = j, j + 1 (+8).
                     const u16* kcol = sK + r0 + g;
                     u32 ak[4];
-                    ak[0] = sm_pack(kcol[j * MMA_LDH], kcol[(j + 1) * MMA_LDH]);
-                    ak[1] = sm_pack(kcol[j * MMA_LDH + 8], kcol[(j + 1) * MMA_LDH + 8]);
-                    ak[2] = sm_pack(kcol[(j + 8) * MMA_LDH], kcol[(j + 9) * MMA_LDH]);
-                    ak[3] = sm_pack(kcol[(j + 8) * MMA_LDH + 8], kcol[(j + 9) * MMA_LDH + 8]);
-                    // zeta_j = gamma^(L - delta - j), and 0 past the chunk's end (where V is zero too).
-                    const float z0 = j < L ? decay[L - delta - j] : 0.f;
-                    const float z1 = j + 1 < L ? decay[L - delta - j - 1] : 0.f;
-                    const float z8 = j + 8 < L ? decay[L - delta - j - 8] : 0.f;
-                    const float z9 = j + 9 < L ? decay[L - delta - j - 9] : 0.f;
+                    ak[0] = sm_pack(kcol[j * MMA_LD], kcol[(j + 1) * MMA_LD]);
+                    ak[1] = sm_pack(kcol[j * MMA_LD + 8], kcol[(j + 1) * MMA_LD + 8]);
+                    ak[2] = sm_pack(kcol[(j + 8) * MMA_LD], kcol[(j + 9) * MMA_LD]);
+                    ak[3] = sm_pack(kcol[(j + 8) * MMA_LD + 8], kcol[(j + 9) * MMA_LD + 8]);
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt) {
-                        const u16* vc = sV + j * LDV + 8 * nt + g;  // B[j'][n] = zeta_j' V[j'][n]
-                        u16 h0, l0, h1, l1, h2, l2, h3, l3;
-                        sm_split<DT>(z0 * sm_to_float<DT>(vc[0]), h0, l0);
-                        sm_split<DT>(z1 * sm_to_float<DT>(vc[LDV]), h1, l1);
-                        sm_split<DT>(z8 * sm_to_float<DT>(vc[8 * LDV]), h2, l2);
-                        sm_split<DT>(z9 * sm_to_float<DT>(vc[9 * LDV]), h3, l3);
-                        sm_mma<DT>(acc_s[nt], ak, sm_pack(h0, h1), sm_pack(h2, h3));
-                        sm_mma<DT>(acc_s[nt], ak, sm_pack(l0, l1), sm_pack(l2, l3));
+                        const int at = (8 * nt + g) * MMA_LD + j;  // B[j'][n] = (zeta V)^T[n][j']
+                        sm_mma<DT>(acc_s[nt], ak, sm_ld32(sZh + at), sm_ld32(sZh + at + 8));
+                        sm_mma<DT>(acc_s[nt], ak, sm_ld32(sZl + at), sm_ld32(sZl + at + 8));
                     }
                 }
 #pragma unroll
@@ -188,9 +236,9 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
                     srow[8 * LDS + 8 * nt + 1] = acc_s[nt][3];
                 }
             }
-            if (k0 + SM_BK < a.Dk) __syncthreads();  // phase 2 read K; the next tile overwrites it
+            if (k0 + SM_BK < a.Dk) __syncthreads();  // the next tile overwrites Q, K and S^T
         }
-        if (a.Dk == 0) __syncthreads();  // (no key tile, hence no barrier yet after loading V)
+        if (a.Dk == 0) __syncthreads();  // (no key tile, hence no barrier yet after loading the values)
 
         // Phase 3: A[r][j] *= gamma^(r-j) for j <= r (else 0); Oi[r] *= gamma^(r+delta); O = Oi + A V.
 #pragma unroll
@@ -211,39 +259,34 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
             // The accumulators of column tiles 2kk, 2kk+1 are, element for element, the A operand of
             // the k-step covering columns 16kk .. 16kk+15 (compare the layouts in sm_mma).
             u16 ah[8], al[8];
-            sm_split<DT>(acc_a[2 * kk][0], ah[0], al[0]);
-            sm_split<DT>(acc_a[2 * kk][1], ah[1], al[1]);
-            sm_split<DT>(acc_a[2 * kk][2], ah[2], al[2]);
-            sm_split<DT>(acc_a[2 * kk][3], ah[3], al[3]);
-            sm_split<DT>(acc_a[2 * kk + 1][0], ah[4], al[4]);
-            sm_split<DT>(acc_a[2 * kk + 1][1], ah[5], al[5]);
-            sm_split<DT>(acc_a[2 * kk + 1][2], ah[6], al[6]);
-            sm_split<DT>(acc_a[2 * kk + 1][3], ah[7], al[7]);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                sm_split<DT>(acc_a[2 * kk][i], ah[i], al[i]);
+                sm_split<DT>(acc_a[2 * kk + 1][i], ah[4 + i], al[4 + i]);
+            }
             const u32 ph[4] = {sm_pack(ah[0], ah[1]), sm_pack(ah[2], ah[3]), sm_pack(ah[4], ah[5]),
                                sm_pack(ah[6], ah[7])};
             const u32 pl[4] = {sm_pack(al[0], al[1]), sm_pack(al[2], al[3]), sm_pack(al[4], al[5]),
                                sm_pack(al[6], al[7])};
-            const int j = 16 * kk + 2 * t4;
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
-                const u16* vc = sV + j * LDV + 8 * nt + g;  // B[j'][n] = V[j'][n]
-                const u32 b0 = sm_pack(vc[0], vc[LDV]);
-                const u32 b1 = sm_pack(vc[8 * LDV], vc[9 * LDV]);
+                const int at = (8 * nt + g) * MMA_LD + 16 * kk + 2 * t4;  // B[j][n] = V^T[n][j]
+                const u32 b0 = sm_ld32(sVt + at), b1 = sm_ld32(sVt + at + 8);
                 sm_mma<DT>(acc_o[nt], ph, b0, b1);
                 sm_mma<DT>(acc_o[nt], pl, b0, b1);
             }
         }
 
-        // Store O: the warp writes its 16 rows, converted, into its own rows of the (now free) Q tile,
-        // then copies them out row by row, so that global writes are whole rows.
-        u16* stage = sQ + r0 * MMA_LDH;
+        // Store O: the warp writes its 16 rows, converted, into its own rows of the Q tile (which only
+        // this warp reads), then copies them out row by row, so that global writes are whole rows.
+        u16* stage = sQ + r0 * MMA_LD;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
             const int col = 8 * nt + 2 * t4;
-            stage[g * MMA_LDH + col] = sm_from_float<DT>(acc_o[nt][0]);
-            stage[g * MMA_LDH + col + 1] = sm_from_float<DT>(acc_o[nt][1]);
-            stage[(g + 8) * MMA_LDH + col] = sm_from_float<DT>(acc_o[nt][2]);
-            stage[(g + 8) * MMA_LDH + col + 1] = sm_from_float<DT>(acc_o[nt][3]);
+            stage[g * MMA_LD + col] = sm_from_float<DT>(acc_o[nt][0]);
+            stage[g * MMA_LD + col + 1] = sm_from_float<DT>(acc_o[nt][1]);
+            stage[(g + 8) * MMA_LD + col] = sm_from_float<DT>(acc_o[nt][2]);
+            stage[(g + 8) * MMA_LD + col + 1] = sm_from_float<DT>(acc_o[nt][3]);
         }
         sm_syncwarp();
         u16* out = static_cast<u16*>(a.o);
@@ -252,17 +295,17 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
                 const int r = idx / (BV / 8), col = 8 * (idx % (BV / 8));
                 if (r0 + r < L && v0 + col < a.Dv)
                     sm_copy16(out + b * a.o_sb + sm_time(a, p0 + r0 + r) * a.o_st + h * a.o_sh + v0 + col,
-                              stage + r * MMA_LDH + col);
+                              stage + r * MMA_LD + col);
             }
         } else {
             for (int idx = lane; idx < 16 * BV; idx += 32) {
                 const int r = idx / BV, col = idx % BV;
                 if (r0 + r < L && v0 + col < a.Dv)
                     out[b * a.o_sb + sm_time(a, p0 + r0 + r) * a.o_st + h * a.o_sh + v0 + col] =
-                        stage[r * MMA_LDH + col];
+                        stage[r * MMA_LD + col];
             }
         }
-        __syncthreads();  // the next chunk overwrites V and the Q tile
+        __syncthreads();  // the next chunk overwrites the values and the Q tile
     }
     sm_store_state(a, sS, LDS, BV, b, h, v0, tid, MMA_THREADS);
 }

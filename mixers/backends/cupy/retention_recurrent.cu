@@ -5,13 +5,12 @@
 // registers across all T tokens, and written once.
 //
 // Grid: B * H * ceil(Dv / 32) blocks in x. Block (32, RG): thread (tx, ty) owns value column
-// e = v0 + tx and state rows d = ty + RG i (i < ceil(Dk / RG) <= REC_ROWS), so each warp reads and
-// writes whole 128-byte rows of the state. Per token the block stages q_t and k_t in shared memory and
+// e = v0 + tx and state rows d = ty + RG i (i < ceil(Dk / RG) <= ROWS), so each warp reads and writes
+// whole 128-byte rows of the state. ROWS = 16 serves Dk <= 256 (RG <= 16) without register spills;
+// ROWS = 32 serves Dk <= 512. Per token the block stages q_t and k_t in shared memory and
 // sums the RG partial read-outs of each column there, in a fixed order (so results are reproducible).
 // Shared memory (float32): q [Dk] | k [Dk] | partial sums [RG][33].
 #include "common.cuh"
-
-#define REC_ROWS 32  // most state rows one thread keeps in registers (so Dk <= 32 * RG <= 512)
 
 struct RecArgs {
     SmTensor q, k, v;  // [B, T, H, Dk], [B, T, H, Dk], [B, T, H, Dv]
@@ -26,7 +25,7 @@ struct RecArgs {
 
 SM_DEVICE i64 rec_smem_floats(i64 Dk, i64 RG) { return 2 * Dk + RG * 33; }
 
-template <int DT>
+template <int DT, int ROWS>
 SM_DEVICE void recurrent(const RecArgs& a) {
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int RG = blockDim.y;
@@ -36,26 +35,27 @@ SM_DEVICE void recurrent(const RecArgs& a) {
     const i64 b = bh / a.H, h = bh % a.H;
     const i64 e = (blockIdx.x % n_vtiles) * 32 + tx;
     const bool col_ok = e < a.Dv;
+    const int Dk = (int)a.Dk;  // <= ROWS * RG (checked below)
 
     SM_DYNAMIC_SMEM(smem);
-    if (blockDim.x != 32 || sm_cdiv(a.Dk, RG) > REC_ROWS) sm_trap("recurrent: block shape does not cover Dk");
+    if (blockDim.x != 32 || sm_cdiv(a.Dk, RG) > ROWS) sm_trap("recurrent: block shape does not cover Dk");
     if ((i64)sm_dynamic_smem_bytes() < 4 * rec_smem_floats(a.Dk, RG)) sm_trap("recurrent: shared memory too small");
     float* sq = smem;
-    float* sk = sq + a.Dk;
+    float* sk = sq + Dk;
     float* red = sk + a.Dk;
 
     const float g = (float)a.gamma[h];
-    float s[REC_ROWS];
+    const float* s0 = (a.s0 != nullptr && col_ok) ? a.s0 + b * a.s0_sb + h * a.s0_sh + e * a.s0_se : nullptr;
+    float s[ROWS];
 #pragma unroll
-    for (int i = 0; i < REC_ROWS; ++i) {
-        const i64 d = ty + (i64)RG * i;
-        s[i] = 0.f;
-        if (a.s0 != nullptr && col_ok && d < a.Dk) s[i] = a.s0[b * a.s0_sb + h * a.s0_sh + d * a.s0_sd + e * a.s0_se];
+    for (int i = 0; i < ROWS; ++i) {
+        const int d = ty + RG * i;
+        s[i] = (s0 != nullptr && d < Dk) ? s0[d * a.s0_sd] : 0.f;
     }
 
     for (i64 t = 0; t < a.T; ++t) {
         const i64 qrow = sm_row(a.q, b, t, h), krow = sm_row(a.k, b, t, h);
-        for (i64 d = tid; d < a.Dk; d += nthreads) {
+        for (int d = tid; d < Dk; d += nthreads) {
             sq[d] = sm_load<DT>(a.q.p, qrow + d);
             sk[d] = sm_load<DT>(a.k.p, krow + d);
         }
@@ -64,9 +64,9 @@ SM_DEVICE void recurrent(const RecArgs& a) {
 
         float acc = 0.f;
 #pragma unroll
-        for (int i = 0; i < REC_ROWS; ++i) {
-            const i64 d = ty + (i64)RG * i;
-            if (d < a.Dk) {
+        for (int i = 0; i < ROWS; ++i) {
+            const int d = ty + RG * i;
+            if (d < Dk) {
                 s[i] = g * s[i] + sk[d] * ve;
                 acc += sq[d] * s[i];
             }
@@ -84,10 +84,11 @@ SM_DEVICE void recurrent(const RecArgs& a) {
     }
 
     if (a.sT != nullptr && col_ok) {
+        float* sT = a.sT + (b * a.H + h) * a.Dk * a.Dv + e;
 #pragma unroll
-        for (int i = 0; i < REC_ROWS; ++i) {
-            const i64 d = ty + (i64)RG * i;
-            if (d < a.Dk) a.sT[((b * a.H + h) * a.Dk + d) * a.Dv + e] = s[i];
+        for (int i = 0; i < ROWS; ++i) {
+            const int d = ty + RG * i;
+            if (d < Dk) sT[d * a.Dv] = s[i];
         }
     }
 }
@@ -102,6 +103,9 @@ SM_DEVICE void recurrent(const RecArgs& a) {
     (RecArgs{{q, q_sb, q_st, q_sh}, {k, k_sb, k_st, k_sh}, {v, v_sb, v_st, v_sh}, o, o_sb, o_st, o_sh, \
              s0, s0_sb, s0_sh, s0_sd, s0_se, sT, gamma, B, T, H, Dk, Dv})
 
-SM_ENTRY(retention_recurrent_f32, 512, SM_REC_PARAMS, SM_REC_ARGS, (recurrent<SM_F32>))
-SM_ENTRY(retention_recurrent_f16, 512, SM_REC_PARAMS, SM_REC_ARGS, (recurrent<SM_F16>))
-SM_ENTRY(retention_recurrent_bf16, 512, SM_REC_PARAMS, SM_REC_ARGS, (recurrent<SM_BF16>))
+SM_ENTRY(retention_recurrent_f32_r16, 512, SM_REC_PARAMS, SM_REC_ARGS, (recurrent<SM_F32, 16>))
+SM_ENTRY(retention_recurrent_f16_r16, 512, SM_REC_PARAMS, SM_REC_ARGS, (recurrent<SM_F16, 16>))
+SM_ENTRY(retention_recurrent_bf16_r16, 512, SM_REC_PARAMS, SM_REC_ARGS, (recurrent<SM_BF16, 16>))
+SM_ENTRY(retention_recurrent_f32_r32, 512, SM_REC_PARAMS, SM_REC_ARGS, (recurrent<SM_F32, 32>))
+SM_ENTRY(retention_recurrent_f16_r32, 512, SM_REC_PARAMS, SM_REC_ARGS, (recurrent<SM_F16, 32>))
+SM_ENTRY(retention_recurrent_bf16_r32, 512, SM_REC_PARAMS, SM_REC_ARGS, (recurrent<SM_BF16, 32>))

@@ -1,0 +1,404 @@
+"""Model and training configs: dataclasses loadable from TOML, YAML, JSON, a dict or keyword arguments.
+
+Every field is checked when the object is made, and an error names the field, what it allows and what it
+got. The layer pattern is expanded into one validated per-layer spec (``ModelConfig.layer_specs()``), so
+a hybrid is just a list, and any registered mixer, a plugin's included, is a valid layer by name.
+
+A run file (``seqmixers train --config FILE``) holds a ``[model]`` and a ``[train]`` section; a file or
+dict without sections is read as a model config alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mixers.functional import MODES
+from mixers.registry import get_registry
+
+FFNS = ("gelu", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+LAYER_KEYS = ("mixer", "backend", "ffn_dim")  # the keys of a layer table that are not mixer options
+SUFFIXES = (".toml", ".yaml", ".yml", ".json")
+SECTIONS = ("model", "train")
+
+
+class ConfigError(ValueError):
+    """An invalid config field; the message names the field, the allowed values and the value given."""
+
+
+def _got(value: object) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an int >= {minimum}, got {_got(value)}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}, got {value}")
+    return value
+
+
+def _float(name: str, value: object, lo: float, hi: float, *, hi_open: bool = False, lo_open: bool = False) -> float:
+    hint = " (in YAML write 3.0e-3, not 3e-3, which YAML reads as a string)" if isinstance(value, str) else ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {_got(value)}{hint}")
+    left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+    if value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
+        raise ConfigError(f"{name} must be in {left}{lo}, {hi}{right}, got {value}")
+    return float(value)
+
+
+def _bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {_got(value)}")
+    return value
+
+
+def _choice(name: str, value: object, choices: tuple) -> Any:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {_got(value)}")
+    return value
+
+
+def _str(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{name} must be a non-empty string, got {_got(value)}")
+    return value
+
+
+def _unknown_key(kind: str, key: object, allowed: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(str(key), allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown {kind} {key!r}{hint}; allowed: {allowed}")
+
+
+def registered_mixers() -> str:
+    """The registered mixer names, with the plugin of those that do not come with seqmixers."""
+    names = []
+    for name, spec in sorted(get_registry().mixers.items()):
+        names.append(name if spec.plugin.startswith("mixers.") else f"{name} (plugin {spec.plugin})")
+    return ", ".join(names)
+
+
+def mixer_parameters(name: str) -> list[str] | None:
+    """The keyword options the mixer ``name``'s factory accepts, or ``None`` if it takes any (``**kwargs``)."""
+    factory = get_registry().mixers[name].factory
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C factory: its options are checked when it is built
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    # the first positional parameter is d_model, which the model passes itself
+    return [p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _check_mixer_name(where: str, name: object) -> str:
+    if not isinstance(name, str) or name not in get_registry().mixers:
+        raise ConfigError(f"{where}: unknown mixer {name!r}; registered mixers: {registered_mixers()}")
+    return name
+
+
+def _check_options(where: str, mixer: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"{where} must be a table of options for mixer {mixer!r}, got {_got(options)}")
+    allowed = mixer_parameters(mixer)
+    for key in options:
+        if key == "d_model":
+            raise ConfigError(f"{where}.d_model: set d_model at the top level of the model config, not per mixer")
+        if allowed is not None and key not in allowed:
+            raise _unknown_key(f"option of mixer {mixer!r} in {where}:", key, allowed)
+    return dict(options)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer, fully resolved: the mixer's name, the options it is built with, and the FFN width."""
+
+    mixer: str
+    options: dict[str, Any]
+    ffn_dim: int
+
+
+@dataclass
+class ModelConfig:
+    """A language model: embedding, ``n_layers`` blocks ``x + mixer(norm(x))``, ``x + ffn(norm(x))``, LM head.
+
+    Arguments:
+        vocab_size: number of token ids (256 for the byte tokenizer).
+        d_model: model width.
+        n_layers: number of blocks.
+        layers: the layer pattern, repeated to ``n_layers`` (its length must divide ``n_layers``), or one
+            entry per layer. An entry is a mixer name (``"retention"``) or a table
+            ``{mixer = "retention", backend = "torch", ffn_dim = 256, <mixer options>...}``.
+        mixer_options: options per mixer name, e.g. ``{"retention": {"num_heads": 4}}``; a layer table's
+            options override them.
+        backend: the backend of every mixer's op (``"auto"`` picks the best available); overridable in
+            ``mixer_options`` or per layer.
+        ffn: ``"gelu"`` (the paper's MLP, with biases) or ``"swiglu"`` (no biases).
+        ffn_dim: hidden width of the FFN; default ``4 * d_model`` for gelu and about ``8/3 * d_model``
+            (a multiple of 8) for swiglu, which gives both the same parameter count.
+        norm: ``"layernorm"`` or ``"rmsnorm"``, for the pre-norms and the final norm; ``norm_eps``.
+        dropout: on the embedding and on each residual branch, during training.
+        tie_embeddings: share the embedding matrix with the LM head.
+        chunk_size: chunk size of ``mode="chunkwise"`` when a call gives none (``None``: each mixer's default).
+    """
+
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    layers: list[str | dict[str, Any]] = field(default_factory=lambda: ["retention"])
+    mixer_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    backend: str = "auto"
+    ffn: str = "gelu"
+    ffn_dim: int | None = None
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _int("vocab_size", self.vocab_size, 1)
+        _int("d_model", self.d_model, 1)
+        _int("n_layers", self.n_layers, 1)
+        _str("backend", self.backend)
+        _choice("ffn", self.ffn, FFNS)
+        if self.ffn_dim is not None:
+            _int("ffn_dim", self.ffn_dim, 1)
+        _choice("norm", self.norm, NORMS)
+        _float("norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True)
+        _float("dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        _bool("tie_embeddings", self.tie_embeddings)
+        if self.chunk_size is not None:
+            _int("chunk_size", self.chunk_size, 1)
+        if not isinstance(self.mixer_options, Mapping):
+            raise ConfigError(f"mixer_options must be a table mixer name -> options, got {_got(self.mixer_options)}")
+        self.mixer_options = {
+            _check_mixer_name(f"mixer_options.{name}", name): _check_options(f"mixer_options.{name}", name, options)
+            for name, options in self.mixer_options.items()
+        }
+        self.layers = self._check_layers(self.layers)
+
+    def _check_layers(self, layers: object) -> list[str | dict[str, Any]]:
+        if isinstance(layers, (str, Mapping)):
+            layers = [layers]  # one mixer for every layer
+        if not isinstance(layers, (list, tuple)) or not layers:
+            raise ConfigError(
+                f"layers must be a non-empty list of mixer names or layer tables, got {_got(layers)}; "
+                f"registered mixers: {registered_mixers()}"
+            )
+        if len(layers) > self.n_layers or self.n_layers % len(layers):
+            raise ConfigError(
+                f"layers has {len(layers)} entries, which does not divide n_layers={self.n_layers}: give a "
+                f"pattern whose length divides n_layers (it is repeated), or one entry per layer"
+            )
+        out: list[str | dict[str, Any]] = []
+        for i, entry in enumerate(layers):
+            where = f"layers[{i}]"
+            if isinstance(entry, str):
+                out.append(_check_mixer_name(where, entry))
+                continue
+            if not isinstance(entry, Mapping):
+                raise ConfigError(f"{where} must be a mixer name or a table with a 'mixer' key, got {_got(entry)}")
+            if "mixer" not in entry:
+                raise ConfigError(f"{where} is a table without a 'mixer' key; registered mixers: {registered_mixers()}")
+            mixer = _check_mixer_name(f"{where}.mixer", entry["mixer"])
+            if "backend" in entry:
+                _str(f"{where}.backend", entry["backend"])
+            if "ffn_dim" in entry:
+                _int(f"{where}.ffn_dim", entry["ffn_dim"], 1)
+            _check_options(where, mixer, {k: v for k, v in entry.items() if k not in LAYER_KEYS})
+            out.append(dict(entry))
+        return out
+
+    @property
+    def default_ffn_dim(self) -> int:
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        if self.ffn == "gelu":
+            return 4 * self.d_model
+        return 8 * math.ceil(8 * self.d_model / 3 / 8)
+
+    def layer_specs(self) -> list[LayerSpec]:
+        """One resolved spec per layer: the pattern repeated to ``n_layers``, options merged (layer wins)."""
+        specs = []
+        for i in range(self.n_layers):
+            entry = self.layers[i % len(self.layers)]
+            table = {"mixer": entry} if isinstance(entry, str) else entry
+            mixer = table["mixer"]
+            options = dict(self.mixer_options.get(mixer, {}))
+            options.update({k: v for k, v in table.items() if k not in ("mixer", "ffn_dim")})
+            accepted = mixer_parameters(mixer)
+            if "backend" not in options and (accepted is None or "backend" in accepted):
+                options["backend"] = self.backend
+            elif "backend" not in options and self.backend != "auto":
+                raise ConfigError(f"backend={self.backend!r}: mixer {mixer!r} (layer {i}) takes no backend option")
+            specs.append(LayerSpec(mixer, options, table.get("ffn_dim", self.default_ffn_dim)))
+        return specs
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (JSON/TOML-able) that ``ModelConfig.from_dict`` turns back into an equal config."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+        """From a dict of fields; an unknown key is an error that suggests the closest field."""
+        return _from_mapping(cls, data, "model config field")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        """From a TOML, YAML or JSON file: its ``[model]`` section, or the whole file if it has no sections."""
+        return load_run_config(path)[0]
+
+    def describe(self) -> str:
+        """One line per layer: index, mixer, options, FFN."""
+        lines = [
+            f"{self.n_layers} layers, d_model={self.d_model}, vocab_size={self.vocab_size}, "
+            f"ffn={self.ffn}, norm={self.norm}, tie_embeddings={self.tie_embeddings}"
+        ]
+        for i, spec in enumerate(self.layer_specs()):
+            opts = ", ".join(f"{k}={v!r}" for k, v in spec.options.items())
+            lines.append(f"  layer {i}: {spec.mixer}({opts}), {self.ffn} FFN {spec.ffn_dim}")
+        return "\n".join(lines)
+
+
+@dataclass
+class TrainConfig:
+    """A training run on a byte-level corpus (the embedded default, or any text file).
+
+    Arguments:
+        steps: optimizer steps. batch_size, seq_len: sequences of ``seq_len`` tokens per step.
+        lr: peak learning rate (AdamW), reached after ``warmup_steps`` and cosine-decayed to
+            ``min_lr_ratio * lr``; weight_decay (on matrices only), beta1, beta2, grad_clip (0: none).
+        mode: the representation used for training, ``"parallel"`` or ``"chunkwise"`` (``chunk_size``).
+        eval_every: steps between validation runs (and checkpoints); eval_batches: validation batches.
+        val_fraction: the share of the corpus held out (its end) for validation.
+        seed: seeds the weights, the batches and the sample.
+        sample_prompt, sample_tokens, temperature, top_k: the sample generated at the end.
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    mode: str = "parallel"
+    chunk_size: int | None = None
+    eval_every: int = 50
+    eval_batches: int = 8
+    val_fraction: float = 0.1
+    seed: int = 0
+    sample_prompt: str = "The "
+    sample_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
+            _int(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "sample_tokens", "seed"):
+            _int(name, getattr(self, name), 0)
+        _float("lr", self.lr, 0.0, 10.0, lo_open=True)
+        _float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _float("weight_decay", self.weight_decay, 0.0, 10.0)
+        _float("beta1", self.beta1, 0.0, 1.0, hi_open=True)
+        _float("beta2", self.beta2, 0.0, 1.0, hi_open=True)
+        _float("grad_clip", self.grad_clip, 0.0, math.inf)
+        _choice("mode", self.mode, tuple(m for m in MODES if m != "recurrent"))
+        if self.chunk_size is not None:
+            _int("chunk_size", self.chunk_size, 1)
+        _float("val_fraction", self.val_fraction, 0.0, 0.5, lo_open=True)
+        if not isinstance(self.sample_prompt, str):
+            raise ConfigError(f"sample_prompt must be a string, got {_got(self.sample_prompt)}")
+        _float("temperature", self.temperature, 0.0, 100.0)
+        if self.top_k is not None:
+            _int("top_k", self.top_k, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        return _from_mapping(cls, data, "train config field")
+
+
+def _from_mapping(cls: type, data: Mapping[str, Any], kind: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a {cls.__name__} must be built from a table of fields, got {_got(data)}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise _unknown_key(kind, key, names)
+    return cls(**data)
+
+
+def read_document(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML, YAML or JSON file (by suffix) into a dict; parse errors name the file."""
+    path = Path(path)
+    if path.suffix not in SUFFIXES:
+        raise ConfigError(f"config file {str(path)!r}: unknown suffix {path.suffix!r}; expected one of {SUFFIXES}")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            doc = tomllib.loads(text)
+        elif path.suffix == ".json":
+            doc = json.loads(text)
+        else:
+            import yaml
+
+            doc = yaml.safe_load(text)
+    except Exception as exc:  # each parser has its own error class; the message is what matters
+        raise ConfigError(f"could not parse config file {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a table of fields, got {type(doc).__name__}")
+    return doc
+
+
+def split_run_config(doc: Mapping[str, Any], source: str = "config") -> tuple[ModelConfig, TrainConfig]:
+    """A ``{"model": ..., "train": ...}`` document, or a bare model config, into the two configs."""
+    if not any(key in doc for key in SECTIONS):
+        return ModelConfig.from_dict(doc), TrainConfig()
+    for key in doc:
+        if key not in SECTIONS:
+            raise _unknown_key(f"section in {source}", key, list(SECTIONS))
+    try:
+        model = ModelConfig.from_dict(doc.get("model", {}))
+    except ConfigError as exc:
+        raise ConfigError(f"{source} [model]: {exc}") from exc
+    try:
+        train = TrainConfig.from_dict(doc.get("train", {}))
+    except ConfigError as exc:
+        raise ConfigError(f"{source} [train]: {exc}") from exc
+    return model, train
+
+
+def load_run_config(path: str | Path) -> tuple[ModelConfig, TrainConfig]:
+    """The model and training configs of a run file (a missing ``[train]`` section gives the defaults)."""
+    return split_run_config(read_document(path), source=f"config file {str(path)!r}")
+
+
+def as_model_config(config: ModelConfig | Mapping[str, Any]) -> ModelConfig:
+    """Accept a ``ModelConfig`` or a dict of its fields."""
+    if isinstance(config, ModelConfig):
+        return config
+    return ModelConfig.from_dict(config)
