@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import inspect
 import json
 import math
@@ -187,6 +188,7 @@ class ModelConfig:
             for name, options in self.mixer_options.items()
         }
         self.layers = self._check_layers(self.layers)
+        self.layer_specs()  # checks that every layer's mixer takes the backend option it would be given
 
     def _check_layers(self, layers: object) -> list[str | dict[str, Any]]:
         if isinstance(layers, (str, Mapping)):
@@ -395,6 +397,25 @@ def split_run_config(doc: Mapping[str, Any], source: str = "config") -> tuple[Mo
 def load_run_config(path: str | Path) -> tuple[ModelConfig, TrainConfig]:
     """The model and training configs of a run file (a missing ``[train]`` section gives the defaults)."""
     return split_run_config(read_document(path), source=f"config file {str(path)!r}")
+
+
+def presets() -> dict[str, Path]:
+    """The shipped presets (``models/configs/*.toml``): name -> path."""
+    root = Path(str(importlib.resources.files("models") / "configs"))
+    return {p.stem: p for p in sorted(root.glob("*.toml"))}
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """A config file path, or the path of the preset of that name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = presets()
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)]
+    raise FileNotFoundError(
+        f"config {str(name_or_path)!r} is neither a file nor a preset; presets: {sorted(shipped)}"
+    )
 
 
 def as_model_config(config: ModelConfig | Mapping[str, Any]) -> ModelConfig:

@@ -73,6 +73,11 @@ def kernels_fit(rt: Runtime, dtype: torch.dtype, dk: int, dv: int) -> bool:
     return all(_smem_bytes(kind, 32, d) <= rt.max_smem for d in (dk, dv))
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A new tensor for a kernel to fill (the tests swap this for one that poisons it and guards its ends)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _bth(x: Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -109,8 +114,8 @@ def chunk_retention(
     bv = _value_tile(rt, kind, Dk, Dv, B * H)
     if bv is None:
         raise ValueError(f"retention kernels: key size {Dk} needs more shared memory than this GPU has")
-    o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=q.device)
-    s_out = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=q.device) if final_state else None
+    o = _empty((B, T, H, Dv), q.dtype, q.device)
+    s_out = _empty((B, H, Dk, Dv), torch.float32, q.device) if final_state else None
     args: Sequence[int | float] = (
         q.data_ptr(), *_bth(q), k.data_ptr(), *_bth(k), v.data_ptr(), *_bth(v), o.data_ptr(), *_bth(o),
         *_state_args(initial_state), 0 if s_out is None else s_out.data_ptr(), gamma.data_ptr(),
@@ -131,8 +136,8 @@ def recurrent_retention(
     Dv = v.shape[-1]
     row_groups = min(16, math.ceil(Dk / 16))  # 16 state rows per thread up to Dk = 256, then up to 32
     rows = 16 if Dk <= 256 else 32
-    o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=q.device)
-    s_out = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=q.device)
+    o = _empty((B, T, H, Dv), q.dtype, q.device)
+    s_out = _empty((B, H, Dk, Dv), torch.float32, q.device)
     args: Sequence[int | float] = (
         q.data_ptr(), *_bth(q), k.data_ptr(), *_bth(k), v.data_ptr(), *_bth(v), o.data_ptr(), *_bth(o),
         *_state_args(initial_state), s_out.data_ptr(), gamma.data_ptr(), B, T, H, Dk, Dv,

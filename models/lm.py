@@ -1,0 +1,242 @@
+"""The language model: embedding, blocks of any registered mixers, final norm, LM head; and generation.
+
+The model state is a list with one ``MixerState`` per layer, so a hybrid carries retention states (fixed
+size) and KV caches (growing) side by side. ``generate`` prefills the prompt in chunkwise (or parallel)
+mode and then decodes token by token in recurrent mode: constant time and memory per token for the
+recurrent layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mixers import MixerState
+from mixers.functional import MODES
+from models.blocks import Block, make_norm
+from models.config import ModelConfig, as_model_config
+
+States = list[MixerState]
+
+
+class LanguageModel(nn.Module):
+    """A decoder-only language model built from a ``ModelConfig``."""
+
+    def __init__(self, config: ModelConfig | Mapping[str, Any]) -> None:
+        super().__init__()
+        self.config = config = as_model_config(config)
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, spec, i) for i, spec in enumerate(config.layer_specs()))
+        self.norm = make_norm(config.norm, config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2 style for the embedding and the FFNs (std 0.02, output projections scaled by
+        ``1/sqrt(2 L)`` so the residual stream does not grow with depth); mixers keep their own init."""
+        std = 0.02
+        nn.init.normal_(self.tok_emb.weight, std=std)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for block in self.blocks:
+            nn.init.normal_(block.ffn.fc.weight, std=std)
+            nn.init.normal_(block.ffn.proj.weight, std=std / math.sqrt(2 * self.config.n_layers))
+            for linear in (block.ffn.fc, block.ffn.proj):
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_emb.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_emb.weight.dtype
+
+    def num_parameters(self, *, embeddings: bool = True) -> int:
+        """Parameters (tied weights counted once); ``embeddings=False`` leaves out the token embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings else n - self.tok_emb.weight.numel()
+
+    def init_states(self, batch_size: int) -> States:
+        """The empty state of every layer (what ``states=None`` means)."""
+        return [b.mixer.init_state(batch_size, device=self.device, dtype=self.dtype) for b in self.blocks]
+
+    def _check_tokens(self, tokens: Tensor) -> tuple[int, int]:
+        if not isinstance(tokens, Tensor):
+            raise TypeError(f"tokens must be a torch.Tensor [B, T] of token ids, got {type(tokens).__name__}")
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must have shape [B, T] with T >= 1, got {list(tokens.shape)}")
+        if tokens.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
+            raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+        V = self.config.vocab_size
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
+            raise ValueError(
+                f"token ids must be in [0, vocab_size={V}), got values in [{int(tokens.min())}, {int(tokens.max())}]"
+            )
+        return tokens.shape[0], tokens.shape[1]
+
+    def forward(
+        self,
+        tokens: Tensor,
+        states: Sequence[MixerState | None] | None = None,
+        *,
+        mode: str = "parallel",
+        chunk_size: int | None = None,
+        last_only: bool = False,
+    ) -> tuple[Tensor, States]:
+        """Logits for ``tokens [B, T]``, continuing from ``states`` (one per layer, ``None``: from scratch).
+
+        Arguments:
+            mode: ``"parallel"``, ``"chunkwise"`` (``chunk_size``, default ``config.chunk_size``) or
+                ``"recurrent"``; all three give the same logits, and the returned states continue the
+                sequence in any mode.
+            last_only: return the logits of the last position only (``[B, 1, V]``), as generation needs.
+
+        Returns:
+            ``(logits [B, T, vocab_size], states)``.
+        """
+        self._check_tokens(tokens)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if states is None:
+            states = [None] * len(self.blocks)
+        elif len(states) != len(self.blocks):
+            raise ValueError(f"states must hold one state per layer ({len(self.blocks)}), got {len(states)}")
+        chunk_size = self.config.chunk_size if chunk_size is None else chunk_size
+        x = self.drop(self.tok_emb(tokens.long()))  # (B, T, D)
+        new_states = []
+        for block, state in zip(self.blocks, states, strict=True):
+            x, state = block(x, state, mode=mode, chunk_size=chunk_size)
+            new_states.append(state)
+        x = self.norm(x[:, -1:] if last_only else x)
+        return self.lm_head(x), new_states  # (B, T, V)
+
+    def stream(
+        self,
+        prompt: Tensor | Sequence[int],
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        prefill_mode: str = "chunkwise",
+        chunk_size: int | None = None,
+    ) -> Iterator[Tensor]:
+        """Yield the generated tokens one step at a time, each ``[B, 1]``; see ``generate``."""
+        tokens = as_token_batch(prompt, self.device)
+        if prefill_mode not in ("chunkwise", "parallel", "recurrent"):
+            raise ValueError(f"prefill_mode must be 'chunkwise', 'parallel' or 'recurrent', got {prefill_mode!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        check_sampling(temperature, top_k)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                if max_new_tokens == 0:
+                    return
+                logits, states = self(tokens, mode=prefill_mode, chunk_size=chunk_size, last_only=True)
+                for i in range(max_new_tokens):
+                    token = sample(logits[:, -1], temperature, top_k, generator)  # (B, 1)
+                    yield token
+                    if i + 1 < max_new_tokens:
+                        logits, states = self(token, states, mode="recurrent")  # (B, 1, V)
+        finally:
+            self.train(was_training)
+
+    def generate(
+        self,
+        prompt: Tensor | Sequence[int],
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        prefill_mode: str = "chunkwise",
+        chunk_size: int | None = None,
+    ) -> Tensor:
+        """The prompt followed by ``max_new_tokens`` sampled tokens.
+
+        The prompt (``[T]``, ``[B, T]`` or a list of ids) is prefilled in ``prefill_mode``, then each token
+        is decoded in recurrent mode from the layers' states. Sampling: ``temperature=0`` is greedy;
+        otherwise ``torch.multinomial(softmax(logits / temperature), 1, generator=g)`` over the ``top_k``
+        most likely tokens, with ``g = torch.Generator(device).manual_seed(seed)`` (``seed=None``: the
+        global RNG), so a fixed seed gives the same tokens every time.
+
+        Returns:
+            ``[B, T + max_new_tokens]`` (``[T + max_new_tokens]`` for a 1-D prompt).
+        """
+        tokens = as_token_batch(prompt, self.device)
+        new = list(
+            self.stream(
+                tokens,
+                max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                seed=seed,
+                prefill_mode=prefill_mode,
+                chunk_size=chunk_size,
+            )
+        )
+        out = torch.cat([tokens, *new], dim=1)
+        return out[0] if isinstance(prompt, Tensor) and prompt.dim() == 1 or not isinstance(prompt, Tensor) else out
+
+    def save(self, path: str | Path, *, metadata: Mapping[str, Any] | None = None) -> Path:
+        """Save weights (safetensors) and config (JSON in the header) to ``path``, atomically."""
+        from models.checkpoint import save
+
+        return save(self, path, metadata=metadata)
+
+
+def as_token_batch(prompt: Tensor | Sequence[int], device: torch.device) -> Tensor:
+    """A prompt as a ``[B, T]`` int64 tensor on ``device``."""
+    if not isinstance(prompt, Tensor):
+        if isinstance(prompt, (str, bytes)) or not all(isinstance(t, int) for t in prompt):
+            raise TypeError(f"prompt must be a tensor or a list of token ids, got {type(prompt).__name__}")
+        prompt = torch.tensor(list(prompt), dtype=torch.long)
+    if prompt.dim() == 1:
+        prompt = prompt[None]
+    if prompt.dim() != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt must be [T] or [B, T] with at least one token, got shape {list(prompt.shape)}")
+    return prompt.to(device=device, dtype=torch.long)
+
+
+def check_sampling(temperature: float, top_k: int | None) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+
+
+def sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    """One token per row of ``logits [B, V]``: greedy at temperature 0, else top-k multinomial; ``[B, 1]``."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
+
+def state_nbytes(states: Sequence[MixerState]) -> int:
+    """Memory held by a model state (retention states, KV caches, ...)."""
+    return sum(s.nbytes for s in states)
+
+
+def build_model(config: ModelConfig | Mapping[str, Any]) -> LanguageModel:
+    """A ``LanguageModel`` from a ``ModelConfig`` or a dict of its fields."""
+    return LanguageModel(config)
