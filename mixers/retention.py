@@ -163,16 +163,18 @@ class MultiScaleRetention(TokenMixer):
         return state
 
     def _norm(self, o: Tensor) -> Tensor:
-        """Per-head norm over each head's ``Dv`` values; ``o: [B, T, H, Dv]`` -> ``[B, T, H*Dv]``."""
-        B, T, H, Dv = o.shape
+        """Per-head norm over each head's ``Dv`` values, ``o: [B, T, H, Dv]`` in whatever memory layout the
+        op returned (kept, so that the gate's multiply does the transpose in passing, not a copy)."""
         if not self.group_norm:
-            return o.reshape(B, T, H * Dv)
-        if self.norm == "groupnorm":
-            y = F.group_norm(o.reshape(B * T, H * Dv), H, self.norm_weight, self.norm_bias, self.norm_eps)
-            return y.view(B, T, H * Dv)
-        # F.rms_norm takes a weight of the normalised shape (Dv,) only; the weights here are per head.
-        y = F.rms_norm(o, (Dv,), None, self.norm_eps).reshape(B, T, H * Dv)
-        return y if self.norm_weight is None else y * self.norm_weight
+            return o
+        H, Dv = o.shape[-2:]
+        if self.norm == "groupnorm":  # GroupNorm with H groups = LayerNorm over each head's Dv, per-channel affine
+            y = F.layer_norm(o, (Dv,), None, None, self.norm_eps)
+            if self.norm_weight is None:
+                return y
+            return torch.addcmul(self.norm_bias.view(H, Dv), y, self.norm_weight.view(H, Dv))
+        y = F.rms_norm(o, (Dv,), None, self.norm_eps)  # its weight could only be (Dv,); ours is per head
+        return y if self.norm_weight is None else y * self.norm_weight.view(H, Dv)
 
     def forward(
         self, x: Tensor, state: MixerState | None = None, *, mode: str = "parallel", chunk_size: int | None = None
@@ -201,8 +203,8 @@ class MultiScaleRetention(TokenMixer):
         )  # (B, T, H, Dv)
         y = self._norm(o)
         if self.gate:
-            y = F.silu(g[0]) * y
-        return self.out_proj(y), RetentionState(offset=offset + T, kv=kv)
+            y = F.silu(g[0]).view(B, T, H, Dv) * y  # written in the gate's (B, T, H, Dv) layout
+        return self.out_proj(y.reshape(B, T, H * Dv)), RetentionState(offset=offset + T, kv=kv)
 
     def extra_repr(self) -> str:
         return (

@@ -192,7 +192,8 @@ class LanguageModel(nn.Module):
             )
         )
         out = torch.cat([tokens, *new], dim=1)
-        return out[0] if isinstance(prompt, Tensor) and prompt.dim() == 1 or not isinstance(prompt, Tensor) else out
+        one_dim = not isinstance(prompt, Tensor) or prompt.dim() == 1
+        return out[0] if one_dim else out
 
     def save(self, path: str | Path, *, metadata: Mapping[str, Any] | None = None) -> Path:
         """Save weights (safetensors) and config (JSON in the header) to ``path``, atomically."""

@@ -37,12 +37,13 @@ _MMA_THREADS = 128
 _DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
-def _smem_bytes(kind: str, bv: int, dk: int) -> int:
+def _smem_bytes(kind: str, dtype: torch.dtype, bv: int, dk: int) -> int:
     """Dynamic shared memory of a chunk kernel; mirrors simt_smem_floats / mma_smem_bytes in the .cu files."""
     dk_pad = math.ceil(dk / KEY_TILE) * KEY_TILE
     if kind == "simt":
         return 4 * (68 + 3 * CHUNK * (KEY_TILE + 1) + CHUNK * (bv + 1) + dk_pad * (bv + 1))
-    return 4 * 68 + 2 * (2 * CHUNK + 5 * bv) * (KEY_TILE + 8) + 4 * dk_pad * (bv + 4)
+    zparts = 3 if dtype == torch.bfloat16 else 2  # 16-bit parts of zeta * V
+    return 4 * 68 + 2 * (2 * CHUNK + (3 + zparts) * bv) * (KEY_TILE + 8) + 4 * dk_pad * (bv + 4)
 
 
 def _chunk_kind(rt: Runtime, dtype: torch.dtype) -> str:
@@ -50,13 +51,13 @@ def _chunk_kind(rt: Runtime, dtype: torch.dtype) -> str:
     return "mma" if dtype != torch.float32 and rt.tensor_cores else "simt"
 
 
-def _value_tile(rt: Runtime, kind: str, dk: int, dv: int, blocks_per_tile: int) -> int | None:
+def _value_tile(rt: Runtime, kind: str, dtype: torch.dtype, dk: int, dv: int, blocks_per_tile: int) -> int | None:
     """The value-tile width (64 or 32) of a chunk launch, or ``None`` if neither fits in shared memory.
 
     64 halves how often a block recomputes the scores; 32 doubles the number of blocks, which pays when
     64-wide tiles would leave multiprocessors idle.
     """
-    fitting = [bv for bv in (64, 32) if _smem_bytes(kind, bv, dk) <= rt.max_smem]
+    fitting = [bv for bv in (64, 32) if _smem_bytes(kind, dtype, bv, dk) <= rt.max_smem]
     if not fitting:
         return None
     if len(fitting) == 2 and blocks_per_tile * math.ceil(dv / 64) < rt.num_sms:
@@ -70,7 +71,7 @@ def kernels_fit(rt: Runtime, dtype: torch.dtype, dk: int, dv: int) -> bool:
     if max(dk, dv) > MAX_HEAD_DIM:
         return False
     kind = _chunk_kind(rt, dtype)
-    return all(_smem_bytes(kind, 32, d) <= rt.max_smem for d in (dk, dv))
+    return all(_smem_bytes(kind, dtype, 32, d) <= rt.max_smem for d in (dk, dv))
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -111,7 +112,7 @@ def chunk_retention(
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     kind = kind or _chunk_kind(rt, q.dtype)
-    bv = _value_tile(rt, kind, Dk, Dv, B * H)
+    bv = _value_tile(rt, kind, q.dtype, Dk, Dv, B * H)
     if bv is None:
         raise ValueError(f"retention kernels: key size {Dk} needs more shared memory than this GPU has")
     o = _empty((B, T, H, Dv), q.dtype, q.device)
@@ -123,7 +124,7 @@ def chunk_retention(
     )  # fmt: skip
     threads = _MMA_THREADS if kind == "mma" else _SIMT_THREADS
     name = f"retention_chunk_{kind}_{_DTYPE_NAMES[q.dtype]}_bv{bv}"
-    rt.launch(f"retention_chunk_{kind}", name, B * H * math.ceil(Dv / bv), (threads, 1), _smem_bytes(kind, bv, Dk), args)
+    rt.launch(f"retention_chunk_{kind}", name, B * H * math.ceil(Dv / bv), (threads, 1), _smem_bytes(kind, q.dtype, bv, Dk), args)
     return o, s_out
 
 

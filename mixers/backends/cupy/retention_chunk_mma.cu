@@ -4,16 +4,18 @@
 //
 // Block: 128 threads, 4 warps; warp w owns the 16 chunk rows 16w .. 16w+15 of every product whose rows
 // are chunk positions (scores A = Q K^T, output O), and the 16 key rows 16w .. 16w+15 of the state tile.
-// Operands that come straight from the inputs (q, k, v) are exact in 16 bits. The float32 operands -
-// the state S, zeta * V and the decayed scores A - enter as hi + lo pairs (sm_split), two MMAs each,
-// so the result keeps about float32 accuracy instead of rounding them to 8 (bf16) or 11 (f16) bits.
+// Operands that come straight from the inputs (q, k, v) are exact in 16 bits. The float32 operands
+// enter as sums of 16-bit parts, one MMA per part, instead of being rounded to 8 (bf16) or 11 (f16)
+// significant bits: the state S and the decayed scores A as hi + lo (16 bits in bf16, 22 in f16; what
+// they feed is rounded to 16 bits on output anyway), and zeta * V, which accumulates into the float32
+// state chunk after chunk, as hi + lo with f16 and hi + mid + lo with bf16 (24 bits: float32's own).
 //
 // Shared memory (all 16-bit tiles have rows of 64 + 8 elements, so that every fragment load below is a
 // 32-bit word and a warp's 32 loads hit 32 different banks):
-//   decay [68] f32 | Q [64][72] | K [64][72] | V^T [BV][72] | (zeta V)^T hi, lo [BV][72] each
+//   decay [68] f32 | Q [64][72] | K [64][72] | V^T [BV][72] | (zeta V)^T parts [ZP][BV][72]
 //   | S^T hi, lo [BV][72] each (the current key tile of S) | S [Dk_pad][BV+4] f32 (the state itself)
 // Per chunk:
-//   load V as V^T and (zeta V)^T hi/lo;
+//   load V as V^T and (zeta V)^T in ZP parts;
 //   for each 64-wide key tile: load Q, K tiles, split the tile of S into S^T hi/lo;  barrier;
 //     phase 1 (chunk rows): A += Q K^T (only column tiles left of the diagonal), Oi += Q S_tile;
 //     phase 2 (key rows):   S_tile = gamma^L S_tile + K^T (zeta V)   (reads no tile phase 1 writes,
@@ -26,9 +28,15 @@
 #define MMA_LD (SM_BK + 8)  // row length (16-bit elements) of every 16-bit tile: 144 bytes
 #define MMA_TILE (SM_CHUNK * MMA_LD)
 
-template <int BV>
+// Parts of zeta * V (see above).
+template <int DT>
+SM_DEVICE constexpr int mma_zparts() {
+    return DT == SM_BF16 ? 3 : 2;
+}
+
+template <int DT, int BV>
 SM_DEVICE i64 mma_smem_bytes(i64 Dk_pad) {
-    return 4 * SM_DECAY_FLOATS + 2 * (2 * MMA_TILE + 5 * BV * MMA_LD) + 4 * Dk_pad * (BV + 4);
+    return 4 * SM_DECAY_FLOATS + 2 * (2 * MMA_TILE + (3 + mma_zparts<DT>()) * BV * MMA_LD) + 4 * Dk_pad * (BV + 4);
 }
 
 // dst[j][d] = x[b, time(p0 + j), h, c0 + d] for j < L and c0 + d < D, else 0; j < CHUNK, d < SM_BK.
@@ -60,12 +68,12 @@ SM_DEVICE bool mma_vec_ok(const void* p, i64 sb, i64 st, i64 sh, i64 D) {
     return sm_aligned16(p) && sb % 8 == 0 && st % 8 == 0 && sh % 8 == 0 && D % 8 == 0;
 }
 
-// The chunk's values, transposed: vt[e][j] = V[j][e], and zh[e][j] + zl[e][j] = zeta_j V[j][e] with
-// zeta_j = gamma^(L-delta-j); zero for j >= L or v0 + e >= Dv. Each thread does two positions j, j+1
-// of one or eight columns, so that it writes whole 32-bit words.
+// The chunk's values, transposed: vt[e][j] = V[j][e], and the sum over parts p of z[p][e][j] is
+// zeta_j V[j][e] with zeta_j = gamma^(L-delta-j); zero for j >= L or v0 + e >= Dv. Each thread does two
+// positions j, j+1 of one or eight columns, so that it writes whole 32-bit words.
 template <int DT, int BV>
-SM_DEVICE void mma_load_values(u16* vt, u16* zh, u16* zl, const float* decay, const ChunkArgs& a, i64 b, i64 h,
-                               i64 p0, int L, i64 v0, bool vec, int tid) {
+SM_DEVICE void mma_load_values(u16* vt, u16* z, const float* decay, const ChunkArgs& a, i64 b, i64 h, i64 p0,
+                               int L, i64 v0, bool vec, int tid) {
     const u16* src = static_cast<const u16*>(a.v.p);
     const int cols = vec ? 8 : 1;  // value columns per thread
     for (int idx = tid; idx < (SM_CHUNK / 2) * (BV / cols); idx += MMA_THREADS) {
@@ -96,13 +104,16 @@ SM_DEVICE void mma_load_values(u16* vt, u16* zh, u16* zl, const float* decay, co
         for (int c = 0; c < 8; ++c) {
             if (c >= cols) break;
             const u16 x0 = (u16)(w0[c / 2] >> (16 * (c % 2))), x1 = (u16)(w1[c / 2] >> (16 * (c % 2)));
-            u16 h0, l0, h1, l1;
-            sm_split<DT>(z0 * sm_to_float<DT>(x0), h0, l0);
-            sm_split<DT>(z1 * sm_to_float<DT>(x1), h1, l1);
             const int at = (e0 + c) * MMA_LD + j;
             sm_st32(vt + at, sm_pack(x0, x1));
-            sm_st32(zh + at, sm_pack(h0, h1));
-            sm_st32(zl + at, sm_pack(l0, l1));
+            float r0 = z0 * sm_to_float<DT>(x0), r1 = z1 * sm_to_float<DT>(x1);  // what is left to represent
+#pragma unroll
+            for (int p = 0; p < mma_zparts<DT>(); ++p) {
+                const u16 p0_ = sm_from_float<DT>(r0), p1_ = sm_from_float<DT>(r1);
+                r0 -= sm_to_float<DT>(p0_);  // exact: the rounding error of a float32 rounded to 16 bits
+                r1 -= sm_to_float<DT>(p1_);
+                sm_st32(z + p * BV * MMA_LD + at, sm_pack(p0_, p1_));
+            }
         }
     }
 }
@@ -123,14 +134,13 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
     const int delta = (int)a.delta;
 
     SM_DYNAMIC_SMEM(smem);
-    if ((i64)sm_dynamic_smem_bytes() < mma_smem_bytes<BV>(Dk_pad)) sm_trap("chunk_mma: shared memory too small");
+    if ((i64)sm_dynamic_smem_bytes() < mma_smem_bytes<DT, BV>(Dk_pad)) sm_trap("chunk_mma: shared memory too small");
     float* decay = smem;
     u16* sQ = reinterpret_cast<u16*>(decay + SM_DECAY_FLOATS);
     u16* sK = sQ + MMA_TILE;
     u16* sVt = sK + MMA_TILE;
-    u16* sZh = sVt + BV * MMA_LD;
-    u16* sZl = sZh + BV * MMA_LD;
-    u16* sSh = sZl + BV * MMA_LD;
+    u16* sZ = sVt + BV * MMA_LD;  // mma_zparts<DT>() tiles
+    u16* sSh = sZ + mma_zparts<DT>() * BV * MMA_LD;
     u16* sSl = sSh + BV * MMA_LD;
     float* sS = reinterpret_cast<float*>(sSl + BV * MMA_LD);
 
@@ -147,7 +157,7 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
     for (i64 c = 0; c < n_chunks; ++c) {
         const i64 p0 = c * SM_CHUNK;
         const int L = (int)sm_min(SM_CHUNK, a.T - p0);
-        mma_load_values<DT, BV>(sVt, sZh, sZl, decay, a, b, h, p0, L, v0, vec_v, tid);
+        mma_load_values<DT, BV>(sVt, sZ, decay, a, b, h, p0, L, v0, vec_v, tid);
 
         float acc_a[8][4];   // scores, rows r0 + g (+8), columns 8 nt + 2 t4 (+1)
         float acc_o[NT][4];  // output, rows r0 + g (+8), value columns 8 nt + 2 t4 (+1)
@@ -223,9 +233,10 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
                     ak[3] = sm_pack(kcol[(j + 8) * MMA_LD + 8], kcol[(j + 9) * MMA_LD + 8]);
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt) {
-                        const int at = (8 * nt + g) * MMA_LD + j;  // B[j'][n] = (zeta V)^T[n][j']
-                        sm_mma<DT>(acc_s[nt], ak, sm_ld32(sZh + at), sm_ld32(sZh + at + 8));
-                        sm_mma<DT>(acc_s[nt], ak, sm_ld32(sZl + at), sm_ld32(sZl + at + 8));
+                        const u16* z = sZ + (8 * nt + g) * MMA_LD + j;  // B[j'][n] = (zeta V)^T[n][j']
+#pragma unroll
+                        for (int p = 0; p < mma_zparts<DT>(); ++p)
+                            sm_mma<DT>(acc_s[nt], ak, sm_ld32(z + p * BV * MMA_LD), sm_ld32(z + p * BV * MMA_LD + 8));
                     }
                 }
 #pragma unroll
