@@ -249,36 +249,43 @@ class Registry:
         self._commit(info, staging)
 
     def _commit(self, info: PluginInfo, staging: _Staging) -> None:
+        def duplicate(what: str, earlier: str) -> None:
+            self._fail(
+                info,
+                f"{what} is already registered by plugin {self.describe_plugin(earlier)}; "
+                f"this one (from plugin {self.describe_plugin(info.name)}) is ignored",
+            )
+
         for b in staging.backends:
             existing = self.backends.get(b.op, {}).get(b.name)
             if existing is not None:
-                self._fail(
-                    info,
-                    f"backend {b.name!r} for op {b.op!r} is already registered by plugin "
-                    f"{existing.plugin!r}; this one (from plugin {info.name!r}) is ignored",
-                )
+                duplicate(f"backend {b.name!r} for op {b.op!r}", existing.plugin)
                 continue
             self.backends.setdefault(b.op, {})[b.name] = b
         for m in staging.mixers:
             existing_m = self.mixers.get(m.name)
             if existing_m is not None:
-                self._fail(
-                    info,
-                    f"mixer {m.name!r} is already registered by plugin {existing_m.plugin!r}; "
-                    f"this one (from plugin {info.name!r}) is ignored",
-                )
+                duplicate(f"mixer {m.name!r}", existing_m.plugin)
                 continue
             self.mixers[m.name] = m
         for fm in staging.feature_maps:
             existing_f = self.feature_maps.get(fm.name)
             if existing_f is not None:
-                self._fail(
-                    info,
-                    f"feature map {fm.name!r} is already registered by plugin {existing_f.plugin!r}; "
-                    f"this one (from plugin {info.name!r}) is ignored",
-                )
+                duplicate(f"feature map {fm.name!r}", existing_f.plugin)
                 continue
             self.feature_maps[fm.name] = fm
+
+    def origin(self, plugin: str) -> str:
+        """Where plugin ``plugin`` came from: ``"built-in"`` or ``"<distribution> <version>"``."""
+        info = self.plugins.get(plugin)
+        if info is None or info.builtin:
+            return "built-in" if info is not None else "unknown"
+        return f"{info.distribution or 'unknown distribution'} {info.version or ''}".rstrip()
+
+    def describe_plugin(self, plugin: str) -> str:
+        """``'name' (built-in)`` or ``'name' (distribution <dist> <version>)``, for messages."""
+        origin = self.origin(plugin)
+        return f"{plugin!r} ({origin if origin in ('built-in', 'unknown') else 'distribution ' + origin})"
 
     # -- queries -----------------------------------------------------------------------------
     def unavailable_reason(self, backend: Backend) -> str | None:

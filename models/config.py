@@ -48,13 +48,23 @@ def _int(name: str, value: object, minimum: int = 1) -> int:
 
 
 def _float(name: str, value: object, lo: float, hi: float, *, hi_open: bool = False, lo_open: bool = False) -> float:
-    hint = " (in YAML write 3.0e-3, not 3e-3, which YAML reads as a string)" if isinstance(value, str) else ""
+    hint = ""
+    if isinstance(value, str) and _parses_as_float(value):
+        hint = " (a number in quotes? YAML also reads 3e-3 as a string: write 3.0e-3)"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {_got(value)}{hint}")
     left, right = "(" if lo_open else "[", ")" if hi_open else "]"
     if value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
         raise ConfigError(f"{name} must be in {left}{lo}, {hi}{right}, got {value}")
     return float(value)
+
+
+def _parses_as_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _bool(name: str, value: object) -> bool:
@@ -108,6 +118,18 @@ def _check_mixer_name(where: str, name: object) -> str:
     return name
 
 
+def _check_backend(where: str, mixer: str, backend: object) -> None:
+    """``backend`` must be ``"auto"`` or a backend registered for each of the mixer's ops."""
+    registry = get_registry()
+    for op in registry.mixers[mixer].ops:
+        names = sorted(registry.backends.get(op, {}))
+        if backend != "auto" and backend not in names:
+            raise ConfigError(
+                f"{where}: unknown backend {backend!r} for mixer {mixer!r} (op {op!r}); expected 'auto' or one of "
+                f"{names} (see python -m mixers list)"
+            )
+
+
 def _check_options(where: str, mixer: str, options: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(options, Mapping):
         raise ConfigError(f"{where} must be a table of options for mixer {mixer!r}, got {_got(options)}")
@@ -117,7 +139,12 @@ def _check_options(where: str, mixer: str, options: Mapping[str, Any]) -> dict[s
             raise ConfigError(f"{where}.d_model: set d_model at the top level of the model config, not per mixer")
         if allowed is not None and key not in allowed:
             raise _unknown_key(f"option of mixer {mixer!r} in {where}:", key, allowed)
-    return dict(options)
+    return _plain(options)
+
+
+def _plain(table: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy with tuples as lists, so that a config equals itself after a trip through JSON/TOML/YAML."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in table.items()}
 
 
 @dataclass(frozen=True)
@@ -219,7 +246,7 @@ class ModelConfig:
             if "ffn_dim" in entry:
                 _int(f"{where}.ffn_dim", entry["ffn_dim"], 1)
             _check_options(where, mixer, {k: v for k, v in entry.items() if k not in LAYER_KEYS})
-            out.append(dict(entry))
+            out.append(_plain(entry))
         return out
 
     @property
@@ -240,10 +267,18 @@ class ModelConfig:
             options = dict(self.mixer_options.get(mixer, {}))
             options.update({k: v for k, v in table.items() if k not in ("mixer", "ffn_dim")})
             accepted = mixer_parameters(mixer)
-            if "backend" not in options and (accepted is None or "backend" in accepted):
-                options["backend"] = self.backend
-            elif "backend" not in options and self.backend != "auto":
-                raise ConfigError(f"backend={self.backend!r}: mixer {mixer!r} (layer {i}) takes no backend option")
+            if "backend" in table:
+                where = f"layers[{i % len(self.layers)}].backend"
+            elif "backend" in options:
+                where = f"mixer_options.{mixer}.backend"
+            else:
+                where = "backend"
+                if accepted is None or "backend" in accepted:
+                    options["backend"] = self.backend
+                elif self.backend != "auto":
+                    raise ConfigError(f"backend={self.backend!r}: mixer {mixer!r} (layer {i}) takes no backend option")
+            if "backend" in options:
+                _check_backend(where, mixer, options["backend"])
             specs.append(LayerSpec(mixer, options, table.get("ffn_dim", self.default_ffn_dim)))
         return specs
 
@@ -413,9 +448,7 @@ def resolve_config(name_or_path: str | Path) -> Path:
     shipped = presets()
     if str(name_or_path) in shipped:
         return shipped[str(name_or_path)]
-    raise FileNotFoundError(
-        f"config {str(name_or_path)!r} is neither a file nor a preset; presets: {sorted(shipped)}"
-    )
+    raise FileNotFoundError(f"config {str(name_or_path)!r} is neither a file nor a preset; presets: {sorted(shipped)}")
 
 
 def as_model_config(config: ModelConfig | Mapping[str, Any]) -> ModelConfig:

@@ -165,3 +165,77 @@ def forget_fake_modules() -> None:
     """Drop the imported fake plugin modules, so the next test imports its own copies."""
     for name in [m for m in sys.modules if m.startswith("fakeplug_")]:
         del sys.modules[name]
+
+
+# -- A second distribution for the conformance kit's tests: broken plugins and backends with wrong answers --
+WRONG_DISTRIBUTION, WRONG_VERSION = "fakeplug-wrong", "0.3"
+
+WRONG_PLUGINS: dict[str, tuple[str, str]] = {
+    "wrong_import": (
+        "wrongplug_import",
+        """
+        raise RuntimeError("plugin exploded at import")
+    """,
+    ),
+    # A malformed backend (a priority that is not an int): nothing of this plugin is kept.
+    "wrong_malformed": (
+        "wrongplug_malformed",
+        """
+        @mixers.hookimpl
+        def register_backends(register):
+            register(Backend(op="retention", name="malformed", fn=delegate, priority="high"))
+    """,
+    ),
+    # Two retention backends that run and are self-consistent in places, but compute the wrong thing.
+    "wrong_answers": (
+        "wrongplug_answers",
+        """
+        def off_by_one(q, k, v, gamma, *, mode, chunk_size, initial_state):
+            # decays gamma^(t-s+1) instead of gamma^(t-s): each output is gamma times the right one, in every
+            # mode and every split alike, so only a comparison with the reference catches it
+            o, state = torch_retention.retention(q, k, v, gamma, mode=mode, chunk_size=chunk_size,
+                                                 initial_state=initial_state)
+            return o * gamma.to(o.dtype)[None, None, :, None], state
+
+        def ragged_chunks(q, k, v, gamma, *, mode, chunk_size, initial_state):
+            # chunkwise with a chunk size that does not divide T: the last, shorter chunk forgets the state
+            T = q.shape[1]
+            if mode != "chunkwise" or T % chunk_size == 0 or T < chunk_size:
+                return torch_retention.retention(q, k, v, gamma, mode=mode, chunk_size=chunk_size,
+                                                 initial_state=initial_state)
+            cut = T - T % chunk_size
+            o1, _ = torch_retention.retention(q[:, :cut], k[:, :cut], v[:, :cut], gamma, mode=mode,
+                                              chunk_size=chunk_size, initial_state=initial_state)
+            o2, s2 = torch_retention.retention(q[:, cut:], k[:, cut:], v[:, cut:], gamma, mode=mode,
+                                               chunk_size=chunk_size, initial_state=None)
+            return torch.cat([o1, o2], dim=1), s2
+
+        @mixers.hookimpl
+        def register_backends(register):
+            register(Backend(op="retention", name="off_by_one", fn=off_by_one, priority=-20))
+            register(Backend(op="retention", name="ragged_chunks", fn=ragged_chunks, priority=-20))
+    """,
+    ),
+}
+
+
+AGAIN_DISTRIBUTION, AGAIN_VERSION = "fakeplug-wrong-again", "0.4"
+
+
+def write_wrong_distribution(root: Path, *, again: bool = False) -> Path:
+    """Write ``fakeplug-wrong``: a plugin raising at import, a malformed backend, and two wrong backends.
+
+    With ``again``, also ``fakeplug-wrong-again``, whose plugin registers the same two backend names.
+    """
+    for module, body in WRONG_PLUGINS.values():
+        (root / f"{module}.py").write_text(HEADER + textwrap.dedent(body))
+    _dist_info(root, WRONG_DISTRIBUTION, WRONG_VERSION, {ep: module for ep, (module, _) in WRONG_PLUGINS.items()})
+    if again:
+        (root / "wrongplug_again.py").write_text(HEADER + textwrap.dedent(WRONG_PLUGINS["wrong_answers"][1]))
+        _dist_info(root, AGAIN_DISTRIBUTION, AGAIN_VERSION, {"wrong_again": "wrongplug_again"})
+    return root
+
+
+def forget_wrong_modules() -> None:
+    for name in [m for m in sys.modules if m.startswith("wrongplug_")]:
+        del sys.modules[name]

@@ -39,6 +39,10 @@ def test_list_shows_broken_plugins_and_still_lists_the_good_ones(tmp_path):
     # Mixers with the plugin they came from.
     assert line_with(out, "ops: retention", "plugin: mixers.retention").split()[0] == "retention"
     assert line_with(out, "ops: retention", "plugin: fake_good").split()[0] == "fake_retention"
+    # ... and the distribution each came from: seqmixers itself for the built-ins.
+    assert f"plugin: fake_good [{DISTRIBUTION} {VERSION}]" in line_with(out, "fake_retention ")
+    assert "plugin: mixers.retention [seqmixers " in line_with(out, "ops: retention", "plugin: mixers.retention")
+    assert f"plugin: fake_fast [{DISTRIBUTION} {VERSION}]" in line_with(out, "retention/fast ")
     # Backends with availability and plugin.
     assert "available" in line_with(out, "retention/torch ", "plugin: mixers.backends.torch_backend")
     assert "available" in line_with(out, "retention/fast ", "priority  50", "plugin: fake_fast")

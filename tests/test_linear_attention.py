@@ -21,6 +21,7 @@ from mixers import functional
 from mixers.__main__ import format_listing
 from mixers.linear_attention import LinearAttention, LinearAttentionState
 from mixers.registry import DEFAULT_PLUGINS, Registry
+from mixers.testing.reference import linear_attention_reference
 
 MODES = functional.MODES
 # (rtol, atol) per dtype, against a float64 reference
@@ -28,27 +29,14 @@ TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5)}
 
 
 def reference(q, k, v, kv0=None, z0=None, *, normalize=True, eps=1e-6):
-    """``o_t = (q_t kv_0 + sum_{s<=t} (q_t . k_s) v_s) / guard(q_t . (z_0 + sum_{s<=t} k_s))`` in float64.
+    """The kit's float64 reference written from the formula (``mixers.testing.reference``), as ``(o, kv, z)``.
 
-    The guard as documented: ``d`` if ``|d| >= eps``, else ``eps`` for ``d >= 0`` and ``-eps`` for ``d < 0``.
-    Each output sums its own prefix directly, with no recurrence.
+    ``o_t = (q_t kv_0 + sum_{s<=t} (q_t . k_s) v_s) / guard(q_t . (z_0 + sum_{s<=t} k_s))``, with the guard as
+    documented; each output sums its own prefix directly, with no recurrence.
     """
-    q, k, v = q.double(), k.double(), v.double()
-    B, T, H, Dk = q.shape
-    Dv = v.shape[-1]
-    kv0 = torch.zeros(B, H, Dk, Dv, dtype=torch.float64) if kv0 is None else kv0.double()
-    z0 = torch.zeros(B, H, Dk, dtype=torch.float64) if z0 is None else z0.double()
-    outs = []
-    for t in range(T):
-        scores = torch.einsum("bhd,bshd->bhs", q[:, t], k[:, : t + 1])  # q_t . k_s for s <= t
-        num = torch.einsum("bhs,bshe->bhe", scores, v[:, : t + 1]) + torch.einsum("bhd,bhde->bhe", q[:, t], kv0)
-        if normalize:
-            den = scores.sum(-1) + torch.einsum("bhd,bhd->bh", q[:, t], z0)
-            fallback = torch.where(den >= 0, torch.full_like(den, eps), torch.full_like(den, -eps))
-            num = num / torch.where(den.abs() >= eps, den, fallback)[..., None]
-        outs.append(num)
-    o = torch.stack(outs, dim=1) if outs else torch.zeros(B, 0, H, Dv, dtype=torch.float64)
-    return o, kv0 + torch.einsum("bshd,bshe->bhde", k, v), z0 + k.sum(1)
+    assert (kv0 is None) == (z0 is None), "give both parts of the initial state, or neither"
+    o, (kv, z) = linear_attention_reference(q, k, v, None if kv0 is None else (kv0, z0), normalize=normalize, eps=eps)
+    return o, kv, z
 
 
 def positive_features(shape, gen, dtype):

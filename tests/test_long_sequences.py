@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mixers import functional
-from tests.strategies import norm_rel_error
+from mixers.testing import norm_rel_error
 
 pytestmark = pytest.mark.slow
 

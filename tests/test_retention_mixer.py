@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 import mixers
 from mixers.retention import MultiScaleRetention, RetentionState
-from tests.strategies import MODES, assert_rel_close, norm_rel_error
+from mixers.testing import assert_rel_close, norm_rel_error
+from mixers.testing.strategies import MODES
 
 D_MODEL = 24
 

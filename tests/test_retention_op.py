@@ -1,6 +1,6 @@
 """``mixers.functional.retention`` in every mode equals a float64 reference written from the formula.
 
-The reference (``tests/reference.py``) evaluates
+The reference (``mixers.testing.reference``) evaluates
 ``o_t = sum_{s<=t} gamma^(t-s) (q_t . k_s) v_s + gamma^(t+1) q_t S_0`` and
 ``S_T = gamma^T S_0 + sum_s gamma^(T-1-s) k_s^T v_s`` with plain powers; a literal double loop below
 checks the reference itself on small inputs.
@@ -15,8 +15,9 @@ import torch
 from hypothesis import example, given, settings
 
 from mixers import functional
-from tests.reference import retention_reference
-from tests.strategies import MODES, RTOL, RetentionCase, assert_rel_close, norm_rel_error, retention_cases
+from mixers.testing import RTOL, assert_rel_close, norm_rel_error
+from mixers.testing.reference import retention_reference
+from mixers.testing.strategies import MODES, RetentionCase, retention_cases
 
 
 def run_all_modes(case: RetentionCase) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -19,28 +19,19 @@ from hypothesis import strategies as st
 import mixers
 from mixers import functional
 from mixers.softmax_attention import SoftmaxAttention, SoftmaxAttentionState
+from mixers.testing.reference import softmax_attention_reference
 
 MODES = functional.MODES
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5)}  # (rtol, atol) against float64
 
 
 def formula_reference(q, k, v, k_cache=None, v_cache=None):
-    """``o_t = sum_{s<=Tc+t} exp(q_t . k_s / sqrt(d)) v_s / sum_{s<=Tc+t} exp(q_t . k_s / sqrt(d))``, float64.
+    """The kit's per-token formula (``mixers.testing.reference``): the outputs only, in float64.
 
-    A loop over query tokens and heads, straight from the formula (no max subtraction: inputs are moderate).
-    Query head h reads key head ``h // (H / Hkv)``.
+    ``o_t = sum_{s<=Tc+t} exp(q_t . k_s / sqrt(d)) v_s / sum_{s<=Tc+t} exp(q_t . k_s / sqrt(d))``, a loop over
+    query tokens and heads; query head h reads key head ``h // (H / Hkv)``.
     """
-    q, k, v = q.double(), k.double(), v.double()
-    if k_cache is not None:
-        k, v = torch.cat([k_cache.double(), k], dim=1), torch.cat([v_cache.double(), v], dim=1)
-    B, T, H, D = q.shape
-    Tc, G = k.shape[1] - T, H // k.shape[2]
-    o = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
-    for t in range(T):
-        for h in range(H):
-            w = torch.exp(torch.einsum("bd,bsd->bs", q[:, t, h], k[:, : Tc + t + 1, h // G]) / math.sqrt(D))
-            o[:, t, h] = torch.einsum("bs,bse->be", w, v[:, : Tc + t + 1, h // G]) / w.sum(-1, keepdim=True)
-    return o
+    return softmax_attention_reference(q, k, v, None if k_cache is None else (k_cache, v_cache))[0]
 
 
 def matrix_reference(q, k, v, k_cache=None, v_cache=None):

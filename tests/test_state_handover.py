@@ -10,30 +10,14 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mixers import functional
-from tests.reference import retention_reference
-from tests.strategies import (
-    MODES,
-    RTOL,
-    RetentionCase,
-    assert_rel_close,
-    retention_cases,
-    scaled_examples,
-    segments,
-    splits,
-)
-
-Plan = list[tuple[int, int, str, int]]  # (start, stop, mode, chunk size) per segment
+from mixers.testing import RTOL, assert_rel_close
+from mixers.testing.reference import retention_reference
+from mixers.testing.strategies import MODES, Plan, RetentionCase, handover_plans, retention_cases, scaled_examples
 
 
-@st.composite
-def split_plans(draw, dtypes=(torch.float64, torch.float32), **sizes) -> tuple[RetentionCase, Plan]:
+def split_plans(dtypes=(torch.float64, torch.float32), **sizes) -> st.SearchStrategy[tuple[RetentionCase, Plan]]:
     """A case and a split of ``0..T`` into segments, each run in a drawn mode and chunk size."""
-    case = draw(retention_cases(dtypes=dtypes, **sizes))
-    plan = [
-        (start, stop, draw(st.sampled_from(MODES)), draw(st.integers(1, stop - start + 5)))
-        for start, stop in segments(case.T, draw(splits(case.T)))
-    ]
-    return case, plan
+    return handover_plans(retention_cases(dtypes=dtypes, **sizes))
 
 
 def run_split(q, k, v, gamma, s0, plan: Plan):

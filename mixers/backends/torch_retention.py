@@ -27,8 +27,8 @@ def _decays(log_g: Tensor, C: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """
     i = torch.arange(C, device=log_g.device, dtype=log_g.dtype)
     diff = i[:, None] - i[None, :]
-    causal = diff >= 0
-    intra = torch.exp(diff.clamp(min=0) * log_g[:, None, None]) * causal
+    # Built in place: in parallel mode C = T and every [H, C, C] temporary would cost as much as the scores.
+    intra = torch.mul(diff.clamp(min=0), log_g[:, None, None]).exp_().masked_fill_(diff < 0, 0)
     q_decay = torch.exp((i + 1) * log_g[:, None])
     k_decay = torch.exp((C - 1 - i) * log_g[:, None])
     chunk_decay = torch.exp(C * log_g)
@@ -87,13 +87,18 @@ class _Chunks(torch.autograd.Function):
         do = do.contiguous()
         intra, q_decay, k_decay, chunk_decay = _decays(log_g, q.shape[-2])
         intra, q_decay, k_decay = intra[:, None], q_decay[:, None, :, None], k_decay[:, None, :, None]
-        scores = _bmm(q, k.transpose(-1, -2)).mul_(intra)
-        dscores = _bmm(do, v.transpose(-1, -2)).mul_(intra)
         # Gradient w.r.t. the state leaving each chunk: dS_out[n] = dS_in[n+1], run backwards from dfinal.
         dkv, dstate = _carry(_bmm((q * q_decay).transpose(-1, -2), do), dfinal, chunk_decay, reverse=True)
-        dq = _bmm(dscores, k, out=_bmm(do, incoming.transpose(-1, -2)).mul_(q_decay))
-        dk = _bmm(dscores.transpose(-1, -2), q, out=_bmm(v, dkv.transpose(-1, -2)).mul_(k_decay))
-        dv = _bmm(scores.transpose(-1, -2), do, out=_bmm(k * k_decay, dkv))
+        dq = _bmm(do, incoming.transpose(-1, -2)).mul_(q_decay)
+        dk = _bmm(v, dkv.transpose(-1, -2)).mul_(k_decay)
+        dv = _bmm(k * k_decay, dkv)
+        # One C x C batch at a time (they are T x T in parallel mode): score gradients, then scores.
+        dscores = _bmm(do, v.transpose(-1, -2)).mul_(intra)
+        _bmm(dscores, k, out=dq)
+        _bmm(dscores.transpose(-1, -2), q, out=dk)
+        del dscores
+        scores = _bmm(q, k.transpose(-1, -2)).mul_(intra)
+        _bmm(scores.transpose(-1, -2), do, out=dv)
         return dq, dk, dv, dstate, None
 
 

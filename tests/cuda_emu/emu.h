@@ -39,6 +39,37 @@ struct dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
 
+// Switching between fibers: on x86-64 a few instructions that swap the callee-saved registers and the
+// stack pointer (ucontext's swapcontext also saves the signal mask, a system call per switch, which made
+// the tests ten times slower); elsewhere ucontext.
+#if defined(__x86_64__) && !defined(SEQMIXERS_EMU_UCONTEXT)
+#define SEQMIXERS_EMU_ASM_SWITCH 1
+extern "C" __attribute__((visibility("hidden"))) void seqmixers_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .globl seqmixers_emu_switch
+    .hidden seqmixers_emu_switch
+    .type seqmixers_emu_switch, @function
+seqmixers_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size seqmixers_emu_switch, .-seqmixers_emu_switch
+)");
+#endif
+
 namespace emu {
 
 struct Barrier {
@@ -49,6 +80,7 @@ struct Barrier {
 
 struct Fiber {
     ucontext_t ctx;
+    void* sp = nullptr;  // saved stack pointer (assembly switch)
     char* stack = nullptr;
     uint3 tid{0, 0, 0};
     int linear = 0;
@@ -59,8 +91,9 @@ struct Fiber {
 
 struct Warp {
     Barrier bar;
-    uint32_t a[32][4];
-    uint32_t b[32][2];
+    uint32_t a[2][32][4];  // fragments handed in, double-buffered by the parity of the warp's MMA count
+    uint32_t b[2][32][2];
+    unsigned long long mmas[32] = {};  // MMAs each lane has issued
 };
 
 constexpr size_t kStackBytes = 256 * 1024;
@@ -75,6 +108,7 @@ struct Machine {
     std::vector<char*> stacks;
     Fiber* cur = nullptr;
     ucontext_t sched;
+    void* sched_sp = nullptr;
     Barrier block_bar;
     std::vector<Warp> warps;
     std::string error;
@@ -86,7 +120,21 @@ inline Machine& m() {
     return machine;
 }
 
-inline void yield() { swapcontext(&m().cur->ctx, &m().sched); }
+inline void yield() {
+#ifdef SEQMIXERS_EMU_ASM_SWITCH
+    seqmixers_emu_switch(&m().cur->sp, m().sched_sp);
+#else
+    swapcontext(&m().cur->ctx, &m().sched);
+#endif
+}
+
+inline void resume(Fiber& f) {
+#ifdef SEQMIXERS_EMU_ASM_SWITCH
+    seqmixers_emu_switch(&m().sched_sp, f.sp);
+#else
+    swapcontext(&m().sched, &f.ctx);
+#endif
+}
 
 // Report an error and park this fiber for good; the scheduler abandons the block.
 inline void fail(const std::string& why) {
@@ -112,7 +160,29 @@ inline void trampoline() {
     Machine& M = m();
     M.body();
     M.cur->done = true;
-    // returning resumes uc_link, the scheduler
+#ifdef SEQMIXERS_EMU_ASM_SWITCH
+    yield();  // never resumed: a finished fiber is not scheduled again
+#endif
+    // (ucontext: returning resumes uc_link, the scheduler)
+}
+
+// A fresh fiber's stack: switching to it "returns" into trampoline() as if it had been called, with
+// the stack aligned as the ABI wants at a function's entry.
+inline void prepare(Fiber& f) {
+#ifdef SEQMIXERS_EMU_ASM_SWITCH
+    uintptr_t top = ((uintptr_t)(f.stack + kStackBytes)) & ~(uintptr_t)15;
+    void** sp = (void**)top;
+    *--sp = nullptr;                          // trampoline's (never used) return address
+    *--sp = (void*)&trampoline;               // where the switch's `ret` goes
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;  // rbp, rbx, r12 .. r15
+    f.sp = sp;
+#else
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = &m().sched;
+    makecontext(&f.ctx, trampoline, 0);
+#endif
 }
 
 inline bool run_block(std::mt19937_64& rng) {
@@ -131,11 +201,7 @@ inline bool run_block(std::mt19937_64& rng) {
         f.tid = uint3{(unsigned)(i % M.block.x), (unsigned)((i / M.block.x) % M.block.y),
                       (unsigned)(i / (M.block.x * M.block.y))};
         f.stack = M.stacks[i];
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = f.stack;
-        f.ctx.uc_stack.ss_size = kStackBytes;
-        f.ctx.uc_link = &M.sched;
-        makecontext(&f.ctx, trampoline, 0);
+        prepare(f);
     }
     std::vector<int> order(n);  // round robin: the visiting order; greedy: the priority order
     for (int i = 0; i < n; ++i) order[i] = M.schedule == 2 ? n - 1 - i : i;
@@ -154,7 +220,7 @@ inline bool run_block(std::mt19937_64& rng) {
             if (blocked(f)) continue;
             f.waiting = nullptr;
             M.cur = &f;
-            swapcontext(&M.sched, &f.ctx);
+            resume(f);
             M.cur = nullptr;
             ran = true;
             if (!M.error.empty()) return false;
@@ -198,9 +264,17 @@ inline uint32_t float_to_bits(float x) {
     return u;
 }
 inline float half_to_float(uint16_t h) {
-    _Float16 x;
-    std::memcpy(&x, &h, 2);
-    return (float)x;
+    static const std::vector<float> table = [] {  // every float16 value, converted once (exactly)
+        std::vector<float> t(65536);
+        for (uint32_t i = 0; i < 65536; ++i) {
+            const uint16_t bits = (uint16_t)i;
+            _Float16 x;
+            std::memcpy(&x, &bits, 2);
+            t[i] = (float)x;
+        }
+        return t;
+    }();
+    return table[h];
 }
 inline uint16_t float_to_half(float f) {
     _Float16 x = (_Float16)f;  // IEEE round to nearest even
@@ -227,34 +301,33 @@ inline void syncwarp() {
     arrive(my_warp(lane).bar);
 }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: every lane hands in its fragments, waits for the
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32: every lane hands in its fragments, waits for the
 // warp, then computes its own four outputs from the whole warp's fragments (PTX ISA fragment layout).
-inline void mma_m16n8k16(bool bf16, float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+// The fragments of consecutive MMAs go to alternate buffers: a lane can hand in the next ones only after
+// the whole warp has arrived there, that is, after every lane is done reading these.
+inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     int lane;
     Warp& w = my_warp(lane);
     if (w.bar.expected != 32) fail("mma.sync needs a full warp");
-    std::memcpy(w.a[lane], a, sizeof(w.a[lane]));
-    w.b[lane][0] = b0;
-    w.b[lane][1] = b1;
+    const int buf = (int)(w.mmas[lane]++ & 1);
+    std::memcpy(w.a[buf][lane], a, sizeof(w.a[buf][lane]));
+    w.b[buf][lane][0] = b0;
+    w.b[buf][lane][1] = b1;
     arrive(w.bar);
-    auto elem = [bf16](uint32_t reg, int k) {
-        const uint16_t bits = (k & 1) ? (uint16_t)(reg >> 16) : (uint16_t)(reg & 0xffffu);
-        return bf16 ? bits_to_float((uint32_t)bits << 16) : half_to_float(bits);
+    auto elem = [](uint32_t reg, int k) {  // element k % 2 of a register: the high half for odd k
+        return bits_to_float((k & 1) ? (reg & 0xffff0000u) : (reg << 16));
     };
     const int g = lane / 4, t = lane % 4;
-    float out[4];
     for (int i = 0; i < 4; ++i) {
         const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
         double acc = d[i];
         for (int k = 0; k < 16; ++k) {
-            const uint32_t areg = w.a[(row % 8) * 4 + (k % 8) / 2][(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
-            const uint32_t breg = w.b[col * 4 + (k % 8) / 2][k >= 8 ? 1 : 0];
+            const uint32_t areg = w.a[buf][(row % 8) * 4 + (k % 8) / 2][(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
+            const uint32_t breg = w.b[buf][col * 4 + (k % 8) / 2][k >= 8 ? 1 : 0];
             acc += (double)elem(areg, k) * (double)elem(breg, k);
         }
-        out[i] = (float)acc;
+        d[i] = (float)acc;
     }
-    arrive(w.bar);  // every lane has read the fragments before any lane hands in the next ones
-    for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
 
 }  // namespace emu

@@ -37,31 +37,36 @@ _MMA_THREADS = 128
 _DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
-def _smem_bytes(kind: str, dtype: torch.dtype, bv: int, dk: int) -> int:
+def _smem_bytes(kind: str, bv: int, dk: int) -> int:
     """Dynamic shared memory of a chunk kernel; mirrors simt_smem_floats / mma_smem_bytes in the .cu files."""
     dk_pad = math.ceil(dk / KEY_TILE) * KEY_TILE
     if kind == "simt":
         return 4 * (68 + 3 * CHUNK * (KEY_TILE + 1) + CHUNK * (bv + 1) + dk_pad * (bv + 1))
-    zparts = 3 if dtype == torch.bfloat16 else 2  # 16-bit parts of zeta * V
-    return 4 * 68 + 2 * (2 * CHUNK + (3 + zparts) * bv) * (KEY_TILE + 8) + 4 * dk_pad * (bv + 4)
+    return 4 * 68 + 2 * (2 * CHUNK + 6 * bv) * (KEY_TILE + 8) + 4 * dk_pad * (bv + 4)
 
 
 def _chunk_kind(rt: Runtime, dtype: torch.dtype) -> str:
-    """Tensor cores for 16-bit inputs where the GPU has them; float32 stays on the CUDA cores in float32."""
-    return "mma" if dtype != torch.float32 and rt.tensor_cores else "simt"
+    """Tensor cores for bfloat16 where the GPU has them; float32 and float16 on the CUDA cores in float32
+    (float16's exponent range is too narrow for the split operands, see retention_chunk_mma.cu)."""
+    return "mma" if dtype == torch.bfloat16 and rt.tensor_cores else "simt"
 
 
-def _value_tile(rt: Runtime, kind: str, dtype: torch.dtype, dk: int, dv: int, blocks_per_tile: int) -> int | None:
+def _value_tile(rt: Runtime, kind: str, dk: int, dv: int, blocks_per_tile: int) -> int | None:
     """The value-tile width (64 or 32) of a chunk launch, or ``None`` if neither fits in shared memory.
 
-    64 halves how often a block recomputes the scores; 32 doubles the number of blocks, which pays when
-    64-wide tiles would leave multiprocessors idle.
+    64 halves how often a block recomputes the scores; 32 doubles the number of blocks and halves their
+    shared memory, which pays when 64-wide tiles would leave multiprocessors idle, or fit only one block
+    on a multiprocessor where two 32-wide ones would fit.
     """
-    fitting = [bv for bv in (64, 32) if _smem_bytes(kind, dtype, bv, dk) <= rt.max_smem]
+    fitting = [bv for bv in (64, 32) if _smem_bytes(kind, bv, dk) <= rt.max_smem]
     if not fitting:
         return None
-    if len(fitting) == 2 and blocks_per_tile * math.ceil(dv / 64) < rt.num_sms:
-        return 32
+    if len(fitting) == 2:
+        too_few_blocks = blocks_per_tile * math.ceil(dv / 64) < rt.num_sms
+        half = rt.max_smem // 2
+        one_per_sm = _smem_bytes(kind, 64, dk) > half >= _smem_bytes(kind, 32, dk)
+        if too_few_blocks or one_per_sm:
+            return 32
     return fitting[0]
 
 
@@ -71,7 +76,7 @@ def kernels_fit(rt: Runtime, dtype: torch.dtype, dk: int, dv: int) -> bool:
     if max(dk, dv) > MAX_HEAD_DIM:
         return False
     kind = _chunk_kind(rt, dtype)
-    return all(_smem_bytes(kind, dtype, 32, d) <= rt.max_smem for d in (dk, dv))
+    return all(_smem_bytes(kind, 32, d) <= rt.max_smem for d in (dk, dv))
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -112,7 +117,7 @@ def chunk_retention(
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     kind = kind or _chunk_kind(rt, q.dtype)
-    bv = _value_tile(rt, kind, q.dtype, Dk, Dv, B * H)
+    bv = _value_tile(rt, kind, Dk, Dv, B * H)
     if bv is None:
         raise ValueError(f"retention kernels: key size {Dk} needs more shared memory than this GPU has")
     o = _empty((B, T, H, Dv), q.dtype, q.device)
@@ -124,7 +129,8 @@ def chunk_retention(
     )  # fmt: skip
     threads = _MMA_THREADS if kind == "mma" else _SIMT_THREADS
     name = f"retention_chunk_{kind}_{_DTYPE_NAMES[q.dtype]}_bv{bv}"
-    rt.launch(f"retention_chunk_{kind}", name, B * H * math.ceil(Dv / bv), (threads, 1), _smem_bytes(kind, q.dtype, bv, Dk), args)
+    grid = B * H * math.ceil(Dv / bv)
+    rt.launch(f"retention_chunk_{kind}", name, grid, (threads, 1), _smem_bytes(kind, bv, Dk), args)
     return o, s_out
 
 

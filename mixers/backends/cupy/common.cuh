@@ -119,7 +119,7 @@ SM_DEVICE i64 sm_min(i64 a, i64 b) { return a < b ? a : b; }
 SM_DEVICE i64 sm_cdiv(i64 a, i64 b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------------------------------------------
-// Tensor cores: D += A B for one m16n8k16 tile, A 16x16 and B 16x8 in f16 or bf16, D in float32.
+// Tensor cores: D += A B for one m16n8k16 tile, A 16x16 and B 16x8 in bfloat16, D in float32.
 // Fragment layout (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"), with
 // g = lane / 4 and t = lane % 4; each u32 holds two elements, the lower column (or row of B) in the low
 // half:
@@ -129,33 +129,24 @@ SM_DEVICE i64 sm_cdiv(i64 a, i64 b) { return (a + b - 1) / b; }
 // ---------------------------------------------------------------------------------------------------
 SM_DEVICE u32 sm_pack(u16 lo, u16 hi) { return (u32)lo | ((u32)hi << 16); }
 
-template <int DT>
-SM_DEVICE void sm_mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+SM_DEVICE void sm_mma_bf16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
 #ifdef SEQMIXERS_CUDA_EMULATION
-    emu::mma_m16n8k16(DT == SM_BF16, d, a, b0, b1);
+    emu::mma_m16n8k16_bf16(d, a, b0, b1);
 #else
-    if constexpr (DT == SM_BF16) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    } else {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #endif
 }
 
-// x = hi + lo with hi and lo in DT: a float32 operand as two 16-bit ones, so that a product with it on
-// the tensor cores keeps ~16 (bf16) or ~22 (f16) significant bits instead of 8 or 11.
-template <int DT>
-SM_DEVICE void sm_split(float x, u16& hi, u16& lo) {
-    hi = sm_from_float<DT>(x);
-    lo = sm_from_float<DT>(x - sm_to_float<DT>(hi));
+// x = hi + lo in bfloat16: a float32 operand as two 16-bit ones, so that a product with it on the
+// tensor cores keeps 16 significant bits instead of 8. (x - hi is exact in float32, and bfloat16 has
+// float32's exponent range, so the split loses nothing to underflow or overflow.)
+SM_DEVICE void sm_split_bf16(float x, u16& hi, u16& lo) {
+    hi = sm_float_to_bf16(x);
+    lo = sm_float_to_bf16(x - sm_bf16_to_float(hi));
 }
 
 // Two adjacent 16-bit elements (4-byte aligned) as one 32-bit word, the lower index in the low half.

@@ -1,21 +1,26 @@
-// Chunkwise retention on the tensor cores (mma.sync m16n8k16, float32 accumulation) for float16 and
-// bfloat16 inputs; needs compute capability 8.0 or newer. See chunk.cuh for what one launch computes
-// and how the grid is laid out.
+// Chunkwise retention on the tensor cores (mma.sync m16n8k16, float32 accumulation) for bfloat16
+// inputs; needs compute capability 8.0 or newer. See chunk.cuh for what one launch computes and how the
+// grid is laid out.
+//
+// Only bfloat16: the float32 intermediates below enter the tensor cores as sums of 16-bit parts, which
+// needs the 16-bit format to have float32's exponent range. float16's 5-bit exponent would turn small
+// parts into subnormals (losing their precision) and large ones into infinities, so float16 inputs
+// take the float32 CUDA-core kernel (retention_chunk_simt.cu) instead.
 //
 // Block: 128 threads, 4 warps; warp w owns the 16 chunk rows 16w .. 16w+15 of every product whose rows
 // are chunk positions (scores A = Q K^T, output O), and the 16 key rows 16w .. 16w+15 of the state tile.
-// Operands that come straight from the inputs (q, k, v) are exact in 16 bits. The float32 operands
-// enter as sums of 16-bit parts, one MMA per part, instead of being rounded to 8 (bf16) or 11 (f16)
-// significant bits: the state S and the decayed scores A as hi + lo (16 bits in bf16, 22 in f16; what
-// they feed is rounded to 16 bits on output anyway), and zeta * V, which accumulates into the float32
-// state chunk after chunk, as hi + lo with f16 and hi + mid + lo with bf16 (24 bits: float32's own).
+// Operands that come straight from the inputs (q, k, v) are exact in bfloat16. The float32 operands
+// enter as sums of bfloat16 parts, one MMA per part, instead of being rounded to 8 significant bits:
+// the state S and the decayed scores A as hi + lo (16 bits; what they feed is an output, rounded to
+// bfloat16 in the end), and zeta * V, which accumulates into the float32 state chunk after chunk, as
+// hi + mid + lo (24 bits: float32's own precision).
 //
 // Shared memory (all 16-bit tiles have rows of 64 + 8 elements, so that every fragment load below is a
 // 32-bit word and a warp's 32 loads hit 32 different banks):
-//   decay [68] f32 | Q [64][72] | K [64][72] | V^T [BV][72] | (zeta V)^T parts [ZP][BV][72]
+//   decay [68] f32 | Q [64][72] | K [64][72] | V^T [BV][72] | (zeta V)^T hi, mid, lo [3][BV][72]
 //   | S^T hi, lo [BV][72] each (the current key tile of S) | S [Dk_pad][BV+4] f32 (the state itself)
 // Per chunk:
-//   load V as V^T and (zeta V)^T in ZP parts;
+//   load V as V^T and (zeta V)^T in three parts;
 //   for each 64-wide key tile: load Q, K tiles, split the tile of S into S^T hi/lo;  barrier;
 //     phase 1 (chunk rows): A += Q K^T (only column tiles left of the diagonal), Oi += Q S_tile;
 //     phase 2 (key rows):   S_tile = gamma^L S_tile + K^T (zeta V)   (reads no tile phase 1 writes,
@@ -28,15 +33,11 @@
 #define MMA_LD (SM_BK + 8)  // row length (16-bit elements) of every 16-bit tile: 144 bytes
 #define MMA_TILE (SM_CHUNK * MMA_LD)
 
-// Parts of zeta * V (see above).
-template <int DT>
-SM_DEVICE constexpr int mma_zparts() {
-    return DT == SM_BF16 ? 3 : 2;
-}
+#define MMA_ZPARTS 3  // bfloat16 parts of zeta * V
 
-template <int DT, int BV>
+template <int BV>
 SM_DEVICE i64 mma_smem_bytes(i64 Dk_pad) {
-    return 4 * SM_DECAY_FLOATS + 2 * (2 * MMA_TILE + (3 + mma_zparts<DT>()) * BV * MMA_LD) + 4 * Dk_pad * (BV + 4);
+    return 4 * SM_DECAY_FLOATS + 2 * (2 * MMA_TILE + (3 + MMA_ZPARTS) * BV * MMA_LD) + 4 * Dk_pad * (BV + 4);
 }
 
 // dst[j][d] = x[b, time(p0 + j), h, c0 + d] for j < L and c0 + d < D, else 0; j < CHUNK, d < SM_BK.
@@ -71,7 +72,7 @@ SM_DEVICE bool mma_vec_ok(const void* p, i64 sb, i64 st, i64 sh, i64 D) {
 // The chunk's values, transposed: vt[e][j] = V[j][e], and the sum over parts p of z[p][e][j] is
 // zeta_j V[j][e] with zeta_j = gamma^(L-delta-j); zero for j >= L or v0 + e >= Dv. Each thread does two
 // positions j, j+1 of one or eight columns, so that it writes whole 32-bit words.
-template <int DT, int BV>
+template <int BV>
 SM_DEVICE void mma_load_values(u16* vt, u16* z, const float* decay, const ChunkArgs& a, i64 b, i64 h, i64 p0,
                                int L, i64 v0, bool vec, int tid) {
     const u16* src = static_cast<const u16*>(a.v.p);
@@ -106,19 +107,19 @@ SM_DEVICE void mma_load_values(u16* vt, u16* z, const float* decay, const ChunkA
             const u16 x0 = (u16)(w0[c / 2] >> (16 * (c % 2))), x1 = (u16)(w1[c / 2] >> (16 * (c % 2)));
             const int at = (e0 + c) * MMA_LD + j;
             sm_st32(vt + at, sm_pack(x0, x1));
-            float r0 = z0 * sm_to_float<DT>(x0), r1 = z1 * sm_to_float<DT>(x1);  // what is left to represent
+            float r0 = z0 * sm_bf16_to_float(x0), r1 = z1 * sm_bf16_to_float(x1);  // what is left to represent
 #pragma unroll
-            for (int p = 0; p < mma_zparts<DT>(); ++p) {
-                const u16 p0_ = sm_from_float<DT>(r0), p1_ = sm_from_float<DT>(r1);
-                r0 -= sm_to_float<DT>(p0_);  // exact: the rounding error of a float32 rounded to 16 bits
-                r1 -= sm_to_float<DT>(p1_);
+            for (int p = 0; p < MMA_ZPARTS; ++p) {
+                const u16 p0_ = sm_float_to_bf16(r0), p1_ = sm_float_to_bf16(r1);
+                r0 -= sm_bf16_to_float(p0_);  // exact: the rounding error of a float32 rounded to bfloat16
+                r1 -= sm_bf16_to_float(p1_);
                 sm_st32(z + p * BV * MMA_LD + at, sm_pack(p0_, p1_));
             }
         }
     }
 }
 
-template <int DT, int BV>
+template <int BV>
 SM_DEVICE void chunk_mma(const ChunkArgs& a) {
     constexpr int NT = BV / 8;  // value n-tiles of 8 columns
     constexpr int LDS = BV + 4;
@@ -134,13 +135,13 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
     const int delta = (int)a.delta;
 
     SM_DYNAMIC_SMEM(smem);
-    if ((i64)sm_dynamic_smem_bytes() < mma_smem_bytes<DT, BV>(Dk_pad)) sm_trap("chunk_mma: shared memory too small");
+    if ((i64)sm_dynamic_smem_bytes() < mma_smem_bytes<BV>(Dk_pad)) sm_trap("chunk_mma: shared memory too small");
     float* decay = smem;
     u16* sQ = reinterpret_cast<u16*>(decay + SM_DECAY_FLOATS);
     u16* sK = sQ + MMA_TILE;
     u16* sVt = sK + MMA_TILE;
-    u16* sZ = sVt + BV * MMA_LD;  // mma_zparts<DT>() tiles
-    u16* sSh = sZ + mma_zparts<DT>() * BV * MMA_LD;
+    u16* sZ = sVt + BV * MMA_LD;  // MMA_ZPARTS tiles
+    u16* sSh = sZ + MMA_ZPARTS * BV * MMA_LD;
     u16* sSl = sSh + BV * MMA_LD;
     float* sS = reinterpret_cast<float*>(sSl + BV * MMA_LD);
 
@@ -157,7 +158,7 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
     for (i64 c = 0; c < n_chunks; ++c) {
         const i64 p0 = c * SM_CHUNK;
         const int L = (int)sm_min(SM_CHUNK, a.T - p0);
-        mma_load_values<DT, BV>(sVt, sZ, decay, a, b, h, p0, L, v0, vec_v, tid);
+        mma_load_values<BV>(sVt, sZ, decay, a, b, h, p0, L, v0, vec_v, tid);
 
         float acc_a[8][4];   // scores, rows r0 + g (+8), columns 8 nt + 2 t4 (+1)
         float acc_o[NT][4];  // output, rows r0 + g (+8), value columns 8 nt + 2 t4 (+1)
@@ -177,8 +178,8 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
             for (int idx = tid; idx < (SM_BK / 2) * BV; idx += MMA_THREADS) {
                 const int n = idx % BV, k = 2 * (idx / BV);
                 u16 h0, l0, h1, l1;
-                sm_split<DT>(sS[(k0 + k) * LDS + n], h0, l0);
-                sm_split<DT>(sS[(k0 + k + 1) * LDS + n], h1, l1);
+                sm_split_bf16(sS[(k0 + k) * LDS + n], h0, l0);
+                sm_split_bf16(sS[(k0 + k + 1) * LDS + n], h1, l1);
                 sm_st32(sSh + n * MMA_LD + k, sm_pack(h0, h1));
                 sm_st32(sSl + n * MMA_LD + k, sm_pack(l0, l1));
             }
@@ -198,13 +199,13 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
                 for (int nt = 0; nt < 8; ++nt) {
                     if (nt >= 2 * warp + 2) continue;  // right of the diagonal: masked to zero anyway
                     const u16* kr = sK + (8 * nt + g) * MMA_LD + kc;  // B[k][n] = K[n][k]
-                    sm_mma<DT>(acc_a[nt], aq, sm_ld32(kr), sm_ld32(kr + 8));
+                    sm_mma_bf16(acc_a[nt], aq, sm_ld32(kr), sm_ld32(kr + 8));
                 }
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
                     const int at = (8 * nt + g) * MMA_LD + kc;  // B[k][n] = S[k0 + k][n] = S^T[n][k]
-                    sm_mma<DT>(acc_o[nt], aq, sm_ld32(sSh + at), sm_ld32(sSh + at + 8));
-                    sm_mma<DT>(acc_o[nt], aq, sm_ld32(sSl + at), sm_ld32(sSl + at + 8));
+                    sm_mma_bf16(acc_o[nt], aq, sm_ld32(sSh + at), sm_ld32(sSh + at + 8));
+                    sm_mma_bf16(acc_o[nt], aq, sm_ld32(sSl + at), sm_ld32(sSl + at + 8));
                 }
             }
 
@@ -235,8 +236,8 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
                     for (int nt = 0; nt < NT; ++nt) {
                         const u16* z = sZ + (8 * nt + g) * MMA_LD + j;  // B[j'][n] = (zeta V)^T[n][j']
 #pragma unroll
-                        for (int p = 0; p < mma_zparts<DT>(); ++p)
-                            sm_mma<DT>(acc_s[nt], ak, sm_ld32(z + p * BV * MMA_LD), sm_ld32(z + p * BV * MMA_LD + 8));
+                        for (int p = 0; p < MMA_ZPARTS; ++p)
+                            sm_mma_bf16(acc_s[nt], ak, sm_ld32(z + p * BV * MMA_LD), sm_ld32(z + p * BV * MMA_LD + 8));
                     }
                 }
 #pragma unroll
@@ -272,8 +273,8 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
             u16 ah[8], al[8];
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                sm_split<DT>(acc_a[2 * kk][i], ah[i], al[i]);
-                sm_split<DT>(acc_a[2 * kk + 1][i], ah[4 + i], al[4 + i]);
+                sm_split_bf16(acc_a[2 * kk][i], ah[i], al[i]);
+                sm_split_bf16(acc_a[2 * kk + 1][i], ah[4 + i], al[4 + i]);
             }
             const u32 ph[4] = {sm_pack(ah[0], ah[1]), sm_pack(ah[2], ah[3]), sm_pack(ah[4], ah[5]),
                                sm_pack(ah[6], ah[7])};
@@ -283,8 +284,8 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
             for (int nt = 0; nt < NT; ++nt) {
                 const int at = (8 * nt + g) * MMA_LD + 16 * kk + 2 * t4;  // B[j][n] = V^T[n][j]
                 const u32 b0 = sm_ld32(sVt + at), b1 = sm_ld32(sVt + at + 8);
-                sm_mma<DT>(acc_o[nt], ph, b0, b1);
-                sm_mma<DT>(acc_o[nt], pl, b0, b1);
+                sm_mma_bf16(acc_o[nt], ph, b0, b1);
+                sm_mma_bf16(acc_o[nt], pl, b0, b1);
             }
         }
 
@@ -294,10 +295,10 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
             const int col = 8 * nt + 2 * t4;
-            stage[g * MMA_LD + col] = sm_from_float<DT>(acc_o[nt][0]);
-            stage[g * MMA_LD + col + 1] = sm_from_float<DT>(acc_o[nt][1]);
-            stage[(g + 8) * MMA_LD + col] = sm_from_float<DT>(acc_o[nt][2]);
-            stage[(g + 8) * MMA_LD + col + 1] = sm_from_float<DT>(acc_o[nt][3]);
+            stage[g * MMA_LD + col] = sm_float_to_bf16(acc_o[nt][0]);
+            stage[g * MMA_LD + col + 1] = sm_float_to_bf16(acc_o[nt][1]);
+            stage[(g + 8) * MMA_LD + col] = sm_float_to_bf16(acc_o[nt][2]);
+            stage[(g + 8) * MMA_LD + col + 1] = sm_float_to_bf16(acc_o[nt][3]);
         }
         sm_syncwarp();
         u16* out = static_cast<u16*>(a.o);
@@ -321,7 +322,5 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
     sm_store_state(a, sS, LDS, BV, b, h, v0, tid, MMA_THREADS);
 }
 
-SM_ENTRY(retention_chunk_mma_f16_bv64, MMA_THREADS, SM_CHUNK_PARAMS, SM_CHUNK_ARGS, (chunk_mma<SM_F16, 64>))
-SM_ENTRY(retention_chunk_mma_f16_bv32, MMA_THREADS, SM_CHUNK_PARAMS, SM_CHUNK_ARGS, (chunk_mma<SM_F16, 32>))
-SM_ENTRY(retention_chunk_mma_bf16_bv64, MMA_THREADS, SM_CHUNK_PARAMS, SM_CHUNK_ARGS, (chunk_mma<SM_BF16, 64>))
-SM_ENTRY(retention_chunk_mma_bf16_bv32, MMA_THREADS, SM_CHUNK_PARAMS, SM_CHUNK_ARGS, (chunk_mma<SM_BF16, 32>))
+SM_ENTRY(retention_chunk_mma_bf16_bv64, MMA_THREADS, SM_CHUNK_PARAMS, SM_CHUNK_ARGS, (chunk_mma<64>))
+SM_ENTRY(retention_chunk_mma_bf16_bv32, MMA_THREADS, SM_CHUNK_PARAMS, SM_CHUNK_ARGS, (chunk_mma<32>))

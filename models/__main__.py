@@ -1,0 +1,7 @@
+"""``python -m models``: the same as the ``seqmixers`` command."""
+
+import sys
+
+from models.cli import main
+
+sys.exit(main())

@@ -1,0 +1,86 @@
+"""Decode cost against prefix length: per-token latency and state memory of a language model.
+
+Shared by the demo and ``benchmarks/decode.py``. The prefix is prefilled in chunkwise mode, extended
+from one length to the next by handing the states over, and at each length the same one-token
+recurrent step is timed repeatedly from the same states (so the prefix length stays fixed).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from models.lm import LanguageModel
+
+
+@torch.no_grad()
+def decode_profile(
+    model: LanguageModel,
+    tokens: Tensor,
+    lengths: Sequence[int],
+    *,
+    steps: int = 10,
+    repeats: int = 3,
+    chunk_size: int | None = None,
+) -> list[dict]:
+    """For each prefix length T: median ms per decoded token and the state bytes per layer.
+
+    Arguments:
+        tokens: ``[B, L]`` token ids, ``L >= max(lengths)``; the prefix is ``tokens[:, :T]``.
+        steps, repeats: ``repeats`` blocks of ``steps`` timed decode steps per length (after one warm-up
+            step); the least of the blocks' medians is reported, which keeps a burst of load from other
+            processes on a shared machine out of the figure.
+
+    Returns:
+        One dict per length: ``T``, ``decode_ms``, ``state_bytes`` (all layers) and
+        ``layer_bytes`` (per layer).
+    """
+    lengths = sorted(lengths)
+    if tokens.dim() != 2 or tokens.shape[1] < lengths[-1]:
+        raise ValueError(f"tokens must be [B, L] with L >= {lengths[-1]}, got shape {list(tokens.shape)}")
+    was_training = model.training
+    model.eval()
+    tokens = tokens.to(model.device)
+    token = tokens[:, :1]
+    rows, states, pos = [], None, 0
+    for T in lengths:
+        _, states = model(tokens[:, pos:T], states, mode="chunkwise", chunk_size=chunk_size)
+        pos = T
+        model(token, states, mode="recurrent")  # warm-up
+        medians = []
+        for _ in range(repeats):
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                model(token, states, mode="recurrent")
+                times.append(time.perf_counter() - t0)
+            medians.append(statistics.median(times))
+        layer_bytes = [s.nbytes for s in states]
+        rows.append(
+            {
+                "T": T,
+                "decode_ms": min(medians) * 1e3,
+                "state_bytes": sum(layer_bytes),
+                "layer_bytes": layer_bytes,
+            }
+        )
+    model.train(was_training)
+    return rows
+
+
+def split_state_bytes(profile: list[dict]) -> list[dict]:
+    """Per length: bytes of fixed-size states vs growing ones (KV caches), told apart by growth over the profile."""
+    first, last = profile[0]["layer_bytes"], profile[-1]["layer_bytes"]
+    growing = [b1 > b0 for b0, b1 in zip(first, last, strict=True)]
+    return [
+        {
+            "T": row["T"],
+            "fixed_bytes": sum(b for b, g in zip(row["layer_bytes"], growing, strict=True) if not g),
+            "growing_bytes": sum(b for b, g in zip(row["layer_bytes"], growing, strict=True) if g),
+        }
+        for row in profile
+    ]

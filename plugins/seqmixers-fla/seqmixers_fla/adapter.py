@@ -1,0 +1,96 @@
+"""Adapters from the seqmixers op contracts to fla's ``simple_gla`` kernels.
+
+fla's simple gated linear attention computes, per head, ``S_t = exp(g_t) S_{t-1} + k_t^T v_t`` and
+``o_t = scale * q_t S_t`` on ``[B, T, H, D]`` tensors, from an initial state ``[B, H, Dk, Dv]``:
+
+- retention is that recurrence with ``g_t = log(gamma_h)`` for every token and ``scale = 1`` (the op's
+  q arrives scaled). Each head has its own gamma, any value in (0, 1]. (fla's ``chunk_retention`` is not
+  used: it fixes the decays from the number of heads.)
+- linear attention is the recurrence with no decay (``g = None``). fla's own normalisation has no
+  initial normaliser and no guard, so the numerator comes from the kernel and the normaliser
+  ``q_t . (z_0 + sum_{s<=t} k_s)`` is a float32 cumulative sum here, guarded as the op documents.
+
+``mode="recurrent"`` uses ``fused_recurrent_simple_gla``, the other modes ``chunk_simple_gla`` (whose
+chunk size is its own; ``chunk_size`` only changes how the torch backend splits the work, not the
+result). Inputs arrive validated by ``mixers.functional``. All arguments are passed by keyword: the names
+used (``q, k, v, g, scale, initial_state, output_final_state``) are common to the fla sources read for
+this adapter (an older release with ``head_first`` and a current one with ``g_gamma``); not yet run on a GPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from mixers.functional import state_dtype
+from torch import Tensor
+
+Kernel = Callable[..., tuple[Tensor, Tensor]]
+
+
+def _kernels() -> tuple[Kernel, Kernel]:
+    """``(chunk_simple_gla, fused_recurrent_simple_gla)``, imported on first use (fla needs Triton)."""
+    from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+
+    return chunk_simple_gla, fused_recurrent_simple_gla
+
+
+def simple_gla(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, initial_state: Tensor | None, *, mode: str
+) -> tuple[Tensor, Tensor]:
+    """``S_t = exp(g_t) S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t`` through fla; returns ``(o, S_T)``."""
+    chunk, recurrent = _kernels()
+    kernel = recurrent if mode == "recurrent" else chunk
+    with warnings.catch_warnings():
+        # fla warns when T < H, guessing at a head-first layout; ours is always [B, T, H, D] (decoding has T = 1).
+        warnings.filterwarnings("ignore", message="Input tensor shape suggests potential format mismatch")
+        return kernel(q=q, k=k, v=v, g=g, scale=1.0, initial_state=initial_state, output_final_state=True)
+
+
+def retention(
+    q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, *, mode: str, chunk_size: int | None, initial_state: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The ``retention`` op (see ``mixers.functional.retention``) through fla; ``gamma`` is float64 ``[H]``."""
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    sd = state_dtype(q.dtype)
+    if T == 0:  # nothing to run; the state passes through
+        return q.new_zeros(B, 0, H, Dv), q.new_zeros(B, H, Dk, Dv, dtype=sd) if initial_state is None else initial_state
+    g = torch.log(gamma).to(torch.float32)[None, None, :].expand(B, T, H).contiguous()  # (B, T, H), <= 0
+    o, final = simple_gla(q, k, v, g, initial_state, mode=mode)
+    return o.to(q.dtype), final.to(sd)
+
+
+def guard(den: Tensor, eps: float) -> Tensor:
+    """Move ``den`` at least ``eps`` away from zero, keeping its sign (``+eps`` for 0), as the op documents."""
+    return torch.where(den < 0, den.clamp(max=-eps), den.clamp(min=eps))
+
+
+def linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mode: str,
+    chunk_size: int | None,
+    initial_state: tuple[Tensor, Tensor] | None,
+    normalize: bool,
+    eps: float,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """The ``linear_attention`` op (see ``mixers.functional.linear_attention``) through fla."""
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    sd = state_dtype(q.dtype)
+    kv0, z0 = (None, q.new_zeros(B, H, Dk, dtype=sd)) if initial_state is None else initial_state
+    if T == 0:
+        kv = q.new_zeros(B, H, Dk, Dv, dtype=sd) if kv0 is None else kv0
+        return q.new_zeros(B, 0, H, Dv), (kv, z0)
+    num, kv = simple_gla(q, k, v, None, kv0, mode=mode)  # (B, T, H, Dv): q_t (kv_0 + sum_{s<=t} k_s^T v_s)
+    z = z0[:, None] + k.to(sd).cumsum(dim=1)  # (B, T, H, Dk): z_0 + sum_{s<=t} k_s
+    if normalize:
+        den = (q.to(sd) * z).sum(dim=-1)  # (B, T, H)
+        o = num.to(sd) / guard(den, eps)[..., None]
+    else:
+        o = num
+    return o.to(q.dtype), (kv.to(sd), z[:, -1])

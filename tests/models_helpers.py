@@ -1,0 +1,88 @@
+"""Shared pieces of the ``tests/test_models_*`` files: tiny configs, drawn configs, state comparison."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import strategies as st
+
+from mixers import MixerState
+from mixers.registry import get_registry
+from models.config import FFNS, NORMS, ModelConfig, mixer_parameters
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and one thread does not stall when other jobs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def head_options(names: list[str], heads: int = 2) -> dict[str, dict]:
+    """``num_heads`` for every mixer that takes it."""
+    out = {}
+    for name in names:
+        accepted = mixer_parameters(name)
+        if accepted is None or "num_heads" in accepted:
+            out[name] = {"num_heads": heads}
+    return out
+
+
+def tiny_config(layers: list, **overrides) -> ModelConfig:
+    names = sorted({entry if isinstance(entry, str) else entry["mixer"] for entry in layers})
+    fields = {
+        "vocab_size": 32,
+        "d_model": 16,
+        "n_layers": len(layers),
+        "layers": layers,
+        "mixer_options": head_options(names),
+        "ffn_dim": 24,
+    }
+    return ModelConfig(**(fields | overrides))
+
+
+@st.composite
+def model_configs(draw, max_layers: int = 3) -> ModelConfig:
+    """Small configs over every registered mixer: any depth 1-3, a repeated pattern or one entry per layer
+    (so hybrids), both FFNs and norms, tied or not, a default or explicit FFN width, a model chunk size."""
+    names = sorted(get_registry().mixers)
+    n_layers = draw(st.integers(1, max_layers))
+    pattern = draw(st.sampled_from(sorted({1, n_layers})))
+    layers = draw(st.lists(st.sampled_from(names), min_size=pattern, max_size=pattern))
+    return ModelConfig(
+        vocab_size=draw(st.integers(2, 40)),
+        d_model=draw(st.sampled_from([16, 32])),
+        n_layers=n_layers,
+        layers=layers,
+        mixer_options=head_options(names),
+        ffn=draw(st.sampled_from(FFNS)),
+        ffn_dim=draw(st.sampled_from([None, 20])),
+        norm=draw(st.sampled_from(NORMS)),
+        tie_embeddings=draw(st.booleans()),
+        chunk_size=draw(st.sampled_from([None, 3, 8])),
+    )
+
+
+def state_tensors(state: MixerState) -> dict[str, torch.Tensor]:
+    return {
+        f.name: getattr(state, f.name)
+        for f in dataclasses.fields(state)
+        if isinstance(getattr(state, f.name), torch.Tensor)
+    }
+
+
+def assert_states_close(actual: list[MixerState], expected: list[MixerState], rtol: float) -> None:
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert type(a) is type(e), f"layer {i}: {type(a).__name__} != {type(e).__name__}"
+        assert a.offset == e.offset, f"layer {i}: offset {a.offset} != {e.offset}"
+        for name, t in state_tensors(e).items():
+            got = getattr(a, name)
+            assert got.shape == t.shape, f"layer {i} {name}: shape {tuple(got.shape)} != {tuple(t.shape)}"
+            err = (got.double() - t.double()).abs().max().item() if t.numel() else 0.0
+            top = t.double().abs().max().item() if t.numel() else 1.0
+            assert err <= rtol * max(top, 1e-30), f"layer {i} {name}: relative error {err / top:.2e} > {rtol}"

@@ -1,0 +1,234 @@
+"""Model and training configs: every invalid field gives an error that names it (and what it allows); files in
+TOML, YAML and JSON, dicts and keywords give the same config; the layer pattern expands as documented."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import mixers
+from models import ConfigError, ModelConfig, TrainConfig, build_model, load_run_config, presets
+from models.config import resolve_config, split_run_config
+from tests.models_helpers import one_thread  # noqa: F401  (autouse fixture)
+
+MODEL_ERRORS = [
+    ({"vocab_size": 0}, r"vocab_size must be an int >= 1, got 0"),
+    ({"d_model": "64"}, r"d_model must be an int >= 1, got '64' \(str\)"),
+    ({"d_model": 64.0}, r"d_model must be an int"),
+    ({"n_layers": 0}, r"n_layers must be an int >= 1"),
+    ({"n_layers": True}, r"n_layers must be an int"),
+    ({"layers": []}, r"layers must be a non-empty list"),
+    ({"layers": 3}, r"layers must be a non-empty list"),
+    (
+        {"layers": ["retnetion"]},
+        r"layers\[0\]: unknown mixer 'retnetion'; registered mixers: linear_attention, retention",
+    ),
+    ({"layers": ["retention", "bogus"], "n_layers": 2}, r"layers\[1\]: unknown mixer 'bogus'"),
+    ({"layers": ["retention"] * 3, "n_layers": 4}, r"layers has 3 entries, which does not divide n_layers=4"),
+    ({"layers": ["retention"] * 5, "n_layers": 4}, r"layers has 5 entries"),
+    ({"layers": [{"num_heads": 2}]}, r"layers\[0\] is a table without a 'mixer' key; registered mixers"),
+    ({"layers": [{"mixer": "nope"}]}, r"layers\[0\]\.mixer: unknown mixer 'nope'"),
+    ({"layers": [7]}, r"layers\[0\] must be a mixer name or a table"),
+    ({"layers": [{"mixer": "retention", "num_head": 2}]}, r"'num_head'.*did you mean 'num_heads'.*allowed: \["),
+    ({"layers": [{"mixer": "retention", "backend": 3}]}, r"layers\[0\]\.backend must be a non-empty string"),
+    ({"layers": [{"mixer": "retention", "ffn_dim": 0}]}, r"layers\[0\]\.ffn_dim must be an int >= 1"),
+    ({"layers": [{"mixer": "retention", "d_model": 8}]}, r"layers\[0\]\.d_model: set d_model at the top level"),
+    (
+        {"mixer_options": {"retention": {"bogus": 1}}},
+        r"unknown option of mixer 'retention' in mixer_options\.retention: 'bogus'",
+    ),
+    ({"mixer_options": {"nope": {}}}, r"mixer_options\.nope: unknown mixer 'nope'"),
+    ({"mixer_options": {"retention": 4}}, r"mixer_options\.retention must be a table of options"),
+    ({"mixer_options": ["retention"]}, r"mixer_options must be a table"),
+    ({"backend": ""}, r"backend must be a non-empty string"),
+    ({"ffn": "relu"}, r"ffn must be one of \['gelu', 'swiglu'\], got 'relu'"),
+    ({"ffn_dim": -4}, r"ffn_dim must be an int >= 1"),
+    ({"norm": "batchnorm"}, r"norm must be one of \['layernorm', 'rmsnorm'\], got 'batchnorm'"),
+    ({"norm_eps": 0.0}, r"norm_eps must be in \(0.0, 1.0\]"),
+    ({"dropout": 1.0}, r"dropout must be in \[0.0, 1.0\), got 1.0"),
+    ({"dropout": "0.1"}, r"dropout must be a finite number, got '0.1' \(str\) \(a number in quotes\?"),
+    ({"dropout": float("nan")}, r"dropout must be a finite number"),
+    ({"tie_embeddings": "yes"}, r"tie_embeddings must be true or false, got 'yes'"),
+    ({"chunk_size": 0}, r"chunk_size must be an int >= 1"),
+]
+
+
+@pytest.mark.parametrize(("fields", "match"), MODEL_ERRORS, ids=[m[1][:40] for m in MODEL_ERRORS])
+def test_each_invalid_model_field_is_named(fields, match):
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_dict(fields)
+
+
+TRAIN_ERRORS = [
+    ({"steps": 0}, r"steps must be an int >= 1"),
+    ({"batch_size": 1.5}, r"batch_size must be an int"),
+    ({"seq_len": None}, r"seq_len must be an int"),
+    ({"lr": 0}, r"lr must be in \(0.0, 10.0\]"),
+    (
+        {"lr": "3e-3"},
+        r"lr must be a finite number, got '3e-3' \(str\) \(a number in quotes\? YAML also reads 3e-3 as a string",
+    ),
+    ({"min_lr_ratio": 2}, r"min_lr_ratio must be in \[0.0, 1.0\]"),
+    ({"warmup_steps": -1}, r"warmup_steps must be an int >= 0"),
+    ({"beta2": 1.0}, r"beta2 must be in \[0.0, 1.0\)"),
+    ({"grad_clip": -1}, r"grad_clip must be in"),
+    ({"mode": "recurrent"}, r"mode must be one of \['parallel', 'chunkwise'\], got 'recurrent'"),
+    ({"eval_every": 0}, r"eval_every must be an int >= 1"),
+    ({"val_fraction": 0.9}, r"val_fraction must be in \(0.0, 0.5\]"),
+    ({"temperature": -1}, r"temperature must be in"),
+    ({"top_k": 0}, r"top_k must be an int >= 1"),
+    ({"sample_prompt": 3}, r"sample_prompt must be a string"),
+]
+
+
+@pytest.mark.parametrize(("fields", "match"), TRAIN_ERRORS, ids=[m[1][:30] for m in TRAIN_ERRORS])
+def test_each_invalid_train_field_is_named(fields, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_dict(fields)
+
+
+def test_unknown_fields_and_sections_suggest_the_closest():
+    with pytest.raises(ConfigError, match=r"unknown model config field 'd_modle' \(did you mean 'd_model'\?\)"):
+        ModelConfig.from_dict({"d_modle": 64})
+    with pytest.raises(ConfigError, match=r"unknown train config field 'stpes' \(did you mean 'steps'\?\)"):
+        TrainConfig.from_dict({"stpes": 1})
+    with pytest.raises(ConfigError, match=r"unknown section in config 'trian' \(did you mean 'train'\?\)"):
+        split_run_config({"model": {}, "trian": {}})
+    with pytest.raises(ConfigError, match=r"config \[train\]: steps must be"):
+        split_run_config({"model": {}, "train": {"steps": 0}})
+    with pytest.raises(TypeError, match="d_modle"):
+        ModelConfig(d_modle=64)
+
+
+@pytest.mark.parametrize(
+    ("fields", "where"),
+    [
+        ({"backend": "cuda9"}, "backend"),
+        ({"mixer_options": {"retention": {"backend": "cuda9"}}}, r"mixer_options\.retention\.backend"),
+        ({"layers": [{"mixer": "retention", "backend": "cuda9"}]}, r"layers\[0\]\.backend"),
+    ],
+)
+def test_backend_names_are_checked_against_the_registry(fields, where):
+    with pytest.raises(
+        ConfigError,
+        match=where + r": unknown backend 'cuda9' for mixer 'retention' \(op 'retention'\); "
+        r"expected 'auto' or one of \[.*'torch'",
+    ):
+        ModelConfig(d_model=16, n_layers=1, **fields)
+
+
+HYBRID = {
+    "vocab_size": 64,
+    "d_model": 16,
+    "n_layers": 4,
+    "layers": ["retention", {"mixer": "softmax_attention", "ffn_dim": 40, "num_heads": 4, "backend": "torch"}],
+    "mixer_options": {"retention": {"num_heads": 2, "gate": False}, "softmax_attention": {"num_heads": 2}},
+    "ffn": "swiglu",
+    "norm": "rmsnorm",
+}
+
+TOML = """
+[model]
+vocab_size = 64
+d_model = 16
+n_layers = 4
+layers = ["retention", { mixer = "softmax_attention", ffn_dim = 40, num_heads = 4, backend = "torch" }]
+ffn = "swiglu"
+norm = "rmsnorm"
+
+[model.mixer_options]
+retention = { num_heads = 2, gate = false }
+softmax_attention = { num_heads = 2 }
+
+[train]
+steps = 7
+lr = 1e-3
+"""
+
+YAML = """
+model:
+  vocab_size: 64
+  d_model: 16
+  n_layers: 4
+  layers:
+    - retention
+    - {mixer: softmax_attention, ffn_dim: 40, num_heads: 4, backend: torch}
+  mixer_options:
+    retention: {num_heads: 2, gate: false}
+    softmax_attention: {num_heads: 2}
+  ffn: swiglu
+  norm: rmsnorm
+train:
+  steps: 7
+  lr: 1.0e-3
+"""
+
+
+def test_files_dicts_and_keywords_give_the_same_config(tmp_path):
+    expected = ModelConfig(**HYBRID)
+    assert ModelConfig.from_dict(HYBRID) == expected
+    assert ModelConfig.from_dict(expected.to_dict()) == expected
+    (tmp_path / "c.toml").write_text(TOML)
+    (tmp_path / "c.yaml").write_text(YAML)
+    (tmp_path / "c.json").write_text(json.dumps({"model": HYBRID, "train": {"steps": 7, "lr": 1e-3}}))
+    (tmp_path / "bare.json").write_text(json.dumps(HYBRID))
+    for name in ("c.toml", "c.yaml", "c.json"):
+        model, train = load_run_config(tmp_path / name)
+        assert model == expected, name
+        assert train == TrainConfig(steps=7, lr=1e-3), name
+    assert ModelConfig.from_file(tmp_path / "bare.json") == expected
+    assert load_run_config(tmp_path / "bare.json")[1] == TrainConfig()
+
+
+def test_layer_pattern_expands_with_per_layer_overrides():
+    specs = ModelConfig(**HYBRID).layer_specs()
+    assert [s.mixer for s in specs] == ["retention", "softmax_attention"] * 2
+    assert specs[0].options == {"num_heads": 2, "gate": False, "backend": "auto"}
+    assert specs[1].options == {"num_heads": 4, "backend": "torch"}, "a layer table overrides mixer_options"
+    assert [s.ffn_dim for s in specs] == [48, 40, 48, 40], "swiglu default 8/3 d rounded to 8; layer override"
+    model = build_model(ModelConfig(**HYBRID))
+    assert model.blocks[1].mixer.num_heads == 4 and model.blocks[0].mixer.num_heads == 2
+    assert not model.blocks[2].mixer.gate
+    assert ModelConfig(d_model=16, layers="linear_attention").layers == ["linear_attention"]
+    assert ModelConfig(d_model=8).default_ffn_dim == 32
+
+
+def test_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\nd_model = 3")
+    with pytest.raises(ConfigError, match=r"could not parse config file '.*bad\.toml': TOMLDecodeError"):
+        load_run_config(bad)
+    with pytest.raises(ConfigError, match=r"unknown suffix '\.ini'; expected one of"):
+        load_run_config(tmp_path / "c.ini")
+    with pytest.raises(FileNotFoundError, match=r"config file '.*missing\.toml' does not exist"):
+        load_run_config(tmp_path / "missing.toml")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a table of fields, got list"):
+        load_run_config(listy)
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[model]\nd_model = 16\nlayers = ['retention', 'softmax_atention']\nn_layers = 2\n")
+    with pytest.raises(ConfigError, match=r"typo\.toml' \[model\]: layers\[1\]: unknown mixer 'softmax_atention'"):
+        load_run_config(typo)
+    with pytest.raises(FileNotFoundError, match=r"neither a file nor a preset; presets: \["):
+        resolve_config("no-such-preset")
+
+
+def test_presets_load_and_build():
+    shipped = presets()
+    assert {"retnet-tiny", "transformer-tiny", "hybrid-tiny", "linear-tiny"} <= set(shipped)
+    counts = {}
+    for name, path in shipped.items():
+        model_config, train_config = load_run_config(path)
+        assert resolve_config(name) == path
+        counts[name] = build_model(model_config).num_parameters()
+    # the tiny presets are matched in size (within 1%), so the demo compares like with like
+    assert max(counts.values()) / min(counts.values()) < 1.01, counts
+
+
+def test_unknown_mixer_error_lists_every_registered_mixer():
+    with pytest.raises(ConfigError) as info:
+        ModelConfig(layers=["nope"])
+    for name in mixers.get_registry().mixers:
+        assert name in str(info.value)

@@ -1,0 +1,230 @@
+"""Third-party plugins and the conformance kit: broken plugins are reported while the others load, and the
+kit catches backends that compute a wrong answer, with hypothesis's shrunk counterexample in the message.
+
+The plugins come from a fake distribution on ``sys.path`` (``tests/fake_plugins.py``), found through the
+``seqmixers`` entry-point group exactly as an installed package is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import mixers
+from mixers import registry as registry_module
+from mixers.__main__ import format_listing
+from mixers.registry import PluginLoadError, Registry
+from mixers.testing import ConformanceError, check_mixer, check_op_backend
+from mixers.testing import conformance as kit
+from tests.fake_plugins import (
+    AGAIN_DISTRIBUTION,
+    WRONG_DISTRIBUTION,
+    WRONG_VERSION,
+    forget_wrong_modules,
+    write_wrong_distribution,
+)
+
+
+@pytest.fixture
+def wrong_dist(tmp_path, monkeypatch):
+    write_wrong_distribution(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("SEQMIXERS_PLUGINS", raising=False)
+    monkeypatch.delenv("SEQMIXERS_STRICT_PLUGINS", raising=False)
+    yield tmp_path
+    forget_wrong_modules()
+
+
+@pytest.fixture
+def wrong_registry(wrong_dist, monkeypatch) -> Registry:
+    """The process registry, with the wrong distribution's plugins loaded next to everything installed."""
+    registry = Registry().load()
+    monkeypatch.setattr(registry_module, "_REGISTRY", registry)
+    return registry
+
+
+def test_broken_plugins_are_reported_and_the_others_load(wrong_registry):
+    plugins = wrong_registry.plugins
+    broken = {"wrong_import": "RuntimeError: plugin exploded at import", "wrong_malformed": "priority must be an int"}
+    for name, fragment in broken.items():
+        info = plugins[name]
+        assert not info.ok and (info.distribution, info.version) == (WRONG_DISTRIBUTION, WRONG_VERSION)
+        assert fragment in "\n".join(info.errors), info.errors
+    assert "malformed" not in wrong_registry.backends["retention"]
+    assert plugins["wrong_answers"].ok
+    assert {"torch", "off_by_one", "ragged_chunks"} <= set(wrong_registry.backends["retention"])
+    listing = format_listing(wrong_registry)
+    for name in broken:
+        line = next(line for line in listing.splitlines() if line.strip().startswith(name + " "))
+        assert f"distribution {WRONG_DISTRIBUTION} {WRONG_VERSION}" in line and line.rstrip().endswith("BROKEN")
+    assert (
+        "retention/off_by_one" in listing and f"plugin: wrong_answers [{WRONG_DISTRIBUTION} {WRONG_VERSION}]" in listing
+    )
+
+
+def test_strict_mode_stops_at_the_first_broken_plugin(wrong_dist, monkeypatch):
+    monkeypatch.setenv("SEQMIXERS_STRICT_PLUGINS", "1")
+    monkeypatch.setenv("SEQMIXERS_PLUGINS", "wrong_import")
+    with pytest.raises(PluginLoadError, match=f"'wrong_import' \\(distribution {WRONG_DISTRIBUTION}\\).*exploded"):
+        Registry().load()
+
+
+def test_two_plugins_registering_one_backend_name_is_an_error_naming_both(tmp_path, monkeypatch):
+    """A second distribution registers the same backend names: an error that names both plugins and
+    distributions; the first registration stays, the other plugins load."""
+    write_wrong_distribution(tmp_path, again=True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("SEQMIXERS_PLUGINS", "wrong_answers,wrong_again")
+    monkeypatch.delenv("SEQMIXERS_STRICT_PLUGINS", raising=False)
+    try:
+        registry = Registry().load()
+    finally:
+        forget_wrong_modules()
+    both = {"wrong_answers": WRONG_DISTRIBUTION, "wrong_again": AGAIN_DISTRIBUTION}
+    (second,) = [name for name in both if not registry.plugins[name].ok]
+    (first,) = [name for name in both if name != second]
+    message = "\n".join(registry.plugins[second].errors)
+    for fragment in (
+        "backend 'off_by_one' for op 'retention' is already registered by plugin",
+        f"'{first}' (distribution {both[first]} ",
+        f"(from plugin '{second}' (distribution {both[second]} ",
+        "is ignored",
+    ):
+        assert fragment in message, (fragment, message)
+    assert registry.backends["retention"]["off_by_one"].plugin == first
+    assert "torch" in registry.backends["retention"]
+
+
+def _small(message: str, field: str, most: int) -> bool:
+    values = [int(v) for v in re.findall(rf"\b{field}=(\d+)", message)]
+    return bool(values) and max(values) <= most
+
+
+CONSISTENT_BUT_WRONG = ["modes_agree", "split_equals_one_pass", "matches_reference_backend"]
+
+
+def test_kit_catches_a_consistently_wrong_backend_with_a_shrunk_counterexample(wrong_registry):
+    """``off_by_one`` agrees with itself across modes and splits; only the references can catch it."""
+    with pytest.raises(AssertionError) as info:
+        check_op_backend("retention", "off_by_one", checks=["matches_reference", "handover"], max_examples=20)
+    message = str(info.value)
+    assert isinstance(info.value, ConformanceError)
+    assert "backend 'off_by_one' of op 'retention'" in message and "check 'matches_reference' failed" in message
+    assert "Falsifying example" in message and "RetentionCase(" in message
+    for field, most in (("B", 1), ("T", 1), ("H", 1), ("Dk", 1), ("Dv", 1)):
+        assert _small(message, field, most), f"{field} not shrunk in:\n{message}"
+    with pytest.raises(ConformanceError) as info:
+        check_mixer(
+            "retention", "off_by_one", checks=["modes_agree", "split_equals_one_pass", "matches_reference_backend"]
+        )
+    message = str(info.value)
+    assert "failed 1 of 3" in message and "'matches_reference_backend'" in message and "vs backend 'torch'" in message
+
+
+def test_kit_catches_a_backend_wrong_only_for_some_chunk_sizes(wrong_registry):
+    with pytest.raises(ConformanceError) as info:
+        check_op_backend("retention", "ragged_chunks", checks=["matches_reference"], max_examples=50)
+    message = str(info.value)
+    assert "mode 'chunkwise'" in message and "Falsifying example" in message
+    case = re.search(r"T=(\d+),\s*H=\d+,\s*Dk=\d+,\s*Dv=\d+,\s*gamma=.*?chunk_size=(\d+)", message, re.S)
+    assert case, message
+    T, chunk = int(case.group(1)), int(case.group(2))
+    assert T % chunk and T > chunk and T <= 4, f"expected a small T not divisible by the chunk size:\n{message}"
+    with pytest.raises(ConformanceError, match="modes_agree"):
+        check_mixer("retention", "ragged_chunks", checks=["modes_agree"])
+    check_op_backend("retention", "torch", checks=["matches_reference"], max_examples=10)  # the right one passes
+
+
+def test_unknown_names_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown mixer 'nope'; registered mixers:"):
+        check_mixer("nope")
+    with pytest.raises(ValueError, match="no backend 'nope' serves mixer 'retention'"):
+        check_mixer("retention", "nope")
+    with pytest.raises(ValueError, match="no backend 'nope' is registered for op 'retention'"):
+        check_op_backend("retention", "nope")
+    with pytest.raises(ValueError, match="the kit has no spec for op 'conv'"):
+        check_op_backend("conv", "torch")
+    with pytest.raises(ValueError, match="unknown checks \\['speed'\\]"):
+        check_mixer("retention", "torch", checks=["speed"])
+
+
+def test_an_unavailable_backend_is_reported_not_failed(monkeypatch):
+    registry = mixers.get_registry()
+    if (
+        "cupy" not in registry.backends["retention"]
+        or registry.unavailable_reason(registry.backends["retention"]["cupy"]) is None
+    ):
+        pytest.skip("the cupy backend is available here")
+    with pytest.raises(kit.BackendUnavailable, match="retention/cupy is unavailable: "):
+        check_op_backend("retention", "cupy")
+
+
+def _env(pythonpath: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SEQMIXERS_", "HYPOTHESIS_", "PYTEST_"))}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def test_pytest_plugin_runs_the_suite_from_the_command_line(tmp_path):
+    """``pytest --seqmixers-conformance=retention:BACKEND``: the right backend passes, the wrong one fails with
+    its counterexample, each check its own test."""
+    write_wrong_distribution(tmp_path)
+    (tmp_path / "conftest.py").write_text(
+        textwrap.dedent("""
+            from hypothesis import settings
+            settings.register_profile("kit", max_examples=10, deadline=None, derandomize=True)
+            settings.load_profile("kit")
+        """)
+    )
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfs", "-W", "error"]
+    command += ["-k", "matches_reference or modes_agree or causality"]
+    specs = ["--seqmixers-conformance=retention:torch", "--seqmixers-conformance=retention:off_by_one"]
+    result = subprocess.run(
+        [*command, *specs], cwd=tmp_path, env=_env(str(tmp_path)), capture_output=True, text=True, timeout=300
+    )
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    failed = [line for line in out.splitlines() if line.startswith("FAILED")]
+    assert failed and all("off_by_one" in line for line in failed), out
+    assert any("op-retention-off_by_one-matches_reference" in line for line in failed), out
+    assert any("retention-off_by_one-matches_reference_backend" in line for line in failed), out
+    assert "Falsifying example" in out and "RetentionCase(" in out
+    counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped)", out)}
+    # retention:torch passes modes_agree (x2), causality (x3) and the op's matches_reference, and skips the
+    # comparison with itself; off_by_one, consistent with itself, passes the first five and fails the others.
+    assert counts == {"passed": 11, "failed": 2, "skipped": 1}, out
+
+
+def test_pytest_plugin_rejects_an_unknown_name(tmp_path):
+    from mixers.testing.pytest_plugin import _option_targets
+
+    with pytest.raises(pytest.UsageError, match="'nope' is neither a registered mixer"):
+        _option_targets("nope")
+    with pytest.raises(pytest.UsageError, match="no backend 'nope' serves mixer 'retention'"):
+        _option_targets("retention:nope")
+
+
+def test_import_mixers_loads_neither_hypothesis_nor_pytest():
+    code = (
+        "import sys, mixers, mixers.testing\n"
+        "assert not {'hypothesis', 'pytest'} & set(sys.modules), sorted({'hypothesis', 'pytest'} & set(sys.modules))\n"
+        "mixers.testing.check_mixer\n"
+        "assert 'hypothesis' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_kit_checks_leave_the_global_torch_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    kit.mixer_target("retention", "torch").build()
+    kit._fresh_build(kit.mixer_target("retention", "torch"), torch.float64, "torch")
+    assert torch.equal(torch.rand(3), expected)
