@@ -86,8 +86,8 @@ def test_forward_matches_reference_and_torch_backend(lib, drawn):
     assert o.dtype == case.dtype and s.dtype == torch.float32
     ref_o, ref_s = retention_reference(q, k, v, case.gamma_tensor, s0)
     abs_o, abs_s = retention_reference(q.abs(), k.abs(), v.abs(), case.gamma_tensor, None if s0 is None else s0.abs())
-    base_o, base_s = functional.retention(q, k, v, case.gamma_tensor, mode="chunkwise", initial_state=s0,
-                                          backend="torch")  # fmt: skip
+    base_o, base_s = functional.retention(q, k, v, case.gamma_tensor, mode=mode_of(options["kind"]),
+                                          initial_state=s0, backend="torch")  # fmt: skip
     what = f"{options} {case}"
     close_to_reference(o, ref_o, abs_o, OUTPUT_RTOL[case.dtype], f"output {what}", baseline=base_o)
     close_to_reference(s, ref_s, abs_s, STATE_RTOL[case.dtype], f"state {what}", baseline=base_s)
@@ -114,8 +114,8 @@ def test_gradients_match_reference_and_torch_backend(lib, drawn):
         got = torch.autograd.grad((o.float() * do.float()).sum() + (s * ds).sum(), present)
         poison.check()
     want = reference_grads(inputs, case.gamma_tensor, do, ds)
-    o_t, s_t = functional.retention(*inputs[:3], case.gamma_tensor, mode="chunkwise", initial_state=inputs[3],
-                                    backend="torch")  # fmt: skip
+    o_t, s_t = functional.retention(*inputs[:3], case.gamma_tensor, mode=mode_of(options["kind"]),
+                                    initial_state=inputs[3], backend="torch")  # fmt: skip
     base = torch.autograd.grad((o_t.float() * do.float()).sum() + (s_t * ds).sum(), present)
     for name, g, w, b in zip("qkvS", got, want, base, strict=False):
         what = f"d{name} {options} {case}"

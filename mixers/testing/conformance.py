@@ -83,6 +83,10 @@ class Check:
     fn: Callable[..., None]
     per_mode: bool = False
     hypothesis: bool = False
+    applies: Callable[[Any], bool] | None = None  # known before running: not applicable -> not generated at all
+
+    def applies_to(self, target: Any) -> bool:
+        return self.applies is None or self.applies(target)
 
     @property
     def doc(self) -> str:
@@ -485,7 +489,11 @@ MIXER_CHECKS: tuple[Check, ...] = (
     Check("reordered_state", check_reordered_state),
     Check("init_state", check_init_state),
     Check("low_precision", check_low_precision, per_mode=True),
-    Check("matches_reference_backend", check_matches_reference_backend),
+    Check(
+        "matches_reference_backend",
+        check_matches_reference_backend,
+        applies=lambda target: target.backend not in ("auto", REFERENCE_BACKEND),
+    ),
     Check("rejects_bad_input", check_rejects_bad_input),
 )
 

@@ -54,7 +54,7 @@ def _cases(
 ) -> Iterator[tuple[str, Check, str | None]]:
     wanted = set(names) if names is not None else None
     for check in checks:
-        if wanted is None or check.name in wanted:
+        if (wanted is None or check.name in wanted) and check.applies_to(target):
             for mode in target.modes if check.per_mode else (None,):
                 yield f"{target.id}-{check.name}{'-' + mode if mode else ''}", check, mode
 

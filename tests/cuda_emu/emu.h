@@ -1,7 +1,7 @@
 // A small CUDA execution model on the CPU, for running the retention kernels' own source in tests.
 //
-// Each CUDA thread of a block is a fiber (ucontext) with its own stack; the blocks of a grid run one
-// after another (the kernels never communicate between blocks). __syncthreads() is a barrier over the
+// Each CUDA thread of a block is a fiber with its own stack; the blocks of a grid run one after another
+// (the kernels never communicate between blocks). __syncthreads() is a barrier over the
 // block's fibers, and the warp-collective operations (mma.sync, __syncwarp) are barriers over a warp's
 // 32 fibers. A fiber runs alone until it reaches a barrier; which fiber runs next is chosen by the
 // launch's `schedule`:

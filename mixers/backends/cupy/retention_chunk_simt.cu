@@ -1,6 +1,6 @@
-// Chunkwise retention on the CUDA cores, in float32 throughout: the kernel for float32 inputs, and for
-// float16/bfloat16 on GPUs without bf16 tensor cores (compute capability < 8.0). See chunk.cuh for
-// what one launch computes and how the grid is laid out.
+// Chunkwise retention on the CUDA cores, in float32 throughout: the kernel for float32 and float16
+// inputs, and for bfloat16 on GPUs without bf16 tensor cores (compute capability < 8.0). See chunk.cuh
+// for what one launch computes and how the grid is laid out.
 //
 // Block: 256 threads as a 16 x 16 grid (ty, tx). Every 64-row output the block forms (scores, output,
 // state tile) is split the same way: thread (ty, tx) owns rows ty + 16i (i < 4) and columns tx + 16j,
