@@ -20,10 +20,6 @@ but still reads all of it. Usage: ``python benchmarks/decode.py [--quick] [--thr
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import mixers  # noqa: E402
+from benchmarks.common import run_info, write_json  # noqa: E402
 from models import ModelConfig, build_model  # noqa: E402
 from models.measure import decode_profile, split_state_bytes  # noqa: E402
 
@@ -127,25 +123,12 @@ def main() -> None:
     for key, value in checks.items():
         print(f"  {key}: {value}")
     result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "threads": args.threads,
-            "torch": torch.__version__,
-            "seqmixers": mixers.__version__,
-        },
+        **run_info(args.threads),
         "models": rows,
         "checks": checks,
         "wall_s": round(time.time() - started, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.out)
-    print(f"\nwrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

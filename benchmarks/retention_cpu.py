@@ -19,10 +19,7 @@ Usage: ``python benchmarks/retention_cpu.py [--quick] [--threads 2]``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import re
 import statistics
 import subprocess
@@ -36,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import mixers  # noqa: E402
+from benchmarks.common import run_info, write_json  # noqa: E402
 from mixers import functional  # noqa: E402
 
 OP_SHAPE = dict(B=2, H=8, Dk=64, Dv=128)
@@ -205,8 +202,10 @@ def bench_torchscale(lengths: list[int], threads: int, repeats: int) -> list[dic
         print("\n(torchscale is not installed: pip install --no-deps torchscale==0.3.0; comparison skipped)")
         return []
     print("\n== torchscale MultiScaleRetention vs ours: B=2 d_model=512 heads=8 value_dim=1024 chunk 128 ==")
-    print(f"{'T':>6} {'mode':>9} {'pass':>7} {'torchscale ms':>13} {'ours ms':>9} {'speed-up':>8} "
-          f"{'ts MiB':>8} {'ours MiB':>8}")
+    print(
+        f"{'T':>6} {'mode':>9} {'pass':>7} {'torchscale ms':>13} {'ours ms':>9} {'speed-up':>8} "
+        f"{'ts MiB':>8} {'ours MiB':>8}"
+    )
     rows = []
     for T in lengths:
         for mode in ("parallel", "chunkwise"):
@@ -285,16 +284,7 @@ def main() -> None:
     op_rows, steps = bench_op(lengths, args.threads, repeats)
     ts_rows = [] if args.no_torchscale else bench_torchscale(ts_lengths, args.threads, repeats)
     result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "threads": args.threads,
-            "torch": torch.__version__,
-            "seqmixers": mixers.__version__,
-        },
+        **run_info(args.threads),
         "op": op_rows,
         "recurrent_step": steps,
         "torchscale_vs_ours": ts_rows,
@@ -304,11 +294,7 @@ def main() -> None:
     print("\n== checks ==")
     for key, value in result["checks"].items():
         print(f"  {key}: {value}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.out)
-    print(f"\nwrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

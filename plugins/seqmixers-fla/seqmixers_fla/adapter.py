@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from mixers.backends.torch_linear_attention import guard  # the op's documented denominator guard
 from mixers.functional import state_dtype
 from torch import Tensor
 
@@ -60,11 +61,6 @@ def retention(
     g = torch.log(gamma).to(torch.float32)[None, None, :].expand(B, T, H).contiguous()  # (B, T, H), <= 0
     o, final = simple_gla(q, k, v, g, initial_state, mode=mode)
     return o.to(q.dtype), final.to(sd)
-
-
-def guard(den: Tensor, eps: float) -> Tensor:
-    """Move ``den`` at least ``eps`` away from zero, keeping its sign (``+eps`` for 0), as the op documents."""
-    return torch.where(den < 0, den.clamp(max=-eps), den.clamp(min=eps))
 
 
 def linear_attention(
