@@ -120,7 +120,7 @@ def manual_sample(logits: torch.Tensor, temperature: float, top_k: int | None, g
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     scaled = logits.float() / temperature
-    if top_k is not None:
+    if top_k is not None and top_k < scaled.shape[-1]:  # a top_k of at least the vocabulary keeps every token
         kth = scaled.sort(dim=-1, descending=True).values[:, top_k - 1 : top_k]
         scaled = torch.where(scaled < kth, torch.full_like(scaled, -math.inf), scaled)
     return torch.multinomial(F.softmax(scaled, dim=-1), 1, generator=gen)
