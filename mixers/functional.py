@@ -43,8 +43,8 @@ def check_mode(mode: str, chunk_size: int | None) -> int | None:
     return DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
 
 
-def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int]:
-    """Check ``q, k: [B, T, H, Dk]`` and ``v: [B, T, H, Dv]``; return ``(B, T, H, Dk, Dv)``."""
+def _check_each(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Each of q, k, v is a floating-point tensor of rank 4."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -52,14 +52,24 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int]
             raise ValueError(f"{name} must have rank 4 [B, T, H, D], got rank {t.dim()} with shape {_shape(t)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if k.shape != q.shape:
-        raise ValueError(f"k must have the shape of q [B, T, H, Dk] = {_shape(q)}, got {_shape(k)}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must be [B, T, H, Dv] with B, T, H = {tuple(q.shape[:3])} as in q, got {_shape(v)}")
+
+
+def _check_shared(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """q, k, v share one dtype and one device."""
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int]:
+    """Check ``q, k: [B, T, H, Dk]`` and ``v: [B, T, H, Dv]``; return ``(B, T, H, Dk, Dv)``."""
+    _check_each(q, k, v)
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q [B, T, H, Dk] = {_shape(q)}, got {_shape(k)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, Dv] with B, T, H = {tuple(q.shape[:3])} as in q, got {_shape(v)}")
+    _check_shared(q, k, v)
     B, T, H, Dk = q.shape
     return B, T, H, Dk, v.shape[-1]
 
@@ -240,13 +250,7 @@ def linear_attention(
 def check_qkv_grouped(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int, int]:
     """Check ``q: [B, T, H, Dk]``, ``k: [B, T, Hkv, Dk]``, ``v: [B, T, Hkv, Dv]`` with ``Hkv`` dividing ``H``
     (grouped-query attention; ``Hkv = H`` is plain multi-head). Return ``(B, T, H, Hkv, Dk, Dv)``."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have rank 4 [B, T, H, D], got rank {t.dim()} with shape {_shape(t)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    _check_each(q, k, v)
     B, T, H, Dk = q.shape
     Hkv = k.shape[2]
     if k.shape[:2] != q.shape[:2] or k.shape[3] != Dk:
@@ -255,10 +259,7 @@ def check_qkv_grouped(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, i
         raise ValueError(f"k must have a number of heads Hkv dividing the H = {H} heads of q, got Hkv = {Hkv}")
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"v must be [B, T, Hkv, Dv] with B, T, Hkv = {tuple(k.shape[:3])} as in k, got {_shape(v)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    _check_shared(q, k, v)
     return B, T, H, Hkv, Dk, v.shape[-1]
 
 

@@ -46,6 +46,14 @@ class MixerState:
         return self.map_tensors(lambda t: t.index_select(0, index))
 
     @property
+    def batch_size(self) -> int:
+        """The batch size the state was built for (the first dimension of its tensors)."""
+        for f in dataclasses.fields(self):
+            if isinstance(t := getattr(self, f.name), Tensor):
+                return t.shape[0]
+        raise TypeError(f"{type(self).__name__} has no tensor field to tell its batch size")
+
+    @property
     def nbytes(self) -> int:
         """Memory held by the state's tensors."""
         return sum(
@@ -64,6 +72,7 @@ class TokenMixer(nn.Module, abc.ABC):
     """
 
     d_model: int
+    state_type: type[MixerState] = MixerState  # the state class a subclass hands over
 
     @abc.abstractmethod
     def forward(
@@ -86,3 +95,16 @@ class TokenMixer(nn.Module, abc.ABC):
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         return x.shape[0], x.shape[1]
+
+    def check_state(self, state: MixerState | None, batch_size: int) -> MixerState | None:
+        """Check that ``state`` is ``None`` or this mixer's kind of state, built for ``batch_size``."""
+        if state is None:
+            return None
+        if not isinstance(state, self.state_type):
+            raise TypeError(f"state must be a {self.state_type.__name__} (from this mixer), got {type(state).__name__}")
+        if state.batch_size != batch_size:
+            raise ValueError(
+                f"state ({type(state).__name__}) is for batch size {state.batch_size}, "
+                f"but x has batch size {batch_size}"
+            )
+        return state

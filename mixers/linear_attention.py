@@ -21,10 +21,11 @@ from torch import Tensor, nn
 from mixers import functional
 from mixers.hookspecs import hookimpl
 from mixers.interface import MixerState, TokenMixer
+from mixers.layers import HEAD_NORMS, HeadNorm
 from mixers.registry import FeatureMapRegistrar, MixerRegistrar, get_registry
-from mixers.retention import resolve_heads
+from mixers.retention import check_value_dim, resolve_heads
 
-NORMS = (None, "groupnorm", "rmsnorm")
+NORMS = (None, *HEAD_NORMS)
 
 
 def elu_plus_one(x: Tensor) -> Tensor:
@@ -66,6 +67,8 @@ class LinearAttention(TokenMixer):
         chunk_size: default chunk size for ``mode="chunkwise"``.
     """
 
+    state_type = LinearAttentionState
+
     def __init__(
         self,
         d_model: int,
@@ -85,9 +88,7 @@ class LinearAttention(TokenMixer):
     ) -> None:
         super().__init__()
         H, Dk = resolve_heads(d_model, num_heads, head_dim, default_head_dim=min(64, d_model))
-        value_dim = H * Dk if value_dim is None else value_dim
-        if isinstance(value_dim, bool) or not isinstance(value_dim, int) or value_dim < 1 or value_dim % H:
-            raise ValueError(f"value_dim must be a positive multiple of num_heads={H}, got {value_dim!r}")
+        value_dim = check_value_dim(H * Dk if value_dim is None else value_dim, H)
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if not isinstance(normalize, bool):
@@ -98,19 +99,14 @@ class LinearAttention(TokenMixer):
         self.feature_map = feature_map
         self.feature_dim = self._probe_feature_dim(H, Dk)
         self.d_model, self.num_heads, self.head_dim, self.value_head_dim = d_model, H, Dk, value_dim // H
-        self.normalize, self.gate, self.norm, self.norm_eps = normalize, gate, norm, norm_eps
+        self.normalize, self.gate, self.norm = normalize, gate, norm
         self.backend, self.chunk_size = backend, chunk_size
         self.scaling = 1.0 if normalize else self.feature_dim**-0.5
 
         self.widths = [H * Dk, H * Dk, value_dim] + ([value_dim] if gate else [])
         self.in_proj = nn.Linear(d_model, sum(self.widths), bias=False)  # q, k, v, g in one matmul
         self.out_proj = nn.Linear(value_dim, d_model, bias=False)
-        if norm is not None and norm_affine:
-            self.norm_weight = nn.Parameter(torch.ones(value_dim))
-            self.norm_bias = nn.Parameter(torch.zeros(value_dim)) if norm == "groupnorm" else None
-        else:
-            self.register_parameter("norm_weight", None)
-            self.register_parameter("norm_bias", None)
+        self.head_norm = None if norm is None else HeadNorm(H, value_dim // H, norm, affine=norm_affine, eps=norm_eps)
 
     def _probe_feature_dim(self, H: int, Dk: int) -> int:
         """Run the feature map once on a dummy ``[1, 2, H, Dk]`` to learn (and check) its output width."""
@@ -135,31 +131,11 @@ class LinearAttention(TokenMixer):
             z=torch.zeros(batch_size, H, D, device=device, dtype=sd),
         )
 
-    def _check_state(self, state: MixerState | None, B: int) -> LinearAttentionState | None:
-        if state is None:
-            return None
-        if not isinstance(state, LinearAttentionState):
-            raise TypeError(f"state must be a LinearAttentionState (from this mixer), got {type(state).__name__}")
-        if state.kv.shape[0] != B:
-            raise ValueError(f"state is for batch size {state.kv.shape[0]}, but x has batch size {B}")
-        return state
-
-    def _norm(self, o: Tensor) -> Tensor:
-        """Per-head norm over each head's ``Dv`` values; ``o: [B, T, H, Dv]`` -> ``[B, T, H*Dv]``."""
-        B, T, H, Dv = o.shape
-        if self.norm is None:
-            return o.reshape(B, T, H * Dv)
-        if self.norm == "groupnorm":
-            y = F.group_norm(o.reshape(B * T, H * Dv), H, self.norm_weight, self.norm_bias, self.norm_eps)
-            return y.view(B, T, H * Dv)
-        y = (o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps)).reshape(B, T, H * Dv)
-        return y * self.norm_weight if self.norm_weight is not None else y
-
     def forward(
         self, x: Tensor, state: MixerState | None = None, *, mode: str = "parallel", chunk_size: int | None = None
     ) -> tuple[Tensor, LinearAttentionState]:
         B, T = self.check_input(x)
-        state = self._check_state(state, B)
+        state = self.check_state(state, B)
         offset = 0 if state is None else state.offset
         H, Dk, Dv = self.num_heads, self.head_dim, self.value_head_dim
         q, k, v, *g = self.in_proj(x).split(self.widths, dim=-1)
@@ -175,10 +151,10 @@ class LinearAttention(TokenMixer):
             eps=self.eps,
             backend=self.backend,
         )  # (B, T, H, Dv)
-        y = self._norm(o)
+        y = o if self.head_norm is None else self.head_norm(o)
         if self.gate:
-            y = F.silu(g[0]) * y
-        return self.out_proj(y), LinearAttentionState(offset=offset + T, kv=kv, z=z)
+            y = F.silu(g[0]).view(B, T, H, Dv) * y
+        return self.out_proj(y.reshape(B, T, H * Dv)), LinearAttentionState(offset=offset + T, kv=kv, z=z)
 
     def extra_repr(self) -> str:
         return (

@@ -25,9 +25,8 @@ from mixers import functional
 from mixers import rotary as rope
 from mixers.hookspecs import hookimpl
 from mixers.interface import MixerState, TokenMixer
+from mixers.layers import HEAD_NORMS, HeadNorm
 from mixers.registry import MixerRegistrar
-
-NORMS = ("groupnorm", "rmsnorm")
 
 
 @dataclass
@@ -59,6 +58,13 @@ def resolve_heads(d_model: int, num_heads: int | None, head_dim: int | None, def
     return num_heads, head_dim
 
 
+def check_value_dim(value_dim: int, num_heads: int) -> int:
+    """``value_dim`` (the total value width) if it splits evenly over the heads."""
+    if isinstance(value_dim, bool) or not isinstance(value_dim, int) or value_dim < 1 or value_dim % num_heads:
+        raise ValueError(f"value_dim must be a positive multiple of num_heads={num_heads}, got {value_dim!r}")
+    return value_dim
+
+
 def default_gammas(num_heads: int, *, decay: bool = True, multi_scale: bool = True) -> list[float]:
     """The paper's decays ``1 - 2^(-5 - h)``; one shared ``1 - 2^-5`` without multi-scale; 1 without decay."""
     if not decay:
@@ -86,6 +92,8 @@ class MultiScaleRetention(TokenMixer):
         chunk_size: default chunk size for ``mode="chunkwise"``.
     """
 
+    state_type = RetentionState
+
     def __init__(
         self,
         d_model: int,
@@ -110,16 +118,14 @@ class MultiScaleRetention(TokenMixer):
     ) -> None:
         super().__init__()
         H, Dk = resolve_heads(d_model, num_heads, head_dim, default_head_dim=min(256, d_model))
-        value_dim = 2 * H * Dk if value_dim is None else value_dim
-        if isinstance(value_dim, bool) or not isinstance(value_dim, int) or value_dim < 1 or value_dim % H:
-            raise ValueError(f"value_dim must be a positive multiple of num_heads={H}, got {value_dim!r}")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        value_dim = check_value_dim(2 * H * Dk if value_dim is None else value_dim, H)
+        if norm not in HEAD_NORMS:
+            raise ValueError(f"norm must be one of {HEAD_NORMS}, got {norm!r}")
         if rope_layout not in rope.LAYOUTS:
             raise ValueError(f"rope_layout must be one of {rope.LAYOUTS}, got {rope_layout!r}")
         functional.check_mode("chunkwise", chunk_size)
         self.d_model, self.num_heads, self.head_dim, self.value_head_dim = d_model, H, Dk, value_dim // H
-        self.gate, self.group_norm, self.norm, self.norm_eps = gate, group_norm, norm, norm_eps
+        self.gate, self.group_norm, self.norm = gate, group_norm, norm
         self.rotary, self.rope_layout = rotary, rope_layout
         self.backend, self.chunk_size = backend, chunk_size
         self.scaling = Dk**-0.5
@@ -133,12 +139,7 @@ class MultiScaleRetention(TokenMixer):
         self.widths = [H * Dk, H * Dk, value_dim] + ([value_dim] if gate else [])
         self.in_proj = nn.Linear(d_model, sum(self.widths), bias=False)  # q, k, v, g in one matmul
         self.out_proj = nn.Linear(value_dim, d_model, bias=False)
-        if group_norm and norm_affine:
-            self.norm_weight = nn.Parameter(torch.ones(value_dim))
-            self.norm_bias = nn.Parameter(torch.zeros(value_dim)) if norm == "groupnorm" else None
-        else:
-            self.register_parameter("norm_weight", None)
-            self.register_parameter("norm_bias", None)
+        self.head_norm = HeadNorm(H, value_dim // H, norm, affine=norm_affine, eps=norm_eps) if group_norm else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -153,34 +154,11 @@ class MultiScaleRetention(TokenMixer):
         shape = (batch_size, self.num_heads, self.head_dim, self.value_head_dim)
         return RetentionState(offset=0, kv=torch.zeros(shape, device=device, dtype=functional.state_dtype(dtype)))
 
-    def _check_state(self, state: MixerState | None, B: int) -> RetentionState | None:
-        if state is None:
-            return None
-        if not isinstance(state, RetentionState):
-            raise TypeError(f"state must be a RetentionState (from this mixer), got {type(state).__name__}")
-        if state.kv.shape[0] != B:
-            raise ValueError(f"state is for batch size {state.kv.shape[0]}, but x has batch size {B}")
-        return state
-
-    def _norm(self, o: Tensor) -> Tensor:
-        """Per-head norm over each head's ``Dv`` values, ``o: [B, T, H, Dv]`` in whatever memory layout the
-        op returned (kept, so that the gate's multiply does the transpose in passing, not a copy)."""
-        if not self.group_norm:
-            return o
-        H, Dv = o.shape[-2:]
-        if self.norm == "groupnorm":  # GroupNorm with H groups = LayerNorm over each head's Dv, per-channel affine
-            y = F.layer_norm(o, (Dv,), None, None, self.norm_eps)
-            if self.norm_weight is None:
-                return y
-            return torch.addcmul(self.norm_bias.view(H, Dv), y, self.norm_weight.view(H, Dv))
-        y = F.rms_norm(o, (Dv,), None, self.norm_eps)  # its weight could only be (Dv,); ours is per head
-        return y if self.norm_weight is None else y * self.norm_weight.view(H, Dv)
-
     def forward(
         self, x: Tensor, state: MixerState | None = None, *, mode: str = "parallel", chunk_size: int | None = None
     ) -> tuple[Tensor, RetentionState]:
         B, T = self.check_input(x)
-        state = self._check_state(state, B)
+        state = self.check_state(state, B)
         offset = 0 if state is None else state.offset
         H, Dk, Dv = self.num_heads, self.head_dim, self.value_head_dim
         qk, v, *g = self.in_proj(x).split([2 * H * Dk, *self.widths[2:]], dim=-1)
@@ -201,7 +179,7 @@ class MultiScaleRetention(TokenMixer):
             initial_state=None if state is None else state.kv,
             backend=self.backend,
         )  # (B, T, H, Dv)
-        y = self._norm(o)
+        y = o if self.head_norm is None else self.head_norm(o)  # keeps the op's layout: the gate transposes
         if self.gate:
             y = F.silu(g[0]).view(B, T, H, Dv) * y  # written in the gate's (B, T, H, Dv) layout
         return self.out_proj(y.reshape(B, T, H * Dv)), RetentionState(offset=offset + T, kv=kv)

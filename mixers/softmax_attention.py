@@ -49,6 +49,8 @@ class SoftmaxAttention(TokenMixer):
         chunk_size: default key-block size for ``mode="chunkwise"``.
     """
 
+    state_type = SoftmaxAttentionState
+
     def __init__(
         self,
         d_model: int,
@@ -92,20 +94,11 @@ class SoftmaxAttention(TokenMixer):
             v=torch.zeros(shape, device=device, dtype=dtype),
         )
 
-    def _check_state(self, state: MixerState | None, B: int) -> SoftmaxAttentionState | None:
-        if state is None:
-            return None
-        if not isinstance(state, SoftmaxAttentionState):
-            raise TypeError(f"state must be a SoftmaxAttentionState (from this mixer), got {type(state).__name__}")
-        if state.k.shape[0] != B:
-            raise ValueError(f"state is a KV cache for batch size {state.k.shape[0]}, but x has batch size {B}")
-        return state
-
     def forward(
         self, x: Tensor, state: MixerState | None = None, *, mode: str = "parallel", chunk_size: int | None = None
     ) -> tuple[Tensor, SoftmaxAttentionState]:
         B, T = self.check_input(x)
-        state = self._check_state(state, B)
+        state = self.check_state(state, B)
         offset = 0 if state is None else state.offset
         H, Hkv, Dk = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.in_proj(x).split(self.widths, dim=-1)

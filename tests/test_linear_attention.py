@@ -299,9 +299,9 @@ def test_mixer_gate_and_norm(norm, gate):
     assert len(g) == int(gate)
     o, _, _ = reference(F.elu(q.view(1, 6, 2, 4)) + 1, F.elu(k.view(1, 6, 2, 4)) + 1, v.view(1, 6, 2, 4))
     if norm == "rmsnorm":
-        o = o / o.pow(2).mean(-1, keepdim=True).add(mixer.norm_eps).sqrt()
+        o = o / o.pow(2).mean(-1, keepdim=True).add(mixer.head_norm.eps).sqrt()
     elif norm == "groupnorm":
-        o = (o - o.mean(-1, keepdim=True)) / o.var(-1, unbiased=False, keepdim=True).add(mixer.norm_eps).sqrt()
+        o = (o - o.mean(-1, keepdim=True)) / o.var(-1, unbiased=False, keepdim=True).add(mixer.head_norm.eps).sqrt()
     want = o.reshape(1, 6, 8) * (F.silu(g[0]) if gate else 1)
     torch.testing.assert_close(_hidden(mixer, x), want, rtol=1e-9, atol=1e-9)
 
@@ -336,7 +336,7 @@ def test_mixer_rejects_a_state_from_another_mixer_or_batch():
     x = torch.randn(2, 3, 8)
     with pytest.raises(TypeError, match="state must be a LinearAttentionState"):
         mixer(x, mixers.MixerState(offset=0))
-    with pytest.raises(ValueError, match="state is for batch size 3, but x has batch size 2"):
+    with pytest.raises(ValueError, match=r"state \(LinearAttentionState\) is for batch size 3, but x has batch size 2"):
         mixer(x, mixer.init_state(3))
 
 

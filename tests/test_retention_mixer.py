@@ -21,15 +21,21 @@ from mixers.testing.strategies import MODES
 D_MODEL = 24
 
 
+def norm_params(mixer: MultiScaleRetention) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The per-head norm's affine weight and bias (flat, ``[H * Dv]``), or Nones."""
+    return (None, None) if mixer.head_norm is None else (mixer.head_norm.weight, mixer.head_norm.bias)
+
+
 def make(seed: int = 0, dtype: torch.dtype = torch.float64, **options) -> MultiScaleRetention:
     torch.manual_seed(seed)
     options.setdefault("num_heads", 3)
     mixer = mixers.build("retention", D_MODEL, backend="torch", **options).to(dtype)
-    if mixer.norm_weight is not None:  # non-trivial affine weights, so that a mixed-up head order shows
+    weight, bias = norm_params(mixer)
+    if weight is not None:  # non-trivial affine weights, so that a mixed-up head order shows
         with torch.no_grad():
-            mixer.norm_weight.uniform_(0.5, 1.5)
-            if mixer.norm_bias is not None:
-                mixer.norm_bias.uniform_(-0.5, 0.5)
+            weight.uniform_(0.5, 1.5)
+            if bias is not None:
+                bias.uniform_(-0.5, 0.5)
     return mixer
 
 
@@ -77,14 +83,15 @@ def msr_reference(
     if mixer.group_norm:
         if mixer.norm == "groupnorm":
             mean, var = o.mean(-1, keepdim=True), o.var(-1, unbiased=False, keepdim=True)
-            o = (o - mean) / torch.sqrt(var + mixer.norm_eps)
+            o = (o - mean) / torch.sqrt(var + mixer.head_norm.eps)
         else:
-            o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + mixer.norm_eps)
+            o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + mixer.head_norm.eps)
     y = o.reshape(B, T, H * Dv)
-    if mixer.norm_weight is not None:
-        y = y * mixer.norm_weight.double()
-    if mixer.norm_bias is not None:
-        y = y + mixer.norm_bias.double()
+    weight, bias = norm_params(mixer)
+    if weight is not None:
+        y = y * weight.double()
+    if bias is not None:
+        y = y + bias.double()
     if mixer.gate:
         y = F.silu(x @ w[2 * H * Dk + H * Dv :].T) * y
     return y @ mixer.out_proj.weight.double().T

@@ -336,7 +336,7 @@ def test_mixer_rejects_a_state_from_another_mixer_or_batch():
     x = torch.randn(2, 3, 8)
     with pytest.raises(TypeError, match="state must be a SoftmaxAttentionState"):
         mixer(x, mixers.build("retention", 8, num_heads=2).init_state(2))
-    with pytest.raises(ValueError, match="state is a KV cache for batch size 1, but x has batch size 2"):
+    with pytest.raises(ValueError, match="is for batch size 1, but x has batch size 2"):
         mixer(x, mixer.init_state(1))
     other = mixers.build("softmax_attention", 8, num_heads=2, num_kv_heads=1)
     with pytest.raises(ValueError, match="holds 1 heads, but k and v have 2 heads"):

@@ -40,6 +40,8 @@ class ShortConvolution(TokenMixer):
         chunk_size: default chunk size for ``mode="chunkwise"``.
     """
 
+    state_type = ShortConvState
+
     def __init__(
         self,
         d_model: int,
@@ -78,20 +80,11 @@ class ShortConvolution(TokenMixer):
         window = torch.zeros(batch_size, self.kernel_size - 1, self.d_model, device=device, dtype=dtype)
         return ShortConvState(offset=0, window=window)
 
-    def _check_state(self, state: MixerState | None, B: int) -> ShortConvState | None:
-        if state is None:
-            return None
-        if not isinstance(state, ShortConvState):
-            raise TypeError(f"state must be a ShortConvState (from this mixer), got {type(state).__name__}")
-        if state.window.shape[0] != B:
-            raise ValueError(f"state is for batch size {state.window.shape[0]}, but x has batch size {B}")
-        return state
-
     def forward(
         self, x: Tensor, state: MixerState | None = None, *, mode: str = "parallel", chunk_size: int | None = None
     ) -> tuple[Tensor, ShortConvState]:
         B, T = self.check_input(x)
-        state = self._check_state(state, B)
+        state = self.check_state(state, B)
         u, *g = self.in_proj(x).chunk(2 if self.gate else 1, dim=-1)  # (B, T, d_model) each
         y, window = short_conv(
             u,
