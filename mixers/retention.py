@@ -164,7 +164,8 @@ class MultiScaleRetention(TokenMixer):
         qk, v, *g = self.in_proj(x).split([2 * H * Dk, *self.widths[2:]], dim=-1)
         qk = qk.unflatten(-1, (2, H, Dk))  # (B, T, 2, H, Dk): q and k, rotated and scaled in one pass
         if self.rotary:
-            phase = rope.phases(self._theta.to(x.device), offset, T)  # (T, Dk/2), complex
+            self._theta = self._theta.to(x.device)  # float64 angles follow the input, moved once not per call
+            phase = rope.phases(self._theta, offset, T)  # (T, Dk/2), complex
             qk = rope.rotate(qk, torch.stack([phase, phase * self.scaling], dim=1)[:, :, None], layout=self.rope_layout)
         else:
             qk = qk * qk.new_tensor([1.0, self.scaling])[:, None, None]

@@ -104,7 +104,8 @@ class SoftmaxAttention(TokenMixer):
         q, k, v = self.in_proj(x).split(self.widths, dim=-1)
         q, k, v = q.view(B, T, H, Dk), k.view(B, T, Hkv, Dk), v.view(B, T, Hkv, Dk)
         if self.rotary:
-            phase = rope.phases(self._theta.to(x.device), offset, T)[:, None]  # (T, 1, Dk/2), complex
+            self._theta = self._theta.to(x.device)  # float64 angles follow the input, moved once not per call
+            phase = rope.phases(self._theta, offset, T)[:, None]  # (T, 1, Dk/2), complex
             q = rope.rotate(q, phase, layout=self.rope_layout)
             k = rope.rotate(k, phase, layout=self.rope_layout)
         o, (k_cache, v_cache) = functional.softmax_attention(
