@@ -1,5 +1,6 @@
 """Third-party plugins and the conformance kit: broken plugins are reported while the others load, and the
-kit catches backends that compute a wrong answer, with hypothesis's shrunk counterexample in the message.
+kit catches backends that compute a wrong answer, with the shrunk counterexample reported in the kit's own
+words (never hypothesis's, which change between its versions).
 
 The plugins come from a fake distribution on ``sys.path`` (``tests/fake_plugins.py``), found through the
 ``seqmixers`` entry-point group exactly as an installed package is.
@@ -19,6 +20,7 @@ import torch
 import mixers
 from mixers import registry as registry_module
 from mixers.__main__ import format_listing
+from mixers.functional import MODES
 from mixers.registry import PluginLoadError, Registry
 from mixers.testing import ConformanceError, check_mixer, check_op_backend
 from mixers.testing import conformance as kit
@@ -101,6 +103,12 @@ def test_two_plugins_registering_one_backend_name_is_an_error_naming_both(tmp_pa
     assert "torch" in registry.backends["retention"]
 
 
+def assert_no_hypothesis_report(text: str) -> None:
+    """The kit reports counterexamples itself: none of hypothesis's own report wordings (old or new) leak in."""
+    for wording in ("Falsifying example", "Failing test case", "Trying example", "@reproduce_failure"):
+        assert wording not in text, f"hypothesis's own report {wording!r} in the kit's message:\n{text}"
+
+
 def _small(message: str, field: str, most: int) -> bool:
     values = [int(v) for v in re.findall(rf"\b{field}=(\d+)", message)]
     return bool(values) and max(values) <= most
@@ -116,7 +124,13 @@ def test_kit_catches_a_consistently_wrong_backend_with_a_shrunk_counterexample(w
     message = str(info.value)
     assert isinstance(info.value, ConformanceError)
     assert "backend 'off_by_one' of op 'retention'" in message and "check 'matches_reference' failed" in message
-    assert "Falsifying example" in message and "RetentionCase(" in message
+    examples = {example.check: example for example in info.value.counterexamples}
+    assert set(examples) == {"matches_reference", "handover"}, info.value.counterexamples
+    assert examples["handover"].mode == "split" and examples["matches_reference"].mode in MODES
+    for example in examples.values():
+        line = f"  counterexample: check {example.check!r}, mode {example.mode!r}: "
+        assert line in message and str(example) in message and "RetentionCase(" in str(example), message
+    assert_no_hypothesis_report(message)
     for field, most in (("B", 1), ("T", 1), ("H", 1), ("Dk", 1), ("Dv", 1)):
         assert _small(message, field, most), f"{field} not shrunk in:\n{message}"
     with pytest.raises(ConformanceError) as info:
@@ -131,10 +145,12 @@ def test_kit_catches_a_backend_wrong_only_for_some_chunk_sizes(wrong_registry):
     with pytest.raises(ConformanceError) as info:
         check_op_backend("retention", "ragged_chunks", checks=["matches_reference"], max_examples=50)
     message = str(info.value)
-    assert "mode 'chunkwise'" in message and "Falsifying example" in message
-    case = re.search(r"T=(\d+),\s*H=\d+,\s*Dk=\d+,\s*Dv=\d+,\s*gamma=.*?chunk_size=(\d+)", message, re.S)
-    assert case, message
-    T, chunk = int(case.group(1)), int(case.group(2))
+    (example,) = info.value.counterexamples
+    assert (example.check, example.mode) == ("matches_reference", "chunkwise"), example
+    assert str(example) in message and "mode 'chunkwise': output" in message
+    assert_no_hypothesis_report(message)
+    case = dict(example.inputs)["case"]
+    T, chunk = case.T, case.chunk_size
     assert T % chunk and T > chunk and T <= 4, f"expected a small T not divisible by the chunk size:\n{message}"
     with pytest.raises(ConformanceError, match="modes_agree"):
         check_mixer("retention", "ragged_chunks", checks=["modes_agree"])
@@ -194,7 +210,8 @@ def test_pytest_plugin_runs_the_suite_from_the_command_line(tmp_path):
     assert failed and all("off_by_one" in line for line in failed), out
     assert any("op-retention-off_by_one-matches_reference" in line for line in failed), out
     assert any("retention-off_by_one-matches_reference_backend" in line for line in failed), out
-    assert "Falsifying example" in out and "RetentionCase(" in out
+    assert "counterexample: check 'matches_reference', mode " in out and "RetentionCase(B=1, T=1," in out, out
+    assert_no_hypothesis_report(out)
     counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped)", out)}
     # retention:torch passes modes_agree (x2), causality (x3) and the op's matches_reference (its comparison
     # with itself is not generated); off_by_one, consistent with itself, passes the first five and fails the others.
@@ -228,3 +245,51 @@ def test_kit_checks_leave_the_global_torch_rng_alone():
     kit.mixer_target("retention", "torch").build()
     kit._fresh_build(kit.mixer_target("retention", "torch"), torch.float64, "torch")
     assert torch.equal(torch.rand(3), expected)
+
+
+def _property_check(name: str, prop, **strategies) -> kit.Check:
+    return kit.Check(
+        name, lambda target, max_examples=None: kit._property(prop, max_examples or 200, **strategies), hypothesis=True
+    )
+
+
+def test_the_kit_reports_the_shrunk_input_in_its_own_words():
+    """The counterexample is recorded from the property's own calls (hypothesis replays the shrunk one last),
+    not parsed from hypothesis's report: a property false from 10 on is reported at exactly x=10."""
+    from hypothesis import strategies as st
+
+    def below_ten(x, label):
+        kit._at("chunkwise")
+        assert x < 10, f"x = {x}"
+
+    check = _property_check("below_ten", below_ten, x=st.integers(0, 10**6), label=st.text(max_size=3))
+    with pytest.raises(ConformanceError) as info:
+        kit.run_check(check, kit.op_target("retention", "torch"))
+    (example,) = info.value.counterexamples
+    assert example == kit.Counterexample("below_ten", "chunkwise", (("x", 10), ("label", ""))), example
+    message = str(info.value)
+    assert "check 'below_ten' failed" in message and "  x = 10\n" in message, message
+    assert message.endswith("\n  counterexample: check 'below_ten', mode 'chunkwise': x=10, label=''"), message
+    assert_no_hypothesis_report(message)
+
+
+def test_a_check_that_fails_once_and_then_passes_is_reported_as_not_deterministic():
+    """A backend that answers differently for the same input (hypothesis calls this flaky) gets the kit's
+    explanation and the input it failed on, not hypothesis's wording."""
+    from hypothesis import strategies as st
+
+    calls = []
+
+    def fails_only_the_first_time(x):
+        calls.append(x)
+        assert len(calls) > 1, "wrong the first time"
+
+    check = _property_check("first_call", fails_only_the_first_time, x=st.integers(0, 3))
+    with pytest.raises(ConformanceError) as info:
+        kit.run_check(check, kit.op_target("retention", "torch"))
+    message = str(info.value)
+    assert "does not compute the same result twice" in message and "wrong the first time" in message, message
+    (example,) = info.value.counterexamples
+    assert example.inputs == (("x", calls[0]),) and example.mode is None, example
+    assert "unreliable" not in message.lower() and "flaky" not in message.lower(), message
+    assert_no_hypothesis_report(message)

@@ -1,10 +1,11 @@
 """The seqmixers conformance kit: the project's property tests, packaged for plugin authors.
 
 ``check_mixer("my_mixer")`` and ``check_op_backend("retention", "my_backend")`` run the whole suite and
-raise ``ConformanceError`` (an ``AssertionError``) with every failed check and hypothesis's shrunk
-counterexample. The pytest plugin (``mixers.testing.pytest_plugin``, installed through the ``pytest11``
-entry point) turns the same checks into one test each: ``pytest --seqmixers-conformance=NAME[:BACKEND]``,
-or ``test_conformance = mixer_conformance_tests("my_mixer")`` in a test module.
+raise ``ConformanceError`` (an ``AssertionError``) with every failed check and, for a property, the kit's
+own one-line report of the counterexample hypothesis shrank (``ConformanceError.counterexamples``).
+The pytest plugin (``mixers.testing.pytest_plugin``, installed through the ``pytest11`` entry point) turns
+the same checks into one test each: ``pytest --seqmixers-conformance=NAME[:BACKEND]``, or
+``test_conformance = mixer_conformance_tests("my_mixer")`` in a test module.
 
 Needs hypothesis (``pip install seqmixers[testing]``). Names load lazily from the submodules
 (``asserts``, ``strategies``, ``reference``, ``ops``, ``conformance``, ``profiles``, ``pytest_plugin``), so neither
@@ -35,6 +36,7 @@ _WHERE = {
         "Check",
         "CheckNotApplicable",
         "ConformanceError",
+        "Counterexample",
         "MixerTarget",
         "OpTarget",
         "check_mixer",

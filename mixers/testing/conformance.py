@@ -9,8 +9,11 @@ history, low precision, the same outputs as the reference backend, and clear err
 the formula: every mode, any split with state hand-over, gradients, low precision and bad input.
 
 Both raise ``ConformanceError`` (an ``AssertionError``) listing every failed check; a property that
-hypothesis falsified comes with its shrunk counterexample. Each check is also available on its own
-(``MIXER_CHECKS``, ``OP_CHECKS``, ``run_check``), which is how the pytest plugin makes one test per check.
+hypothesis falsified comes with its shrunk counterexample, reported by the kit itself in one line
+(``counterexample: check 'handover', mode 'split': case_plan=...``) and kept as data in
+``ConformanceError.counterexamples``, so the report reads the same whatever hypothesis's version prints.
+Each check is also available on its own (``MIXER_CHECKS``, ``OP_CHECKS``, ``run_check``), which is how the
+pytest plugin makes one test per check.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import Flaky
 from torch import Tensor
 
 import mixers
@@ -44,6 +48,7 @@ __all__ = [
     "Check",
     "CheckNotApplicable",
     "ConformanceError",
+    "Counterexample",
     "MixerTarget",
     "OpTarget",
     "check_mixer",
@@ -60,8 +65,36 @@ REFERENCE_BACKEND = "torch"  # the backend other backends of an op are compared 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+@dataclass(frozen=True)
+class Counterexample:
+    """The input a property check failed on, after hypothesis shrank it, as the kit reports it.
+
+    ``inputs`` are the property's arguments by name (a core op's case is a ``RetentionCase`` or the like,
+    whose repr is the whole input); ``mode`` is the mode whose comparison failed, ``"split"`` for a run
+    split into pieces with the state handed over (the plan is in the inputs), or ``None`` when the check
+    does not loop over modes. The kit formats this itself: hypothesis's own report is worded differently
+    from one version to the next, and plugin authors' tests should be able to rely on ours.
+    """
+
+    check: str
+    mode: str | None
+    inputs: tuple[tuple[str, Any], ...]
+
+    def __str__(self) -> str:
+        where = f", mode {self.mode!r}" if self.mode is not None else ""
+        args = ", ".join(f"{name}={value!r}" for name, value in self.inputs)
+        return f"counterexample: check {self.check!r}{where}: {args}"
+
+
 class ConformanceError(AssertionError):
-    """A mixer or backend broke the contract; the message says which check, how, and on what input."""
+    """A mixer or backend broke the contract; the message says which check, how, and on what input.
+
+    ``counterexamples`` holds the shrunk input of each failed property check (empty for the others).
+    """
+
+    def __init__(self, message: str, counterexamples: Iterable[Counterexample] = ()) -> None:
+        super().__init__(message)
+        self.counterexamples: tuple[Counterexample, ...] = tuple(counterexamples)
 
 
 class BackendUnavailable(Exception):
@@ -96,8 +129,35 @@ class Check:
 
 
 # -- hypothesis inside a function ----------------------------------------------------------------------
+# What the running property is doing now (the mode it compares), so that a failure can say where it failed.
+_TRAIL: dict[str, Any] = {}
+
+
+def _at(mode: str) -> None:
+    """Note the mode a property is about to compare in, for the counterexample report."""
+    _TRAIL["mode"] = mode
+
+
+class _PropertyFailed(Exception):
+    """A property failed: the shrunk inputs, the mode, and the error of the last failing call.
+
+    ``flaky``: hypothesis could not make the failure happen again on the same input.
+    """
+
+    def __init__(
+        self, error: BaseException, inputs: tuple[tuple[str, Any], ...], mode: str | None, flaky: bool
+    ) -> None:
+        super().__init__(str(error))
+        self.error, self.inputs, self.mode, self.flaky = error, inputs, mode, flaky
+
+
 def _property(test: Callable[..., None], max_examples: int | None, **strategies: st.SearchStrategy[Any]) -> None:
-    """Run ``test`` as a hypothesis property under the loaded profile (shrinking included)."""
+    """Run ``test`` as a hypothesis property under the loaded profile (shrinking included).
+
+    A failure is raised as ``_PropertyFailed`` with the inputs, mode and error of the last failing call:
+    hypothesis replays the shrunk example last, so those are the shrunk inputs, recorded here rather than
+    read from hypothesis's report (whose wording and structure change between its versions).
+    """
     configured = settings(
         parent=settings.default,
         max_examples=max_examples or settings.default.max_examples,
@@ -109,7 +169,26 @@ def _property(test: Callable[..., None], max_examples: int | None, **strategies:
         phases=[phase for phase in settings.default.phases if phase is not Phase.explain],
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
     )
-    configured(given(**strategies)(test))()
+    failed: list[Any] = []  # [inputs, mode, error] of the last failing call
+
+    @functools.wraps(test)
+    def recorded(**kwargs: Any) -> None:
+        _TRAIL.clear()
+        try:
+            test(**kwargs)
+        except Exception as exc:
+            failed[:] = [tuple(kwargs.items()), _TRAIL.get("mode"), exc]
+            raise
+
+    try:
+        configured(given(**strategies)(recorded))()
+    except Exception as exc:
+        if not failed:
+            raise
+        inputs, mode, error = failed
+        raise _PropertyFailed(error, inputs, mode, flaky=isinstance(exc, Flaky)) from exc
+    finally:
+        _TRAIL.clear()
 
 
 def _tol(target: MixerTarget | OpTarget, f64: float, f32: float) -> float:
@@ -320,7 +399,9 @@ def check_split_equals_one_pass(target: MixerTarget, max_examples: int | None = 
     def split_equals_one_pass(plan, B, seed):
         T, plan = plan
         x = target.inputs(B=B, T=T, seed=seed)
+        _at(_first_mode(target))
         y_whole, s_whole = mixer(x, mode=_first_mode(target))
+        _at("split")
         y_split, s_split = run_split(mixer, x, plan)
         assert_rel_close(y_split, y_whole, tol, f"outputs, plan {plan}")
         assert_states_close(s_split, s_whole, tol, f"final state, plan {plan}")
@@ -596,6 +677,7 @@ def check_op_matches_reference(target: OpTarget, max_examples: int | None = None
         inputs = case.inputs(device=target.device)
         kept = [t.clone() for t in state_tensors(inputs.state)]
         for mode in target.modes:
+            _at(mode)
             o, state = target.call(inputs, inputs.state, mode=mode, chunk_size=case.chunk_size)
             _compare(target, inputs, o, state, f"mode {mode!r}")
         for before, after in zip(kept, state_tensors(inputs.state), strict=True):
@@ -612,6 +694,7 @@ def check_op_handover(target: OpTarget, max_examples: int | None = None) -> None
         case, plan = case_plan
         inputs = case.inputs(device=target.device)
         outs, state = [], inputs.state
+        _at("split")
         for start, stop, mode, chunk_size in plan:
             before = state_tensors(state)
             o, state = target.call(inputs, state, mode=mode, chunk_size=chunk_size, start=start, stop=stop)
@@ -661,6 +744,7 @@ def check_op_gradients(target: OpTarget, max_examples: int | None = None) -> Non
         }
         runs["split"] = split
         for run, fn in runs.items():
+            _at(run)
             got = torch.autograd.grad(loss(*fn()), leaves, allow_unused=True)
             for name, g, w in zip(names, got, expected, strict=True):
                 if w is None:
@@ -684,6 +768,7 @@ def check_op_low_precision(target: OpTarget, max_examples: int | None = None) ->
         inputs = case.inputs(device=target.device)
         ref_o, ref_s = target.spec.reference(inputs)
         for mode in target.modes:
+            _at(mode)
             o, state = target.call(inputs, inputs.state, mode=mode, chunk_size=case.chunk_size)
             assert o.dtype == torch.bfloat16, f"{mode}: bfloat16 inputs gave a {o.dtype} output"
             assert torch.isfinite(o).all(), f"{mode}: non-finite output"
@@ -700,9 +785,11 @@ def check_op_rejects_bad_input(target: OpTarget, max_examples: int | None = None
 
     def rejects_bad_input(case):
         inputs = case.inputs(device=target.device)
+        _at("sideways")
         assert_raises_mentioning(
             lambda: target.call(inputs, inputs.state, mode="sideways", chunk_size=None), ["'sideways'"], "unknown mode"
         )
+        _at(target.modes[0])
         o, state = target.call(inputs, inputs.state, mode=target.modes[0], chunk_size=case.chunk_size)
         tensors = state_tensors(state)
         if tensors:
@@ -732,21 +819,38 @@ def _describe(target: MixerTarget | OpTarget) -> str:
     return f"backend {target.backend!r} of op {target.spec.op!r}"
 
 
+def _error_text(exc: BaseException) -> str:
+    """The failure in the kit's words: the assertion's message, or the type and message of an error."""
+    kind = "" if isinstance(exc, AssertionError) else f"raised {type(exc).__name__}: "
+    return f"{kind}{exc}"
+
+
 def run_check(
     check: Check, target: MixerTarget | OpTarget, mode: str | None = None, max_examples: int | None = None
 ) -> None:
-    """Run one check; a failure becomes a ``ConformanceError`` naming the check and the target, with
-    hypothesis's falsifying example when there is one. ``CheckNotApplicable`` passes through."""
+    """Run one check; a failure becomes a ``ConformanceError`` naming the check and the target, and, for a
+    property, the kit's report of the shrunk counterexample. ``CheckNotApplicable`` passes through."""
     label = f"{check.name}{f'[{mode}]' if mode else ''}"
     try:
         args = (target, mode) if check.per_mode else (target,)
         check.fn(*args, max_examples=max_examples) if check.hypothesis else check.fn(*args)
     except (CheckNotApplicable, BackendUnavailable):
         raise
+    except _PropertyFailed as failure:
+        # Hypothesis's notes on the error are its own report of the same example, worded by its version;
+        # the kit's line replaces them.
+        example = Counterexample(check.name, failure.mode or mode, failure.inputs)
+        text = _error_text(failure.error)
+        if failure.flaky:
+            text = (
+                "the check failed on an input and then passed on the same input: the backend (or the mixer) "
+                f"does not compute the same result twice, or keeps state between calls. The failure: {text}"
+            )
+        message = f"{_describe(target)}: check {label!r} failed ({check.doc})\n  {text}"
+        raise ConformanceError(f"{message}\n  {example}", [example]) from failure.error
     except Exception as exc:
         notes = "\n".join(getattr(exc, "__notes__", []))
-        kind = "" if isinstance(exc, AssertionError) else f"raised {type(exc).__name__}: "
-        message = f"{_describe(target)}: check {label!r} failed ({check.doc})\n  {kind}{exc}"
+        message = f"{_describe(target)}: check {label!r} failed ({check.doc})\n  {_error_text(exc)}"
         if notes:
             message += "\n" + notes
         raise ConformanceError(message) from exc
@@ -758,7 +862,7 @@ def _run_all(
     wanted = set(names) if names is not None else None
     if wanted is not None and (unknown := wanted - {c.name for c in checks}):
         raise ValueError(f"unknown checks {sorted(unknown)}; the checks are {[c.name for c in checks]}")
-    failures = []
+    failures: list[ConformanceError] = []
     ran = 0
     for check in checks:
         if wanted is not None and check.name not in wanted:
@@ -771,10 +875,12 @@ def _run_all(
                 continue
             except ConformanceError as exc:
                 ran += 1
-                failures.append(str(exc))
+                failures.append(exc)
     if failures:
         raise ConformanceError(
-            f"{_describe(target)} failed {len(failures)} of {ran} conformance checks:\n\n" + "\n\n".join(failures)
+            f"{_describe(target)} failed {len(failures)} of {ran} conformance checks:\n\n"
+            + "\n\n".join(str(f) for f in failures),
+            [example for f in failures for example in f.counterexamples],
         )
 
 
