@@ -27,7 +27,10 @@ from models.config import ConfigError, ModelConfig
 from models.lm import LanguageModel
 
 FORMAT = "seqmixers.lm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Config fields added after format version 1, with the value that reproduces what a version-1 model computed
+# (a v1 file has no such key, and the field's new default would silently make it a different model).
+V1_DEFAULTS = {"init": "gpt2"}
 HEADER_LIMIT = 100_000_000  # safetensors' own limit on the JSON header
 
 
@@ -134,7 +137,10 @@ def _read(path: Path) -> tuple[bytes, dict[str, str]]:
 
 def _config(meta: Mapping[str, str], where: str) -> ModelConfig:
     try:
-        return ModelConfig.from_dict(json.loads(meta["config"]))
+        fields = json.loads(meta["config"])
+        if int(meta["format_version"]) < 2 and isinstance(fields, dict):
+            fields = {**V1_DEFAULTS, **fields}
+        return ModelConfig.from_dict(fields)
     except (KeyError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{where} has a missing or corrupt config in its header: {exc}") from exc
     except ConfigError as exc:

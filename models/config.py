@@ -26,6 +26,7 @@ from mixers.registry import get_registry
 
 FFNS = ("gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
+INITS = ("scaled", "gpt2")
 LAYER_KEYS = ("mixer", "backend", "ffn_dim")  # the keys of a layer table that are not mixer options
 SUFFIXES = (".toml", ".yaml", ".yml", ".json")
 SECTIONS = ("model", "train")
@@ -176,7 +177,18 @@ class ModelConfig:
             (a multiple of 8) for swiglu, which gives both the same parameter count.
         norm: ``"layernorm"`` or ``"rmsnorm"``, for the pre-norms and the final norm; ``norm_eps``.
         dropout: on the embedding and on each residual branch, during training.
-        tie_embeddings: share the embedding matrix with the LM head.
+        tie_embeddings: share the embedding matrix with the LM head (default: no; untied heads learn
+            associative recall far faster at small sizes, see docs/learning.md; LLaMA and the official
+            RetNet code do not tie either).
+        init: how the embedding and LM head start (the FFNs start as in GPT-2 either way, and each mixer
+            initialises itself). ``"scaled"`` (default): both N(0, 1/d_model), and the embedding's output
+            is multiplied by ``embed_scale`` = sqrt(d_model), so the residual stream starts with
+            unit-variance token identity and the logits with unit variance, tied or not (the official
+            RetNet code, T5 and Gemma do this). ``"gpt2"``: both N(0, 0.02) and no scaling (seqmixers'
+            default before 0.2): the token signal is then several times smaller than the mixers' outputs
+            at small widths, and models learn recall much more slowly (docs/learning.md has the evidence).
+        embed_scale: the factor on the embedding's output; ``None``: sqrt(d_model) for ``init="scaled"``,
+            1 for ``init="gpt2"``.
         chunk_size: chunk size of ``mode="chunkwise"`` when a call gives none (``None``: each mixer's default).
     """
 
@@ -191,7 +203,9 @@ class ModelConfig:
     norm: str = "layernorm"
     norm_eps: float = 1e-5
     dropout: float = 0.0
-    tie_embeddings: bool = True
+    tie_embeddings: bool = False
+    init: str = "scaled"
+    embed_scale: float | None = None
     chunk_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -206,6 +220,9 @@ class ModelConfig:
         _float("norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True)
         _float("dropout", self.dropout, 0.0, 1.0, hi_open=True)
         _bool("tie_embeddings", self.tie_embeddings)
+        _choice("init", self.init, INITS)
+        if self.embed_scale is not None:
+            _float("embed_scale", self.embed_scale, 0.0, 1e6, lo_open=True)
         if self.chunk_size is not None:
             _int("chunk_size", self.chunk_size, 1)
         if not isinstance(self.mixer_options, Mapping):
@@ -248,6 +265,13 @@ class ModelConfig:
             _check_options(where, mixer, {k: v for k, v in entry.items() if k not in LAYER_KEYS})
             out.append(_plain(entry))
         return out
+
+    @property
+    def embedding_scale(self) -> float:
+        """The factor applied to the embedding's output (``embed_scale``, or the ``init``'s default)."""
+        if self.embed_scale is not None:
+            return float(self.embed_scale)
+        return math.sqrt(self.d_model) if self.init == "scaled" else 1.0
 
     @property
     def default_ffn_dim(self) -> int:
@@ -300,7 +324,8 @@ class ModelConfig:
         """One line per layer: index, mixer, options, FFN."""
         lines = [
             f"{self.n_layers} layers, d_model={self.d_model}, vocab_size={self.vocab_size}, "
-            f"ffn={self.ffn}, norm={self.norm}, tie_embeddings={self.tie_embeddings}"
+            f"ffn={self.ffn}, norm={self.norm}, tie_embeddings={self.tie_embeddings}, init={self.init}, "
+            f"embed_scale={self.embedding_scale:g}"
         ]
         for i, spec in enumerate(self.layer_specs()):
             opts = ", ".join(f"{k}={v!r}" for k, v in spec.options.items())

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from mixers import MixerState
 from mixers.registry import get_registry
-from models.config import FFNS, NORMS, ModelConfig, mixer_parameters
+from models.config import FFNS, INITS, NORMS, ModelConfig, mixer_parameters
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -63,6 +63,7 @@ def model_configs(draw, max_layers: int = 3) -> ModelConfig:
         ffn_dim=draw(st.sampled_from([None, 20])),
         norm=draw(st.sampled_from(NORMS)),
         tie_embeddings=draw(st.booleans()),
+        init=draw(st.sampled_from(INITS)),
         chunk_size=draw(st.sampled_from([None, 3, 8])),
     )
 

@@ -153,8 +153,25 @@ def test_config_this_installation_cannot_build(saved):
 
 def test_newer_format_version(saved):
     rewrite_metadata(saved, format_version="99")
-    with pytest.raises(CheckpointError, match=r"format version '99'; this seqmixers reads versions up to 1"):
+    with pytest.raises(CheckpointError, match=r"format version '99'; this seqmixers reads versions up to 2"):
         read_header(saved)
+
+
+def test_a_version_1_checkpoint_loads_as_the_model_it_was(tmp_path):
+    """Version 1 predates ``init``/``embed_scale``: its models had no embedding scale. Reading the missing
+    field as today's default (``init="scaled"``, scale sqrt(d)) would silently compute another function."""
+    config = tiny_config(["retention", "softmax_attention"], init="gpt2")
+    model = trained_looking(config)
+    path = model.save(tmp_path / "v1.safetensors")
+    old = {k: v for k, v in config.to_dict().items() if k not in ("init", "embed_scale")}
+    rewrite_metadata(path, format_version="1", config=json.dumps(old))
+    loaded = load(path)
+    assert loaded.config.init == "gpt2" and loaded.config.embedding_scale == 1.0
+    tokens = torch.randint(0, config.vocab_size, (2, 9))
+    assert torch.equal(loaded(tokens)[0], model(tokens)[0])
+    # The same header read as today's format would be a different model: the shim is what keeps it right.
+    rewrite_metadata(path, format_version="2")
+    assert load(path).config.embedding_scale == config.d_model**0.5
 
 
 def test_save_is_atomic(saved, monkeypatch):

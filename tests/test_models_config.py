@@ -51,6 +51,9 @@ MODEL_ERRORS = [
     ({"dropout": float("nan")}, r"dropout must be a finite number"),
     ({"tie_embeddings": "yes"}, r"tie_embeddings must be true or false, got 'yes'"),
     ({"chunk_size": 0}, r"chunk_size must be an int >= 1"),
+    ({"init": "xavier"}, r"init must be one of \['scaled', 'gpt2'\], got 'xavier'"),
+    ({"embed_scale": 0}, r"embed_scale must be in \(0.0, 1000000.0\], got 0"),
+    ({"embed_scale": "8"}, r"embed_scale must be a finite number, got '8' \(str\)"),
 ]
 
 

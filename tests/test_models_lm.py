@@ -231,8 +231,8 @@ def test_dropout_only_in_training():
 
 
 def test_tied_and_untied_embeddings():
-    tied = build_model(tiny_config(["retention"]))
-    untied = build_model(tiny_config(["retention"], tie_embeddings=False))
+    tied = build_model(tiny_config(["retention"], tie_embeddings=True))
+    untied = build_model(tiny_config(["retention"]))  # the default: untied
     assert tied.lm_head.weight is tied.tok_emb.weight
     assert untied.lm_head.weight is not untied.tok_emb.weight
     assert untied.num_parameters() - tied.num_parameters() == 32 * 16
