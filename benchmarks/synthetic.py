@@ -49,6 +49,7 @@ class Task:
     num_pairs: int = 8  # mqar: key-value pairs in the context
     num_queries: int = 16  # mqar: queries after the context
     num_tokens: int = 8  # selective_copy: data tokens to copy
+    query_power: float = 0.0  # mqar: query positions drawn with weight (j + 1) ** -query_power (0: uniform)
 
     def __post_init__(self) -> None:
         if self.name not in TASKS:
@@ -57,6 +58,9 @@ class Task:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        power = self.query_power
+        if isinstance(power, bool) or not isinstance(power, (int, float)) or not 0 <= power < float("inf"):
+            raise ValueError(f"query_power must be a finite number >= 0, got {power!r}")
         if self.name == "mqar":
             keys = (self.vocab_size - 1) // 2
             if self.num_pairs > keys:
@@ -96,7 +100,9 @@ def mqar(task: Task, batch_size: int, generator: torch.Generator) -> tuple[Tenso
 
     The context is ``k1 v1 k2 v2 ...`` (distinct keys, distinct values); after it, ``num_queries`` keys
     (drawn with repetition from the context's) stand at random positions of the rest, filler elsewhere.
-    The target at a query is its key's value."""
+    The target at a query is its key's value. ``query_power`` > 0 draws the j-th position after the
+    context with weight ``(j + 1) ** -query_power``, so queries crowd towards the context (short recall
+    distances), as Zoology's power-law spacing does; 0 draws them uniformly."""
     B, T, P, Q = batch_size, task.seq_len, task.num_pairs, task.num_queries
     K = (task.vocab_size - 1) // 2
     keys = 1 + _choose(K, P, B, generator)  # (B, P)
@@ -105,7 +111,11 @@ def mqar(task: Task, batch_size: int, generator: torch.Generator) -> tuple[Tenso
     targets = torch.full((B, T), IGNORE, dtype=torch.long)
     inputs[:, 0 : 2 * P : 2], inputs[:, 1 : 2 * P : 2] = keys, values
     which = torch.randint(0, P, (B, Q), generator=generator)  # which pair each query asks for
-    where = 2 * P + _choose(T - 2 * P, Q, B, generator)  # (B, Q) positions after the context
+    if task.query_power:
+        weights = torch.arange(1, T - 2 * P + 1, dtype=torch.float64) ** -task.query_power
+        where = 2 * P + torch.multinomial(weights.expand(B, -1), Q, replacement=False, generator=generator)
+    else:  # uniform (the draw every published figure here was made with)
+        where = 2 * P + _choose(T - 2 * P, Q, B, generator)  # (B, Q) positions after the context
     rows = torch.arange(B)[:, None]
     inputs[rows, where] = keys.gather(1, which)
     targets[rows, where] = values.gather(1, which)
@@ -337,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", help="a model config as JSON (or a file), instead of --config")
     for name in ("vocab_size", "seq_len", "num_pairs", "num_queries", "num_tokens"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(Task(), name))
+    parser.add_argument("--query-power", type=float, default=0.0, help="mqar: query positions ~ (j+1)^-power")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -348,7 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "synthetic")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    task = Task(args.task, args.vocab_size, args.seq_len, args.num_pairs, args.num_queries, args.num_tokens)
+    task = Task(
+        args.task, args.vocab_size, args.seq_len, args.num_pairs, args.num_queries, args.num_tokens, args.query_power
+    )
     config = _model_config(args, task)
     results = run(
         config,

@@ -32,6 +32,22 @@ def test_mqar_targets_are_the_values_of_the_queried_keys(pairs, queries, seq_len
                 assert y[t] == context[x[t]], "the target of a query is its key's value"
 
 
+def test_mqar_query_power_pulls_the_queries_towards_the_context():
+    """Uniform by default; with ``query_power`` > 0 the queries sit nearer the context on average, and the
+    targets still follow the rule."""
+    mean_gap = {}
+    for power in (0.0, 2.0):
+        task = Task("mqar", seq_len=64, num_pairs=8, num_queries=8, query_power=power)
+        inputs, targets = _rows(task, n=256)
+        gaps = [t - 16 for row in targets for t, y in enumerate(row) if y != IGNORE]
+        assert len(gaps) == 256 * 8 and min(gaps) >= 0
+        mean_gap[power] = sum(gaps) / len(gaps)
+        for x, y in zip(inputs, targets, strict=True):
+            context = dict(zip(x[0:16:2], x[1:16:2], strict=True))
+            assert all(y[t] == context[x[t]] for t in range(16, 64) if y[t] != IGNORE)
+    assert 20 < mean_gap[0.0] < 28 and mean_gap[2.0] < 12, mean_gap  # uniform over 48 slots: 23.5
+
+
 def test_induction_target_follows_the_first_trigger():
     task = Task("induction", vocab_size=20, seq_len=24)
     for x, y in zip(*_rows(task), strict=True):
@@ -83,6 +99,7 @@ def test_accuracy_counts_only_the_asked_positions():
         ({"num_queries": 20}, r"8 pairs \(2 tokens each\) and 20 queries need seq_len >= 36, got 32"),
         ({"seq_len": 0}, r"seq_len must be an int >= 1, got 0"),
         ({"name": "selective_copy", "num_tokens": 16}, r"num_tokens=16 needs seq_len >= 33"),
+        ({"query_power": -1.0}, r"query_power must be a finite number >= 0, got -1.0"),
     ],
 )
 def test_bad_task_knobs_are_named(fields, match):
