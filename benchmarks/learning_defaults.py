@@ -48,7 +48,7 @@ DEMO_PRESETS = {
 }
 
 
-def mqar_config(layers: list[str], variant: str) -> dict[str, Any]:
+def mqar_config(layers: list[str]) -> dict[str, Any]:
     options = {name: {"num_heads": 4} for name in layers}
     return {"vocab_size": 65, "d_model": 64, "n_layers": 2, "layers": layers, "mixer_options": options}
 
@@ -64,7 +64,7 @@ def run_mqar(model: str, variant: str, seed: int, steps: int) -> dict[str, Any]:
 
         net = PlainTransformer(65, 64, 2, 4)
     else:
-        net = build_model({**mqar_config(MQAR_MODELS[model], variant), **VARIANTS[variant]})
+        net = build_model({**mqar_config(MQAR_MODELS[model]), **VARIANTS[variant]})
     result = train_on_task(net, Task(), steps=steps, seed=seed, eval_every=100, lr=3e-3, batch_size=64)
     return {"steps": result.steps, "accuracy": result.accuracy, "loss": result.loss, "seconds": result.seconds}
 

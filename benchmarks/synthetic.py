@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.train import Progress, decay_groups
 
 IGNORE = -100
 TASKS = ("mqar", "induction", "selective_copy")
@@ -219,11 +221,7 @@ def train_on_task(
     stop at the first evaluation whose accuracy reaches it (tests that only ask *whether* a model learns).
     """
     eval_inputs, eval_targets = task.batch(eval_size, torch.Generator().manual_seed(10_000 + seed))
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
-    )
+    optimizer = torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     result = LearnResult()
     start, running, count = time.perf_counter(), 0.0, 0
@@ -271,48 +269,33 @@ def run(
     progress: bool = True,
     **train_kwargs: Any,
 ) -> dict[int, LearnResult]:
-    """Train a fresh model built from ``config`` (a ``ModelConfig`` or dict) on ``task`` once per seed."""
+    """Train a fresh model built from ``config`` (a ``ModelConfig`` or dict) on ``task`` once per seed,
+    with the trainer's progress bar on stderr."""
     from models.lm import build_model
 
     results = {}
     for seed in seeds:
         torch.manual_seed(seed)
         model = build_model(config)
-        bar = _bar(train_kwargs.get("steps", 600), f"seed {seed}", progress)
+        bar = Progress(train_kwargs.get("steps", 600), f"seed {seed} ", enabled=progress)
 
-        def log(step: int, loss: float, acc: float, bar=bar) -> None:
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", refresh=False)
-            bar.update(step - bar.n)
+        def log(step: int, loss: float, acc: float, bar: Progress = bar) -> None:
+            bar.update(step, f"loss {loss:.3f} acc {acc:.3f}")
 
         results[seed] = train_on_task(model, task, seed=seed, log=log, **train_kwargs)
         bar.close()
     return results
 
 
-def _bar(total: int, label: str, enabled: bool) -> Any:
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional: a silent stand-in
-        return _NoBar()
-    return tqdm(total=total, desc=label, disable=not enabled, leave=False)
-
-
-class _NoBar:
-    n = 0
-
-    def set_postfix(self, **_: Any) -> None: ...
-
-    def update(self, k: int) -> None:
-        self.n += k
-
-    def close(self) -> None: ...
-
-
 def summarize(results: Mapping[int, LearnResult]) -> dict[str, Any]:
     finals = [r.final_accuracy for r in results.values()]
-    mean = sum(finals) / len(finals)
-    std = math.sqrt(sum((f - mean) ** 2 for f in finals) / len(finals))
-    return {"mean": mean, "std": std, "min": min(finals), "max": max(finals), "per_seed": finals}
+    return {
+        "mean": statistics.fmean(finals),
+        "std": statistics.pstdev(finals),
+        "min": min(finals),
+        "max": max(finals),
+        "per_seed": finals,
+    }
 
 
 def plot(curves: Mapping[str, Mapping[int, LearnResult]], title: str, path: Path) -> None:

@@ -32,6 +32,7 @@ import argparse
 import copy
 import importlib.metadata
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,23 +58,19 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / abs(a)
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def summarize(reference: list[float], other: list[float], tail: int) -> dict[str, float]:
     """Distances between two loss curves: per step (max, final, median), their signed mean and spread
     (a systematic difference would show as a mean away from zero), and of the tail's mean loss."""
     signed = [(b - a) / abs(a) for a, b in zip(reference, other, strict=True)]
     diffs = sorted(abs(d) for d in signed)
-    spread = math.sqrt(mean([(d - mean(signed)) ** 2 for d in signed]))
+    spread = statistics.pstdev(signed)
     return {
         "max_rel": max(diffs),
         "final_rel": rel(reference[-1], other[-1]),
         "median_rel": diffs[len(diffs) // 2],
-        "mean_signed_rel": mean(signed),
+        "mean_signed_rel": statistics.fmean(signed),
         "sd_signed_rel": spread,
-        f"mean_loss_last_{tail}_rel": rel(mean(reference[-tail:]), mean(other[-tail:])),
+        f"mean_loss_last_{tail}_rel": rel(statistics.fmean(reference[-tail:]), statistics.fmean(other[-tail:])),
         "first_step_rel": rel(reference[0], other[0]),
     }
 

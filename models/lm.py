@@ -32,7 +32,6 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.config = config = as_model_config(config)
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.embed_scale = config.embedding_scale
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, spec, i) for i, spec in enumerate(config.layer_specs()))
         self.norm = make_norm(config.norm, config.d_model, config.norm_eps)
@@ -49,10 +48,10 @@ class LanguageModel(nn.Module):
         With ``init="scaled"`` the embedding is N(0, 1/d) and its output is multiplied by sqrt(d): token
         identity enters the residual stream at unit variance, larger than any branch's output at the start,
         and a tied head still gives unit-variance logits (LN(x) . e with |e|^2 ~ 1)."""
-        std = self.config.d_model**-0.5 if self.config.init == "scaled" else 0.02
-        nn.init.normal_(self.tok_emb.weight, std=std)
+        embed_std = self.config.d_model**-0.5 if self.config.init == "scaled" else 0.02
+        nn.init.normal_(self.tok_emb.weight, std=embed_std)
         if not self.config.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=std)
+            nn.init.normal_(self.lm_head.weight, std=embed_std)
         std = 0.02
         for block in self.blocks:
             nn.init.normal_(block.ffn.fc.weight, std=std)
@@ -121,8 +120,8 @@ class LanguageModel(nn.Module):
             raise ValueError(f"states must hold one state per layer ({len(self.blocks)}), got {len(states)}")
         chunk_size = self.config.chunk_size if chunk_size is None else chunk_size
         x = self.tok_emb(tokens.long())  # (B, T, D)
-        if self.embed_scale != 1.0:
-            x = x * self.embed_scale
+        if (scale := self.config.embedding_scale) != 1.0:
+            x = x * scale
         x = self.drop(x)
         new_states = []
         for block, state in zip(self.blocks, states, strict=True):

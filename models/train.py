@@ -91,14 +91,19 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def make_optimizer(model: LanguageModel, tc: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases, or per-head scales)."""
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer parameter groups with weight decay on matrices only (not on norms, biases, or per-head
+    scales), as is usual for transformers."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2))
+
+
+def make_optimizer(model: LanguageModel, tc: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (``decay_groups``)."""
+    return torch.optim.AdamW(decay_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2))
 
 
 @torch.no_grad()

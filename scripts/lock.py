@@ -31,16 +31,10 @@ NOT_LOCKED = {"torch"}  # kept as installed, and not traversed
 
 
 def _requirements(dist: metadata.Distribution, extras: tuple[str, ...]) -> list[Requirement]:
-    found = []
-    for text in dist.requires or []:
-        req = Requirement(text)
-        if req.marker is None:
-            found.append(req)
-            continue
-        env = default_environment()
-        if any(req.marker.evaluate({**env, "extra": extra}) for extra in (*extras, "")):
-            found.append(req)
-    return found
+    """The requirements of ``dist`` that apply here, with ``extras`` requested."""
+    env = default_environment()
+    reqs = [Requirement(text) for text in dist.requires or []]
+    return [r for r in reqs if r.marker is None or any(r.marker.evaluate({**env, "extra": e}) for e in (*extras, ""))]
 
 
 def closure() -> dict[str, str]:
