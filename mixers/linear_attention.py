@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from mixers import functional
 from mixers.hookspecs import hookimpl
 from mixers.interface import MixerState, TokenMixer
-from mixers.layers import HEAD_NORMS, HeadNorm
+from mixers.layers import HEAD_NORMS, HeadNorm, ShortConv, conv_window
 from mixers.registry import FeatureMapRegistrar, MixerRegistrar, get_registry
 from mixers.retention import check_value_dim, resolve_heads
 
@@ -50,6 +50,7 @@ class LinearAttentionState(MixerState):
 
     kv: Tensor
     z: Tensor
+    conv: Tensor | None = None  # with conv_size K: the last K-1 projected q, k, v inputs [B, K-1, C] (input dtype)
 
 
 class LinearAttention(TokenMixer):
@@ -63,6 +64,8 @@ class LinearAttention(TokenMixer):
         normalize: divide by ``phi(q_t) . sum_s phi(k_s)``; ``eps`` is the op's guard on that denominator.
         gate: a swish output gate. norm: a per-head norm of the output, ``None``, ``"groupnorm"``
             (LayerNorm per head) or ``"rmsnorm"``; ``norm_affine`` its weights, ``norm_eps`` its epsilon.
+        conv_size: taps of a short causal convolution (then SiLU) on q, k, v before the feature map, as
+            fla's and Zoology's recurrent models have; ``None`` (default): none, the paper's layer.
         backend: the linear-attention op's backend (``"auto"`` picks the best available).
         chunk_size: default chunk size for ``mode="chunkwise"``.
     """
@@ -83,6 +86,7 @@ class LinearAttention(TokenMixer):
         norm: str | None = None,
         norm_affine: bool = True,
         norm_eps: float = 1e-5,
+        conv_size: int | None = None,
         backend: str = "auto",
         chunk_size: int | None = None,
     ) -> None:
@@ -107,6 +111,7 @@ class LinearAttention(TokenMixer):
         self.in_proj = nn.Linear(d_model, sum(self.widths), bias=False)  # q, k, v, g in one matmul
         self.out_proj = nn.Linear(value_dim, d_model, bias=False)
         self.head_norm = None if norm is None else HeadNorm(H, value_dim // H, norm, affine=norm_affine, eps=norm_eps)
+        self.conv = None if conv_size is None else ShortConv(sum(self.widths[:3]), conv_size)
 
     def _probe_feature_dim(self, H: int, Dk: int) -> int:
         """Run the feature map once on a dummy ``[1, 2, H, Dk]`` to learn (and check) its output width."""
@@ -129,6 +134,7 @@ class LinearAttention(TokenMixer):
             offset=0,
             kv=torch.zeros(batch_size, H, D, Dv, device=device, dtype=sd),
             z=torch.zeros(batch_size, H, D, device=device, dtype=sd),
+            conv=None if self.conv is None else self.conv.init_window(batch_size, device=device, dtype=dtype),
         )
 
     def forward(
@@ -138,7 +144,11 @@ class LinearAttention(TokenMixer):
         state = self.check_state(state, B)
         offset = 0 if state is None else state.offset
         H, Dk, Dv = self.num_heads, self.head_dim, self.value_head_dim
-        q, k, v, *g = self.in_proj(x).split(self.widths, dim=-1)
+        qkv, *g = self.in_proj(x).split([sum(self.widths[:3]), *self.widths[3:]], dim=-1)
+        window = conv_window(self.conv, state)
+        if self.conv is not None:
+            qkv, window = self.conv(qkv, window)
+        q, k, v = qkv.split(self.widths[:3], dim=-1)
         q, k = self.phi(q.view(B, T, H, Dk)), self.phi(k.view(B, T, H, Dk))  # (B, T, H, D')
         o, (kv, z) = functional.linear_attention(
             q * self.scaling if self.scaling != 1.0 else q,
@@ -154,13 +164,14 @@ class LinearAttention(TokenMixer):
         y = o if self.head_norm is None else self.head_norm(o)
         if self.gate:
             y = F.silu(g[0]).view(B, T, H, Dv) * y
-        return self.out_proj(y.reshape(B, T, H * Dv)), LinearAttentionState(offset=offset + T, kv=kv, z=z)
+        return self.out_proj(y.reshape(B, T, H * Dv)), LinearAttentionState(offset=offset + T, kv=kv, z=z, conv=window)
 
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
             f"value_head_dim={self.value_head_dim}, feature_map={self.feature_map!r}, normalize={self.normalize}, "
-            f"gate={self.gate}, norm={self.norm!r}, backend={self.backend!r}"
+            f"gate={self.gate}, norm={self.norm!r}, conv_size={self.conv and self.conv.kernel_size}, "
+            f"backend={self.backend!r}"
         )
 
 

@@ -25,15 +25,17 @@ from mixers import functional
 from mixers import rotary as rope
 from mixers.hookspecs import hookimpl
 from mixers.interface import MixerState, TokenMixer
-from mixers.layers import HEAD_NORMS, HeadNorm
+from mixers.layers import HEAD_NORMS, HeadNorm, ShortConv, conv_window
 from mixers.registry import MixerRegistrar
 
 
 @dataclass
 class RetentionState(MixerState):
-    """``kv``: the retention state ``S [B, H, Dk, Dv]`` (float32, or float64 for float64 inputs)."""
+    """``kv``: the retention state ``S [B, H, Dk, Dv]`` (float32, or float64 for float64 inputs); ``conv``:
+    with ``conv_size`` K, the last K-1 projected q, k, v inputs ``[B, K-1, 2 H Dk + H Dv]`` (input dtype)."""
 
     kv: Tensor
+    conv: Tensor | None = None
 
 
 def resolve_heads(d_model: int, num_heads: int | None, head_dim: int | None, default_head_dim: int) -> tuple[int, int]:
@@ -88,6 +90,8 @@ class MultiScaleRetention(TokenMixer):
             gammas: explicit per-head decays (overrides both).
         rotary: rotate q, k by position; ``rope_layout`` ``"interleaved"`` (torchscale) or ``"half"``,
             ``rope_schedule`` ``"rope"``/``"linspace"`` (torchscale's), ``rope_base``.
+        conv_size: taps of a short causal convolution (then SiLU) on q, k, v before retention, as fla's
+            and Zoology's recurrent models have; ``None`` (default): none, the paper's layer.
         backend: the retention op's backend (``"auto"`` picks the best available).
         chunk_size: default chunk size for ``mode="chunkwise"``.
     """
@@ -113,6 +117,7 @@ class MultiScaleRetention(TokenMixer):
         rope_layout: str = "interleaved",
         rope_schedule: str = "rope",
         rope_base: float = 10000.0,
+        conv_size: int | None = None,
         backend: str = "auto",
         chunk_size: int | None = None,
     ) -> None:
@@ -140,6 +145,7 @@ class MultiScaleRetention(TokenMixer):
         self.in_proj = nn.Linear(d_model, sum(self.widths), bias=False)  # q, k, v, g in one matmul
         self.out_proj = nn.Linear(value_dim, d_model, bias=False)
         self.head_norm = HeadNorm(H, value_dim // H, norm, affine=norm_affine, eps=norm_eps) if group_norm else None
+        self.conv = None if conv_size is None else ShortConv(sum(self.widths[:3]), conv_size)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -152,7 +158,9 @@ class MultiScaleRetention(TokenMixer):
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
     ) -> RetentionState:
         shape = (batch_size, self.num_heads, self.head_dim, self.value_head_dim)
-        return RetentionState(offset=0, kv=torch.zeros(shape, device=device, dtype=functional.state_dtype(dtype)))
+        kv = torch.zeros(shape, device=device, dtype=functional.state_dtype(dtype))
+        conv = None if self.conv is None else self.conv.init_window(batch_size, device=device, dtype=dtype)
+        return RetentionState(offset=0, kv=kv, conv=conv)
 
     def forward(
         self, x: Tensor, state: MixerState | None = None, *, mode: str = "parallel", chunk_size: int | None = None
@@ -161,7 +169,11 @@ class MultiScaleRetention(TokenMixer):
         state = self.check_state(state, B)
         offset = 0 if state is None else state.offset
         H, Dk, Dv = self.num_heads, self.head_dim, self.value_head_dim
-        qk, v, *g = self.in_proj(x).split([2 * H * Dk, *self.widths[2:]], dim=-1)
+        qkv, *g = self.in_proj(x).split([sum(self.widths[:3]), *self.widths[3:]], dim=-1)
+        window = conv_window(self.conv, state)
+        if self.conv is not None:
+            qkv, window = self.conv(qkv, window)
+        qk, v = qkv.split([2 * H * Dk, self.widths[2]], dim=-1)
         qk = qk.unflatten(-1, (2, H, Dk))  # (B, T, 2, H, Dk): q and k, rotated and scaled in one pass
         if self.rotary:
             self._theta = self._theta.to(x.device)  # float64 angles follow the input, moved once not per call
@@ -183,13 +195,14 @@ class MultiScaleRetention(TokenMixer):
         y = o if self.head_norm is None else self.head_norm(o)  # keeps the op's layout: the gate transposes
         if self.gate:
             y = F.silu(g[0]).view(B, T, H, Dv) * y  # written in the gate's (B, T, H, Dv) layout
-        return self.out_proj(y.reshape(B, T, H * Dv)), RetentionState(offset=offset + T, kv=kv)
+        return self.out_proj(y.reshape(B, T, H * Dv)), RetentionState(offset=offset + T, kv=kv, conv=window)
 
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
             f"value_head_dim={self.value_head_dim}, gate={self.gate}, group_norm={self.group_norm}, "
-            f"gammas={[round(g, 6) for g in self.gammas]}, backend={self.backend!r}"
+            f"gammas={[round(g, 6) for g in self.gammas]}, conv_size={self.conv and self.conv.kernel_size}, "
+            f"backend={self.backend!r}"
         )
 
 

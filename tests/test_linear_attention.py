@@ -21,7 +21,7 @@ from mixers import functional
 from mixers.__main__ import format_listing
 from mixers.linear_attention import LinearAttention, LinearAttentionState
 from mixers.registry import DEFAULT_PLUGINS, Registry
-from mixers.testing.reference import linear_attention_reference
+from mixers.testing.reference import linear_attention_reference, short_conv_reference
 
 MODES = functional.MODES
 # (rtol, atol) per dtype, against a float64 reference
@@ -287,6 +287,25 @@ def test_mixer_computes_the_formula(feature_map, normalize):
     y, state = mixer(x)
     torch.testing.assert_close(y, o.reshape(2, 7, 12) @ mixer.out_proj.weight.T, rtol=1e-9, atol=1e-9)
     assert isinstance(state, LinearAttentionState) and state.offset == 7
+
+
+@pytest.mark.parametrize("conv_size", [1, 4])
+def test_mixer_with_a_short_convolution_computes_the_formula(conv_size):
+    """q, k, v go through the short convolution (then SiLU) before the feature map; the window is handed over."""
+    torch.manual_seed(0)
+    mixer = LinearAttention(12, num_heads=3, conv_size=conv_size).double()
+    x = torch.randn(2, 9, 12, dtype=torch.float64)
+    qkv = short_conv_reference(x @ mixer.in_proj.weight.T, mixer.conv.weight)
+    q, k, v = (t.reshape(2, 9, 3, 4) for t in qkv.split(mixer.widths, dim=-1))
+    o, _, _ = reference(F.elu(q) + 1, F.elu(k) + 1, v)
+    want = o.reshape(2, 9, 12) @ mixer.out_proj.weight.T
+    for mode in ("parallel", "chunkwise", "recurrent"):
+        y, state = mixer(x, mode=mode, chunk_size=4)
+        torch.testing.assert_close(y, want, rtol=1e-9, atol=1e-9)
+        assert state.conv.shape == (2, conv_size - 1, 36)
+    y1, s1 = mixer(x[:, :2], mode="recurrent")
+    y2, _ = mixer(x[:, 2:], s1, mode="chunkwise", chunk_size=3)
+    torch.testing.assert_close(torch.cat([y1, y2], dim=1), want, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("norm", [None, "rmsnorm", "groupnorm"])

@@ -20,7 +20,9 @@ from mixers.testing import conformance as kit
 from mixers.testing.strategies import MODES
 
 CHECKS = {check.name: check for check in kit.MIXER_CHECKS}
-TARGETS = kit.mixer_targets()
+# The recurrent mixers' short convolution on q, k, v adds a window to the state: it is checked as a mixer of its own.
+CONV_TARGETS = [kit.mixer_target(name, "torch", options={"conv_size": 4}) for name in ("linear_attention", "retention")]
+TARGETS = kit.mixer_targets() + CONV_TARGETS
 per_target = pytest.mark.parametrize("target", [pytest.param(t, id=t.id) for t in TARGETS])
 
 

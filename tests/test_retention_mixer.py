@@ -7,6 +7,7 @@ The generic properties every mixer shares (causality, batch independence, gradie
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 import mixers
 from mixers.retention import MultiScaleRetention, RetentionState
 from mixers.testing import assert_rel_close, norm_rel_error
+from mixers.testing.reference import short_conv_reference
 from mixers.testing.strategies import MODES
 
 D_MODEL = 24
@@ -50,14 +52,18 @@ def msr_reference(
 
     ``o_n = sum_{m<=n} gamma^(n-m) Re[(Q_n e^{in theta}) (K_m e^{im theta})^dagger] V_m``, where a pair of
     real dimensions is one complex number: ``(i, i + D/2)`` for the "half" layout, ``(2i, 2i+1)`` for
-    "interleaved". Then a per-head norm, the swish gate and the output projection.
+    "interleaved". Then a per-head norm, the swish gate and the output projection. With ``conv_size``,
+    q, k, v (before rotation) go through the short convolution first.
     """
     x = x.double()
     B, T, _ = x.shape
     H, Dk, Dv = mixer.num_heads, mixer.head_dim, mixer.value_head_dim
     w = mixer.in_proj.weight.double()
-    wq, wk, wv = w[: H * Dk], w[H * Dk : 2 * H * Dk], w[2 * H * Dk : 2 * H * Dk + H * Dv]
-    q, k, v = (x @ wq.T).view(B, T, H, Dk), (x @ wk.T).view(B, T, H, Dk), (x @ wv.T).view(B, T, H, Dv)
+    qkv = x @ w[: 2 * H * Dk + H * Dv].T
+    if mixer.conv is not None:
+        qkv = short_conv_reference(qkv, mixer.conv.weight)
+    q, k, v = qkv.split([H * Dk, H * Dk, H * Dv], dim=-1)
+    q, k, v = q.reshape(B, T, H, Dk), k.reshape(B, T, H, Dk), v.reshape(B, T, H, Dv)
     k = k / math.sqrt(Dk)
     n = torch.arange(T, dtype=torch.float64)
     rel = n[:, None] - n[None, :]  # n - m
@@ -110,6 +116,8 @@ OPTIONS = [
     {"multi_scale": False},
     {"gammas": [1.0, 0.5, 1e-6]},
     {"value_dim": 12, "head_dim": 4},
+    {"conv_size": 4},
+    {"conv_size": 1, "rotary": False},
 ]
 
 
@@ -157,6 +165,39 @@ def test_handover_continues_positions(first, second, cut):
     assert s2.offset == x.shape[1]
     assert_rel_close(torch.cat([y1, y2], dim=1), expected, 1e-10, "outputs")
     assert_rel_close(s2.kv, whole.kv, 1e-10, "state")
+
+
+@pytest.mark.parametrize("cut", [0, 1, 2, 11])
+def test_conv_window_is_handed_over(cut):
+    """With the short convolution, the state carries its last K-1 inputs: a split (shorter than the
+    window too) and token-by-token decoding equal one pass."""
+    mixer = make(conv_size=4)
+    x = inputs(T=14)
+    expected, whole = mixer(x)
+    assert whole.conv.shape == (2, 3, mixer.conv.channels) and whole.conv.dtype == torch.float64
+    y1, s1 = mixer(x[:, :cut], mode="recurrent")
+    y2, s2 = mixer(x[:, cut:], s1, mode="chunkwise", chunk_size=3)
+    assert_rel_close(torch.cat([y1, y2], dim=1), expected, 1e-10, "split outputs")
+    assert_rel_close(s2.conv, whole.conv, 1e-12, "window")
+    state, outs = mixer.init_state(2, dtype=torch.float64), []
+    for t in range(x.shape[1]):
+        y, state = mixer(x[:, t : t + 1], state, mode="recurrent")
+        outs.append(y)
+    assert_rel_close(torch.cat(outs, dim=1), expected, 1e-10, "decoded")
+
+
+def test_a_state_built_for_another_conv_setting_is_refused():
+    with_conv, without = make(conv_size=3), make()
+    x = inputs(T=4)
+    with pytest.raises(ValueError, match="the state holds no conv window, but this mixer has conv_size=3"):
+        with_conv(x, without.init_state(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="the state holds a conv window, but this mixer has no short convolution"):
+        without(x, with_conv.init_state(2, dtype=torch.float64))
+    wrong = dataclasses.replace(with_conv.init_state(2, dtype=torch.float64), conv=torch.zeros(2, 5, 3))
+    with pytest.raises(ValueError, match=r"conv window must be \[B, conv_size - 1, channels\] = \[2, 2, "):
+        with_conv(x, wrong)
+    with pytest.raises(ValueError, match="conv_size must be a positive int"):
+        make(conv_size=0)
 
 
 @pytest.mark.parametrize("rotary", [True, False])

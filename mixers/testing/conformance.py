@@ -219,7 +219,8 @@ class MixerTarget:
 
     @property
     def id(self) -> str:
-        return f"{self.name}-{self.backend}"
+        extra = "".join(f"-{k}={v}" for k, v in self.options if k != "num_heads")  # the options that set it apart
+        return f"{self.name}-{self.backend}{extra}"
 
     def build(self, dtype: torch.dtype | None = None, backend: str | None = None) -> TokenMixer:
         """The mixer in ``dtype`` (default: the target's), its weights drawn from seed 0; cached, read-only."""

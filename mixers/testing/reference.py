@@ -92,3 +92,17 @@ def softmax_attention_reference(
             w = torch.exp(torch.einsum("bd,bsd->bs", q[:, t, h], k[:, : Tc + t + 1, h // G]) / math.sqrt(D))
             o[:, t, h] = torch.einsum("bs,bse->be", w, v[:, : Tc + t + 1, h // G]) / w.sum(-1, keepdim=True)
     return o, KVCache(k, v)
+
+
+def short_conv_reference(x: Tensor, weight: Tensor, window: Tensor | None = None) -> Tensor:
+    """``y_t[c] = silu(sum_j weight[c, j] * x_{t-K+1+j}[c])`` in float64, one tap at a time, over ``x [B, T, C]``
+    preceded by ``window [B, K-1, C]`` (zeros if ``None``): the mixers' short convolution on q, k, v."""
+    x, weight = x.double(), weight.double()
+    B, T, C = x.shape
+    K = weight.shape[1]
+    past = torch.zeros(B, K - 1, C, dtype=torch.float64) if window is None else window.double()
+    padded = torch.cat([past, x], dim=1)  # padded[:, t + K - 1] is x_t
+    y = torch.zeros(B, T, C, dtype=torch.float64)
+    for j in range(K):  # tap j multiplies x_{t-K+1+j}, i.e. padded[:, t + j]
+        y += weight[:, j] * padded[:, j : j + T]
+    return torch.nn.functional.silu(y)
