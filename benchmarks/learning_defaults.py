@@ -11,6 +11,7 @@ each with several seeds, one process per run. Prints the table and writes
 run keeps what it measured)::
 
     python benchmarks/learning_defaults.py [--seeds 0 1 2] [--steps 2000] [--jobs 2] [--part mqar demo]
+    python benchmarks/learning_defaults.py --variants new+conv --models retention linear_attention --resume
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ import torch
 from benchmarks.common import ROOT, run_info, write_json
 
 VARIANTS = {"old": {"init": "gpt2", "tie_embeddings": True}, "new": {"init": "scaled", "tie_embeddings": False}}
+# Variants beyond the defaults (run with --variants): the new defaults plus a short convolution on q, k, v
+# inside the recurrent mixers (``conv_size``; softmax attention has no such option and is left as it is).
+EXTRA_VARIANTS = {"new+conv": {**VARIANTS["new"], "conv_size": 4}}
+ALL_VARIANTS = {**VARIANTS, **EXTRA_VARIANTS}
+CONV_MIXERS = ("retention", "linear_attention")
 MQAR_MODELS = {
     "softmax_attention": ["softmax_attention"],
     "retention": ["retention"],
@@ -53,6 +59,20 @@ def mqar_config(layers: list[str]) -> dict[str, Any]:
     return {"vocab_size": 65, "d_model": 64, "n_layers": 2, "layers": layers, "mixer_options": options}
 
 
+def with_variant(config: dict[str, Any], variant: str) -> dict[str, Any]:
+    """``config`` (a model config as a dict) with the variant's fields; ``conv_size`` goes to the mixers."""
+    fields = dict(ALL_VARIANTS[variant])
+    conv_size = fields.pop("conv_size", None)
+    config = {**config, **fields}
+    if conv_size is not None:
+        mixers = {spec if isinstance(spec, str) else spec["mixer"] for spec in config["layers"]}
+        options = {name: dict(opts) for name, opts in (config.get("mixer_options") or {}).items()}
+        for name in mixers & set(CONV_MIXERS):
+            options[name] = {**options.get(name, {}), "conv_size": conv_size}
+        config["mixer_options"] = options
+    return config
+
+
 def run_mqar(model: str, variant: str, seed: int, steps: int) -> dict[str, Any]:
     from benchmarks.synthetic import Task, train_on_task
     from models import build_model
@@ -64,7 +84,7 @@ def run_mqar(model: str, variant: str, seed: int, steps: int) -> dict[str, Any]:
 
         net = PlainTransformer(65, 64, 2, 4)
     else:
-        net = build_model({**mqar_config(MQAR_MODELS[model]), **VARIANTS[variant]})
+        net = build_model(with_variant(mqar_config(MQAR_MODELS[model]), variant))
     result = train_on_task(net, Task(), steps=steps, seed=seed, eval_every=100, lr=3e-3, batch_size=64)
     return {"steps": result.steps, "accuracy": result.accuracy, "loss": result.loss, "seconds": result.seconds}
 
@@ -75,7 +95,7 @@ def run_demo(model: str, variant: str, seed: int) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     model_config, train_config = load_run_config(presets()[DEMO_PRESETS[model]])
-    model_config = ModelConfig.from_dict({**model_config.to_dict(), **VARIANTS[variant]})
+    model_config = ModelConfig.from_dict(with_variant(model_config.to_dict(), variant))
     train_config = dataclasses.replace(train_config, seed=seed, sample_tokens=0)
     with tempfile.TemporaryDirectory() as out:
         result = train(model_config, train_config, out=out, progress=False)
@@ -107,7 +127,7 @@ def table(runs: dict[str, dict[str, Any]], steps: tuple[int, int]) -> str:
     head = f"{'model':<18} {'defaults':<8} {f'MQAR acc @{a}':>22} {f'MQAR acc @{b}':>22} {'demo val ppl':>22} seeds"
     lines = [head, "-" * len(head)]
     for model in ["plain", *MQAR_MODELS]:
-        for variant in ["-"] if model == "plain" else list(VARIANTS):
+        for variant in ["-"] if model == "plain" else list(ALL_VARIANTS):
             mq = [r for k, r in runs.items() if k.startswith(f"mqar/{model}/{variant}/")]
             dm = [r for k, r in runs.items() if k.startswith(f"demo/{model}/{variant}/")]
             if not mq and not dm:
@@ -130,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
     parser.add_argument("--part", nargs="+", choices=["mqar", "demo"], default=["mqar", "demo"])
     parser.add_argument("--models", nargs="+", choices=["plain", *MQAR_MODELS], default=["plain", *MQAR_MODELS])
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(ALL_VARIANTS), default=list(VARIANTS), help="defaults to compare"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "learning_defaults.json")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in --out; run only the others")
     args = parser.parse_args(argv)
@@ -138,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         for model in args.models:
             if model == "plain" and part == "demo":
                 continue
-            for variant in ["-"] if model == "plain" else list(VARIANTS):
+            for variant in ["-"] if model == "plain" else args.variants:
                 jobs += [(part, model, variant, seed, args.steps) for seed in args.seeds]
-    result = {**run_info(1), "jobs": args.jobs, "mqar_steps": args.steps, "variants": VARIANTS, "runs": {}}
+    result = {**run_info(1), "jobs": args.jobs, "mqar_steps": args.steps, "variants": ALL_VARIANTS, "runs": {}}
     if args.resume and args.out.exists():
         kept = json.loads(args.out.read_text())
         if kept.get("mqar_steps") != args.steps:

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.train import Progress, decay_groups
+from models.progress import Progress
+from models.train import decay_groups
 
 IGNORE = -100
 TASKS = ("mqar", "induction", "selective_copy")
@@ -277,13 +278,12 @@ def run(
     for seed in seeds:
         torch.manual_seed(seed)
         model = build_model(config)
-        bar = Progress(train_kwargs.get("steps", 600), f"seed {seed} ", enabled=progress)
+        with Progress(train_kwargs.get("steps", 600), f"seed {seed} ", enabled=progress) as bar:
 
-        def log(step: int, loss: float, acc: float, bar: Progress = bar) -> None:
-            bar.update(step, f"loss {loss:.3f} acc {acc:.3f}")
+            def log(step: int, loss: float, acc: float, bar: Progress = bar) -> None:
+                bar.update(step, f"loss {loss:.3f} acc {acc:.3f}")
 
-        results[seed] = train_on_task(model, task, seed=seed, log=log, **train_kwargs)
-        bar.close()
+            results[seed] = train_on_task(model, task, seed=seed, log=log, **train_kwargs)
     return results
 
 

@@ -47,7 +47,8 @@ def format_listing(registry: Registry) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mixers", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mixers", description=__doc__.replace("``", ""))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list mixers, backends and plugins")
     sub.add_parser("demo", help="show the three representations agreeing, and state hand-over")

@@ -2,19 +2,21 @@
 
 The names and signatures here are a stable API that mixers, other issues and plugins rely on.
 Layout everywhere: ``[B, T, H, D]`` (batch, time, heads, head dim). Backends receive validated inputs,
-so each backend stays a plain tensor function.
+so each backend stays a plain tensor function. What a backend returns is checked too (structure, shapes,
+dtypes, devices) on its first call per shape class, so that a wrong backend fails here, named with its
+plugin and distribution, rather than somewhere downstream.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from mixers.registry import resolve_backend
+from mixers.registry import Backend, BackendOutputError, get_registry, resolve_backend
 
 MODES = ("parallel", "chunkwise", "recurrent")
 DEFAULT_CHUNK_SIZE = 64
@@ -71,7 +73,15 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int]
         raise ValueError(f"v must be [B, T, H, Dv] with B, T, H = {tuple(q.shape[:3])} as in q, got {_shape(v)}")
     _check_shared(q, k, v)
     B, T, H, Dk = q.shape
+    _check_widths(H, Dk, v.shape[-1])
     return B, T, H, Dk, v.shape[-1]
+
+
+def _check_widths(H: int, Dk: int, Dv: int) -> None:
+    """Heads and head widths are at least 1 (B and T may be 0: an empty batch or input is valid)."""
+    for name, value in (("H (heads)", H), ("Dk (the q/k head width)", Dk), ("Dv (the v head width)", Dv)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
 
 
 def check_state(
@@ -94,10 +104,17 @@ def check_gamma(gamma: Tensor | float | Sequence[float], H: int, device: torch.d
     """Return ``gamma`` as a float64 tensor ``[H]`` on ``device``, after checking 0 < gamma <= 1.
 
     Python floats are checked on the host, so a mixer passing its decays as floats costs no device sync.
+    Decays are not learnable: a tensor that requires grad is rejected (``ValueError``) rather than detached.
     """
     if isinstance(gamma, (int, float)) and not isinstance(gamma, bool):
         gamma = [float(gamma)] * H
     if isinstance(gamma, Tensor):
+        if gamma.requires_grad:
+            raise ValueError(
+                "gamma must not require grad: decays are fixed hyperparameters here, and not every backend computes "
+                "a gradient for them (the CuPy kernels do not), so a learnable gamma could silently never learn; "
+                "got a tensor with requires_grad=True. Pass gamma.detach() to use its current value"
+            )
         g = gamma.detach()
         if g.dim() == 0:
             g = g.expand(H)
@@ -116,6 +133,61 @@ def check_gamma(gamma: Tensor | float | Sequence[float], H: int, device: torch.d
     if not all(0 < x <= 1 for x in gamma):  # NaN fails the comparison too
         raise ValueError(f"gamma must lie in (0, 1], got {list(gamma)}")
     return torch.tensor(gamma, dtype=torch.float64, device=device)
+
+
+# -- what backends return ------------------------------------------------------------------------------
+# Shape classes whose outputs were checked, per backend: a backend is checked on its first call with each
+# (mode, chunk size, dtype, device, input shapes, state or not), then trusted, so the per-token cost of
+# decoding stays one set lookup. Bounded: forgotten wholesale when full (the checks are cheap to redo).
+_CHECKED: set[Hashable] = set()
+_MAX_CHECKED = 4096
+
+
+def _checked(key: Hashable) -> bool:
+    return key in _CHECKED
+
+
+def _remember(key: Hashable) -> None:
+    if len(_CHECKED) >= _MAX_CHECKED:
+        _CHECKED.clear()
+    _CHECKED.add(key)
+
+
+def _backend_fault(impl: Backend, mode: str, inputs: str, problem: str) -> BackendOutputError:
+    alternatives = [name for name in sorted(get_registry().backends.get(impl.op, {})) if name != impl.name]
+    return BackendOutputError(
+        f"{get_registry().describe_backend(impl)} returned {problem}, for {inputs} in mode {mode!r}. The backend "
+        f"is at fault, not the inputs: report it to the plugin's authors, or pick another backend with backend= "
+        f"(installed: {alternatives})"
+    )
+
+
+def _pair(impl: Backend, mode: str, inputs: str, result: object, what: str) -> tuple[object, object]:
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        got = f"a {type(result).__name__}" + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else "")
+        raise _backend_fault(impl, mode, inputs, f"{got}; expected a pair {what}")
+    return result[0], result[1]
+
+
+def check_backend_outputs(
+    impl: Backend,
+    mode: str,
+    inputs: str,
+    expected: Sequence[tuple[str, object, Sequence[int], str, torch.dtype]],
+    device: torch.device,
+) -> None:
+    """Check each ``(name, tensor, shape, layout, dtype)`` a backend returned, all on ``device``; raise a
+    ``BackendOutputError`` naming the backend, its plugin and distribution. Public for plugins' own ops."""
+    for name, t, shape, layout, dtype in expected:
+        if not isinstance(t, Tensor):
+            raise _backend_fault(impl, mode, inputs, f"{name} as a {type(t).__name__}; expected a torch.Tensor")
+        if tuple(t.shape) != tuple(shape):
+            problem = f"{name} of shape {_shape(t)}; expected {list(shape)} ({layout})"
+            raise _backend_fault(impl, mode, inputs, problem)
+        if t.dtype != dtype:
+            raise _backend_fault(impl, mode, inputs, f"{name} of dtype {t.dtype}; expected {dtype}")
+        if t.device != device:
+            raise _backend_fault(impl, mode, inputs, f"{name} on device {t.device}; expected {device}")
 
 
 def retention(
@@ -151,7 +223,18 @@ def retention(
     g = check_gamma(gamma, H, q.device)
     check_state(initial_state, "initial_state", (B, H, Dk, Dv), state_dtype(q.dtype), q.device)
     impl = resolve_backend("retention", backend, device=q.device, dtype=q.dtype, mode=mode)
-    return impl.fn(q, k, v, g, mode=mode, chunk_size=chunk, initial_state=initial_state)
+    result = impl.fn(q, k, v, g, mode=mode, chunk_size=chunk, initial_state=initial_state)
+    key = ("retention", impl.name, impl.fn, mode, chunk, q.dtype, q.device, q.shape, Dv, initial_state is None)
+    if not _checked(key):
+        inputs = f"q {_shape(q)}, v {_shape(v)}"
+        o, final = _pair(impl, mode, inputs, result, "(o, final_state)")
+        expected = [
+            ("o", o, (B, T, H, Dv), "[B, T, H, Dv]", q.dtype),
+            ("final_state", final, (B, H, Dk, Dv), "[B, H, Dk, Dv]", state_dtype(q.dtype)),
+        ]
+        check_backend_outputs(impl, mode, inputs, expected, q.device)
+        _remember(key)
+    return result
 
 
 class LinearState(NamedTuple):
@@ -243,7 +326,22 @@ def linear_attention(
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__} {normalize!r}")
     eps = check_eps(eps)
     impl = resolve_backend("linear_attention", backend, device=q.device, dtype=q.dtype, mode=mode)
-    o, (kv, z) = impl.fn(q, k, v, mode=mode, chunk_size=chunk, initial_state=state, normalize=normalize, eps=eps)
+    result = impl.fn(q, k, v, mode=mode, chunk_size=chunk, initial_state=state, normalize=normalize, eps=eps)
+    key = ("linear_attention", impl.name, impl.fn, mode, chunk, q.dtype, q.device, q.shape, Dv, state is None)
+    if _checked(key):
+        o, (kv, z) = result
+        return o, LinearState(kv, z)
+    inputs = f"q {_shape(q)}, v {_shape(v)}"
+    o, final = _pair(impl, mode, inputs, result, "(o, (kv, z))")
+    kv, z = _pair(impl, mode, inputs, final, "(kv, z) as the final state")
+    sd = state_dtype(q.dtype)
+    expected = [
+        ("o", o, (B, T, H, Dv), "[B, T, H, Dv]", q.dtype),
+        ("final_state.kv", kv, (B, H, Dk, Dv), "[B, H, Dk, Dv]", sd),
+        ("final_state.z", z, (B, H, Dk), "[B, H, Dk]", sd),
+    ]
+    check_backend_outputs(impl, mode, inputs, expected, q.device)
+    _remember(key)
     return o, LinearState(kv, z)
 
 
@@ -260,6 +358,7 @@ def check_qkv_grouped(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, i
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"v must be [B, T, Hkv, Dv] with B, T, Hkv = {tuple(k.shape[:3])} as in k, got {_shape(v)}")
     _check_shared(q, k, v)
+    _check_widths(H, Dk, v.shape[-1])
     return B, T, H, Hkv, Dk, v.shape[-1]
 
 
@@ -326,5 +425,20 @@ def softmax_attention(
     chunk = check_mode(mode, chunk_size)
     cache = check_kv_cache(initial_state, B, Hkv, Dk, Dv, q.dtype, q.device)
     impl = resolve_backend("softmax_attention", backend, device=q.device, dtype=q.dtype, mode=mode)
-    o, (k_cache, v_cache) = impl.fn(q, k, v, mode=mode, chunk_size=chunk, initial_state=cache)
+    result = impl.fn(q, k, v, mode=mode, chunk_size=chunk, initial_state=cache)
+    Tc = 0 if cache is None else cache.k.shape[1]
+    key = ("softmax_attention", impl.name, impl.fn, mode, chunk, q.dtype, q.device, q.shape, Hkv, Dv, Tc)
+    if _checked(key):
+        o, (k_cache, v_cache) = result
+        return o, KVCache(k_cache, v_cache)
+    inputs = f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}, a cache of {Tc} tokens"
+    o, final = _pair(impl, mode, inputs, result, "(o, (k_cache, v_cache))")
+    k_cache, v_cache = _pair(impl, mode, inputs, final, "(k_cache, v_cache) as the final state")
+    expected = [
+        ("o", o, (B, T, H, Dv), "[B, T, H, Dv]", q.dtype),
+        ("final_state.k", k_cache, (B, Tc + T, Hkv, Dk), "[B, Tc + T, Hkv, Dk]", q.dtype),
+        ("final_state.v", v_cache, (B, Tc + T, Hkv, Dv), "[B, Tc + T, Hkv, Dv]", q.dtype),
+    ]
+    check_backend_outputs(impl, mode, inputs, expected, q.device)
+    _remember(key)
     return o, KVCache(k_cache, v_cache)

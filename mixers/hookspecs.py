@@ -29,7 +29,10 @@ def register_backends(register: BackendRegistrar) -> None:
     Called once per plugin when the registry is first used. ``Backend.op`` names the op the
     backend implements (``"retention"`` for ``mixers.functional.retention``); a plugin may also
     implement an op of its own and dispatch to it with ``mixers.registry.resolve_backend``.
-    Raising here marks this plugin as broken; the other plugins still load.
+    For an op with a built-in backend, ``backend="auto"`` picks a plugin's backend only where the user
+    allows it (``SEQMIXERS_AUTO_PLUGINS`` / ``mixers.allow_plugin_backends``); by name it always runs.
+    What the backend returns is checked at the op on its first call per shape class.
+    Raising here (``SystemExit`` included) marks this plugin as broken; the other plugins still load.
     """
 
 

@@ -79,7 +79,11 @@ class ShortConv(nn.Module):
         if x.shape[1] == 0:  # nothing to convolve (conv1d refuses an input shorter than the kernel)
             return x, window
         xx = torch.cat([window, x], dim=1)  # (B, K-1+T, C)
-        y = F.conv1d(xx.transpose(1, 2), self.weight.unsqueeze(1), groups=C).transpose(1, 2)
+        # K shifted products: on CPU about twice as fast as a grouped conv1d, forward and backward.
+        T, w = x.shape[1], self.weight.to(x.dtype)
+        y = xx[:, :T] * w[:, 0]
+        for j in range(1, self.kernel_size):
+            y = y + xx[:, j : j + T] * w[:, j]
         return F.silu(y), xx[:, xx.shape[1] - (self.kernel_size - 1) :].clone()  # not a view pinning all of xx
 
     def extra_repr(self) -> str:

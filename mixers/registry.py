@@ -9,13 +9,21 @@ Environment variables:
 - ``SEQMIXERS_PLUGINS``: comma-separated entry-point names to load; unset loads all, ``""`` loads
   none (the built-ins always load). Rescues a user from a third-party plugin that breaks everything.
 - ``SEQMIXERS_STRICT_PLUGINS=1``: raise on the first broken plugin instead of recording it.
+- ``SEQMIXERS_AUTO_PLUGINS``: which third-party plugins ``backend="auto"`` may pick for an op that has a
+  built-in backend. Unset, ``""`` or ``"0"``: none (a named backend always works); ``"1"``: all;
+  ``"a,b"``: the plugins so named. ``allow_plugin_backends()`` sets the same from Python.
+
+A plugin that raises while it is imported or its hooks run, ``SystemExit`` included, is recorded as broken;
+``KeyboardInterrupt`` still gets through.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import importlib.metadata
+import inspect
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +52,39 @@ class PluginLoadError(RuntimeError):
     """Raised in strict mode (``SEQMIXERS_STRICT_PLUGINS=1``) for the first broken plugin."""
 
 
+class BackendOutputError(RuntimeError):
+    """A backend returned outputs of the wrong structure, shape, dtype or device (checked at the op boundary)."""
+
+
+# What a plugin may raise while it is imported or its hooks run and still count as merely broken: a plugin
+# calling sys.exit() must not end the process that loads the registry, but Ctrl-C must still stop it.
+PLUGIN_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)
+
+AUTO_PLUGINS_ENV = "SEQMIXERS_AUTO_PLUGINS"
+_AUTO_HINT = f"plugin backends need {AUTO_PLUGINS_ENV}=1 or mixers.allow_plugin_backends()"
+
+
+def _auto_plugins_from_env() -> bool | frozenset[str]:
+    """``SEQMIXERS_AUTO_PLUGINS``: unset/""/"0" -> none, "1" -> all, "a,b" -> those plugin names."""
+    value = os.environ.get(AUTO_PLUGINS_ENV, "").strip()
+    if value in ("", "0"):
+        return frozenset()
+    if value == "1":
+        return True
+    return frozenset(n.strip() for n in value.split(",") if n.strip())
+
+
+def _failure(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"SystemExit (the plugin called sys.exit({exc.code!r}))"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _pluggy_message(exc: BaseException) -> str:
+    """pluggy's message without the dump of its internal name-to-plugin table that some of them end with."""
+    return _failure(exc).split("\n{", 1)[0]
+
+
 @dataclass(frozen=True)
 class Backend:
     """One implementation of one op.
@@ -54,7 +95,9 @@ class Backend:
     for ``"softmax_attention"``: ``fn(q, k, v, *, mode, chunk_size, initial_state) -> (o, (k_cache, v_cache))``).
     ``check_available()`` returns ``None`` when the backend can run here, else the reason it cannot
     (it is called once and cached). ``devices``/``dtypes``/``modes`` of ``None`` mean "any".
-    ``"auto"`` picks the highest ``priority`` among available backends that support the inputs.
+    ``"auto"`` picks the highest ``priority`` among available backends that support the inputs, of those
+    it may pick: for an op with a built-in backend, the built-ins and the plugins allowed by
+    ``allow_plugin_backends`` / ``SEQMIXERS_AUTO_PLUGINS``; for a plugin's own op, that plugin's backends.
     """
 
     op: str
@@ -177,15 +220,18 @@ class Registry:
         self._availability: dict[tuple[str, str], str | None] = {}
         self._resolved: dict[tuple, Backend] = {}
         self.strict = os.environ.get("SEQMIXERS_STRICT_PLUGINS", "") not in ("", "0")
+        self.auto_plugins: bool | frozenset[str] = _auto_plugins_from_env()
 
     # -- loading -----------------------------------------------------------------------------
     def load(self, builtins: Iterable[str] = DEFAULT_PLUGINS, entry_points: bool = True) -> Registry:
         for module_name in builtins:
             info = PluginInfo(module_name, builtin=True)
             try:
-                self._add_plugin(info, importlib.import_module(module_name))
-            except Exception as exc:  # a broken built-in is reported like any other plugin
-                self._fail(info, f"failed to import: {type(exc).__name__}: {exc}")
+                module = importlib.import_module(module_name)
+            except PLUGIN_FAILURES as exc:  # a broken built-in is reported like any other plugin
+                self._fail(info, f"failed to import: {_failure(exc)}")
+                continue
+            self._add_plugin(info, module)
         if entry_points:
             wanted = os.environ.get("SEQMIXERS_PLUGINS")
             names = None if wanted is None else {n.strip() for n in wanted.split(",") if n.strip()}
@@ -198,20 +244,30 @@ class Registry:
                     distribution=dist.metadata["Name"] if dist is not None else None,
                     version=dist.version if dist is not None else None,
                 )
-                if ep.name in self.plugins:
+                # The name is taken only by a plugin that loaded: a broken one of the same name (from another
+                # distribution) does not block a healthy one, which then takes the name.
+                if self.pm.has_plugin(ep.name):
+                    holder = self.plugins[ep.name]
                     self._fail(
                         info,
-                        f"a plugin named {ep.name!r} is already loaded "
-                        f"(from {self.plugins[ep.name].distribution or 'the built-ins'})",
+                        f"a plugin named {ep.name!r} is already loaded from {self._source(holder)}; this one, from "
+                        f"{self._source(info)}, is ignored (two installed distributions declare the entry point "
+                        f"{ep.name!r} in group {ENTRY_POINT_GROUP!r}: uninstall one of them)",
                     )
                     continue
                 try:
                     obj = ep.load()
-                except Exception as exc:
-                    self._fail(info, f"failed to import {ep.value!r}: {type(exc).__name__}: {exc}")
+                except PLUGIN_FAILURES as exc:
+                    self._fail(info, f"failed to import {ep.value!r}: {_failure(exc)}")
                     continue
                 self._add_plugin(info, obj)
         return self
+
+    @staticmethod
+    def _source(info: PluginInfo) -> str:
+        if info.builtin:
+            return "the built-ins"
+        return f"distribution {info.distribution or 'unknown'} {info.version or ''}".rstrip()
 
     def _fail(self, info: PluginInfo, message: str) -> None:
         info.errors.append(message)
@@ -223,13 +279,31 @@ class Registry:
             where = f" (distribution {info.distribution})" if info.distribution else ""
             raise PluginLoadError(f"plugin {info.name!r}{where}: {message}")
 
+    def _take_name(self, info: PluginInfo) -> None:
+        """Record ``info`` under its name; a broken plugin of that name on record moves to a qualified key."""
+        earlier = self.plugins.get(info.name)
+        if earlier is not None and earlier is not info:
+            del self.plugins[info.name]
+            earlier.errors.append(
+                f"another plugin named {info.name!r}, from {self._source(info)}, loaded in place of this one "
+                f"(from {self._source(earlier)})"
+            )
+            self.plugins[f"{earlier.name} ({earlier.distribution or 'built-in'})"] = earlier
+        self.plugins[info.name] = info
+
     def _add_plugin(self, info: PluginInfo, obj: object) -> None:
+        if self.pm.is_registered(obj):
+            other = self.pm.get_name(obj)
+            self._fail(info, f"is the same object as plugin {other!r}, already loaded; this one is ignored")
+            return
         try:
             self.pm.register(obj, name=info.name)
-        except Exception as exc:  # pluggy validates hook names and signatures here
-            self._fail(info, f"is not a valid plugin: {type(exc).__name__}: {exc}")
+        except PLUGIN_FAILURES as exc:  # pluggy validates hook names and signatures here
+            if self.pm.get_plugin(info.name) is obj:  # pluggy keeps what it registered before the failure
+                self.pm.unregister(name=info.name)
+            self._fail(info, f"is not a valid plugin: {_pluggy_message(exc)}")
             return
-        self.plugins[info.name] = info
+        self._take_name(info)
         staging = _Staging(info.name)
         hooks = (
             ("register_backends", staging.backend),
@@ -242,9 +316,9 @@ class Registry:
                     continue
                 try:
                     impl.function(register=registrar)
-                except Exception as exc:
-                    self._fail(info, f"{hook_name} raised {type(exc).__name__}: {exc}")
+                except PLUGIN_FAILURES as exc:
                     self.pm.unregister(name=info.name)
+                    self._fail(info, f"{hook_name} raised {_failure(exc)}")
                     return
         self._commit(info, staging)
 
@@ -287,6 +361,10 @@ class Registry:
         origin = self.origin(plugin)
         return f"{plugin!r} ({origin if origin in ('built-in', 'unknown') else 'distribution ' + origin})"
 
+    def describe_backend(self, backend: Backend) -> str:
+        """``backend 'name' of op 'op' (plugin 'p' (distribution d v))``, for messages."""
+        return f"backend {backend.name!r} of op {backend.op!r} (plugin {self.describe_plugin(backend.plugin)})"
+
     # -- queries -----------------------------------------------------------------------------
     def unavailable_reason(self, backend: Backend) -> str | None:
         """Why ``backend`` cannot run on this machine (cached), or ``None``."""
@@ -296,18 +374,64 @@ class Registry:
             if backend.check_available is not None:
                 try:
                     reason = backend.check_available()
-                except Exception as exc:
-                    reason = f"its availability check raised {type(exc).__name__}: {exc}"
+                except PLUGIN_FAILURES as exc:
+                    reason = f"its availability check raised {_failure(exc)}"
             self._availability[key] = reason
         return self._availability[key]
 
+    # -- which backends "auto" may pick ----------------------------------------------------------
+    def is_builtin(self, plugin: str) -> bool:
+        """Whether ``plugin`` is one of the built-ins (``DEFAULT_PLUGINS``, or those given to ``load``)."""
+        info = self.plugins.get(plugin)
+        return info is not None and info.builtin
+
+    def allow_plugin_backends(self, plugins: bool | str | Iterable[str] = True) -> None:
+        """Let ``backend="auto"`` pick third-party backends for ops that have a built-in backend.
+
+        ``True``: every plugin's; ``False``: none (the default, unless ``SEQMIXERS_AUTO_PLUGINS`` says
+        otherwise); a plugin name or names: those plugins' backends. A backend named explicitly
+        (``backend="fla"``) is used whatever this says.
+        """
+        if isinstance(plugins, bool):
+            allowed: bool | frozenset[str] = True if plugins else frozenset()
+        elif isinstance(plugins, str):
+            allowed = frozenset({plugins})
+        else:
+            allowed = frozenset(plugins)
+            if not all(isinstance(p, str) for p in allowed):
+                raise TypeError(f"plugins must be True, False or plugin names (str), got {sorted(map(repr, allowed))}")
+        self.auto_plugins = allowed
+        self._resolved.clear()
+
+    def _auto_allowed(self, plugin: str) -> bool:
+        allowed = self.auto_plugins
+        return allowed is True or (isinstance(allowed, frozenset) and plugin in allowed)
+
+    def auto_candidates(self, op: str) -> list[Backend]:
+        """The backends of ``op`` that ``"auto"`` may pick (whether or not they can run here).
+
+        For an op with a built-in backend: the built-ins and the backends of the plugins allowed by
+        ``allow_plugin_backends`` (so that installing a plugin cannot take over every model). For an op
+        without one (a plugin's own op): the backends of the plugins that register a mixer using the op,
+        and of allowed plugins; when there are none of those either, every backend of the op.
+        """
+        installed = list(self.backends.get(op, {}).values())
+        if any(self.is_builtin(b.plugin) for b in installed):
+            return [b for b in installed if self.is_builtin(b.plugin) or self._auto_allowed(b.plugin)]
+        owners = {m.plugin for m in self.mixers.values() if op in m.ops}
+        own = [b for b in installed if b.plugin in owners or self._auto_allowed(b.plugin)]
+        return own or installed
+
     def describe_backends(self, op: str) -> str:
-        """One line per installed backend of ``op``: availability, priority, plugin."""
+        """One line per installed backend of ``op``: availability, priority, plugin, and whether "auto" skips it."""
         rows = []
+        eligible = {b.name for b in self.auto_candidates(op)}
         for b in sorted(self.backends.get(op, {}).values(), key=lambda b: -b.priority):
             reason = self.unavailable_reason(b)
             state = "available" if reason is None else f"unavailable: {reason}"
-            rows.append(f"  {b.name!r} (priority {b.priority}, plugin {b.plugin!r}): {state}")
+            skipped = "" if b.name in eligible else f"; not picked by 'auto' ({_AUTO_HINT})"
+            plugin = self.describe_plugin(b.plugin)
+            rows.append(f"  {b.name!r} (priority {b.priority}, plugin {plugin}): {state}{skipped}")
         return "\n".join(rows) if rows else "  (none)"
 
     def resolve_backend(self, op: str, backend: str, *, device: torch.device, dtype: torch.dtype, mode: str) -> Backend:
@@ -329,12 +453,12 @@ class Registry:
         if not candidates:
             raise ValueError(f"no backend is registered for op {op!r}; registered ops: {sorted(self.backends)}")
         if backend == "auto":
-            for b in sorted(candidates.values(), key=lambda b: -b.priority):
+            for b in sorted(self.auto_candidates(op), key=lambda b: -b.priority):
                 if self.unavailable_reason(b) is None and b.unsupported_reason(device, dtype, mode) is None:
                     return b
             raise ValueError(
-                f"no installed backend of op {op!r} can run mode {mode!r} on a {device.type} device with "
-                f"dtype {dtype}; installed backends:\n{self.describe_backends(op)}"
+                f"no installed backend of op {op!r} that 'auto' may pick can run mode {mode!r} on a {device.type} "
+                f"device with dtype {dtype}; installed backends:\n{self.describe_backends(op)}"
             )
         if backend not in candidates:
             raise ValueError(
@@ -371,9 +495,59 @@ class Registry:
             raise ValueError(f"unknown feature map {name!r}; registered feature maps: {sorted(self.feature_maps)}")
         return self.feature_maps[name]
 
+    # -- building mixers ---------------------------------------------------------------------
+    def mixer_options(self, name: str) -> list[str] | None:
+        """The keyword options mixer ``name``'s factory accepts (after ``d_model``), or ``None`` for any."""
+        try:
+            params = list(inspect.signature(self.mixers[name].factory).parameters.values())
+        except (TypeError, ValueError):  # a builtin or C factory: it checks its options itself
+            return None
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return None
+        return [p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+    def check_mixer_backend(self, name: str, backend: object) -> None:
+        """``backend`` must be ``"auto"`` or a backend registered for every op of mixer ``name`` and available
+        here (whether it takes the inputs' device, dtype and mode is known only at the first call)."""
+        spec = self.mixers[name]
+        if not spec.ops or backend == "auto":
+            return
+        if not isinstance(backend, str):
+            raise TypeError(
+                f"backend of mixer {name!r} must be a str ('auto' or a backend name), got {type(backend).__name__}"
+            )
+        for op in spec.ops:
+            installed = self.backends.get(op, {})
+            if backend not in installed:
+                raise ValueError(
+                    f"unknown backend {backend!r} for mixer {name!r} (op {op!r}); expected 'auto' or one of "
+                    f"{sorted(installed)}. Installed backends:\n{self.describe_backends(op)}"
+                )
+            reason = self.unavailable_reason(installed[backend])
+            if reason is not None:
+                raise ValueError(
+                    f"backend {backend!r} for mixer {name!r} (op {op!r}) is unavailable: {reason}. "
+                    f"Installed backends:\n{self.describe_backends(op)}"
+                )
+
     def build(self, name: str, d_model: int, **options: Any) -> Any:
+        """Build mixer ``name``: unknown options and an unknown or unavailable ``backend`` fail here."""
         if not isinstance(name, str) or name not in self.mixers:
-            raise ValueError(f"unknown mixer {name!r}; registered mixers: {sorted(self.mixers)}")
+            close = difflib.get_close_matches(name, list(self.mixers), n=1) if isinstance(name, str) else []
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown mixer {name!r}{hint}; registered mixers: {sorted(self.mixers)}")
+        accepted = self.mixer_options(name)
+        if accepted is not None:
+            for key in options:
+                if key not in accepted:
+                    close = difflib.get_close_matches(key, accepted, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise TypeError(
+                        f"unknown option {key!r}{hint} for mixer {name!r} (plugin "
+                        f"{self.describe_plugin(self.mixers[name].plugin)}); its options: {accepted}"
+                    )
+        if "backend" in options:
+            self.check_mixer_backend(name, options["backend"])
         return self.mixers[name].factory(d_model, **options)
 
 
@@ -397,6 +571,12 @@ def reset_registry() -> None:
 def resolve_backend(op: str, backend: str, *, device: torch.device, dtype: torch.dtype, mode: str) -> Backend:
     """Module-level shortcut for ``get_registry().resolve_backend``."""
     return get_registry().resolve_backend(op, backend, device=device, dtype=dtype, mode=mode)
+
+
+def allow_plugin_backends(plugins: bool | str | Iterable[str] = True) -> None:
+    """Let ``backend="auto"`` pick third-party backends (all, or those of the named plugins) for ops that have
+    a built-in backend; ``False`` restores the default, built-ins only. See ``Registry.allow_plugin_backends``."""
+    get_registry().allow_plugin_backends(plugins)
 
 
 def available() -> Mapping[str, list[str]]:

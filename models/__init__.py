@@ -8,10 +8,61 @@ Public API:
 - ``train(model_config, train_config)``: the training loop on the embedded corpus or any text file.
 """
 
-from models.checkpoint import CheckpointError, load, read_header
-from models.config import ConfigError, LayerSpec, ModelConfig, TrainConfig, load_run_config, presets
-from models.lm import LanguageModel, build_model
-from models.train import TrainResult, train
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from models.checkpoint import CheckpointError, load, read_header
+    from models.config import ConfigError, LayerSpec, ModelConfig, TrainConfig, load_run_config, presets
+    from models.lm import LanguageModel, build_model
+    from models.train import TrainResult, train
+
+# The public names are imported on first use (PEP 562): importing torch takes seconds, and the ``seqmixers``
+# command imports this package before it can catch a Ctrl-C, so the package itself imports nothing heavy.
+_WHERE = {
+    "CheckpointError": "models.checkpoint",
+    "load": "models.checkpoint",
+    "read_header": "models.checkpoint",
+    "ConfigError": "models.config",
+    "LayerSpec": "models.config",
+    "ModelConfig": "models.config",
+    "TrainConfig": "models.config",
+    "load_run_config": "models.config",
+    "presets": "models.config",
+    "LanguageModel": "models.lm",
+    "build_model": "models.lm",
+    "TrainResult": "models.train",
+    "train": "models.train",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """``models.train`` is the training function, as it was when this package imported it eagerly: importing
+    the submodule ``models.train`` (which sets the package's attribute to the module) keeps the function."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "train" and isinstance(value, types.ModuleType):
+            value = value.train
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "CheckpointError",

@@ -2,10 +2,11 @@
 
 One file, so the config and the weights cannot get out of step, and so a save can be atomic (written to a
 temporary file in the same folder, synced, then renamed over the target: a crash leaves the old
-checkpoint or the new one, never half of one). Loading never unpickles: the header is JSON and the
-tensors are raw bytes. A SHA-256 over the tensors, kept in the header, catches corrupted data that
-still parses; a missing, truncated, foreign or mismatched file raises ``CheckpointError`` naming the
-file and what is wrong.
+checkpoint or the new one, never half of one; a later save removes what a killed writer left). Loading
+never unpickles: the header is JSON and the tensors are raw bytes. A SHA-256 over the tensors and one over
+the rest of the header (which holds the first) catch corrupted data or config that still parses; a
+missing, truncated, foreign or mismatched file raises ``CheckpointError`` naming the file and what is
+wrong. A save refuses to write what a load would refuse.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,7 +30,10 @@ from models.config import ConfigError, ModelConfig
 from models.lm import LanguageModel
 
 FORMAT = "seqmixers.lm"
-FORMAT_VERSION = 2
+# 3: ``header_sha256`` covers the whole header (config, metadata, the tensors' ``sha256``); before, a flipped
+# bit in the config loaded silently as another model. Versions 1 and 2 are still read, their tensors checked.
+FORMAT_VERSION = 3
+HEADER_CHECKSUM_SINCE = 3
 # Config fields added after format version 1, with the value that reproduces what a version-1 model computed
 # (a v1 file has no such key, and the field's new default would silently make it a different model).
 V1_DEFAULTS = {"init": "gpt2"}
@@ -62,13 +68,123 @@ def checksum(tensors: Mapping[str, Tensor]) -> str:
     return h.hexdigest()
 
 
+def header_checksum(meta: Mapping[str, str]) -> str:
+    """SHA-256 over every header entry but ``header_sha256`` itself (canonical JSON: sorted keys, no spaces)."""
+    rest = {k: v for k, v in meta.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes a load of ``config`` expects, built on the meta device (no memory, no
+    init), or on the CPU for a mixer that cannot be built there. Neither draws from the global RNG, so a
+    save in a training loop does not change the run."""
+    try:
+        with torch.device("meta"):
+            model = LanguageModel(config)
+    except Exception:  # a plugin's mixer may compute its init; then build it for real, as load does
+        with torch.random.fork_rng(devices=[]):
+            return {k: tuple(v.shape) for k, v in _tensors(LanguageModel(config)).items()}
+    out: dict[str, tuple[int, ...]] = {}
+    seen: set[int] = set()  # meta tensors have no data pointers: tied weights are the same Parameter object
+    for name, t in model.state_dict(keep_vars=True).items():
+        if t.numel() and id(t) in seen:
+            continue
+        seen.add(id(t))
+        out[name] = tuple(t.shape)
+    return out
+
+
+def _misfit(saved: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]) -> str | None:
+    """What keeps tensors of these names and shapes out of a model that expects ``expected``; None if they fit."""
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    wrong = [
+        f"{k}: saved {list(saved[k])}, config needs {list(expected[k])}"
+        for k in sorted(set(expected) & set(saved))
+        if tuple(saved[k]) != tuple(expected[k])
+    ]
+    if not (missing or unexpected or wrong):
+        return None
+    return f"its weights do not fit its config; missing {missing}, unexpected {unexpected}, wrong shapes {wrong}"
+
+
+def _check_loadable(model: LanguageModel, header: Mapping[str, str], tensors: Mapping[str, Tensor], where: str) -> None:
+    """Raise if ``load`` would refuse these header and tensors: a save must not replace a good file with
+    one that cannot be read back (say, a head untied after the model was built)."""
+    try:
+        config = ModelConfig.from_dict(json.loads(header["config"]))
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}: load would refuse it: its config cannot be rebuilt: {exc}") from exc
+    if config != model.config:
+        raise CheckpointError(
+            f"{where}: load would refuse it: its config does not survive JSON: {model.config} reads back as {config}"
+        )
+    problem = _misfit({k: tuple(t.shape) for k, t in tensors.items()}, _layout(config))
+    if problem is None:
+        return
+    shared = model.lm_head.weight is model.tok_emb.weight
+    if config.tie_embeddings and not shared:
+        problem += " (the head was untied after the model was built: build it with tie_embeddings=False)"
+    elif shared and not config.tie_embeddings:
+        problem += " (the head was tied after the model was built: build it with tie_embeddings=True)"
+    raise CheckpointError(f"{where}: load would refuse it: {problem}")
+
+
+def _host() -> str:
+    return socket.gethostname().replace(os.sep, "_") or "localhost"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (True when unsure: a live writer's file must stay)."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: a check only, nothing is sent
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary files that writers of ``path`` killed mid-save (a crash, SIGKILL) left behind.
+
+    A temporary file is ``.<name>.<host>.<pid>.tmp`` (earlier versions wrote ``.<name>.<pid>.tmp``, read as
+    this host's); it is stale when ``host`` is this machine and no process ``pid`` is running. Files of other
+    machines (a shared folder) and of live processes are left alone. POSIX only: on Windows ``os.kill``
+    cannot test a process without stopping it, so nothing is removed. Returns the files removed.
+    """
+    if os.name != "posix":
+        return []
+    prefix, host, removed = f".{path.name}.", _host(), []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        writer, _, pid = name[len(prefix) : -len(".tmp")].rpartition(".")
+        if not pid.isdigit() or writer not in ("", host) or _alive(int(pid)):
+            continue
+        try:
+            (path.parent / name).unlink()
+        except OSError:  # gone already (another writer cleaned it), or not ours to remove
+            continue
+        removed.append(path.parent / name)
+    return removed
+
+
 def save(model: LanguageModel, path: str | Path, *, metadata: Mapping[str, Any] | None = None) -> Path:
     """Write ``model``'s weights and config to ``path`` (a ``.safetensors`` file), atomically.
 
     ``metadata`` (JSON-able, e.g. the training step and validation loss) is stored alongside and comes
-    back from ``read_header``. Returns the path written.
+    back from ``read_header``. Raises ``CheckpointError``, before touching ``path``, if ``load`` would
+    refuse the file. Returns the path written.
     """
     path = Path(path)
+    where = f"cannot save to {str(path)!r}"
     tensors = {k: v.cpu() for k, v in _tensors(model).items()}
     try:
         header = {
@@ -81,10 +197,13 @@ def save(model: LanguageModel, path: str | Path, *, metadata: Mapping[str, Any] 
             "torch_version": torch.__version__,
         }
     except TypeError as exc:
-        raise CheckpointError(f"cannot save to {str(path)!r}: config or metadata is not JSON: {exc}") from exc
+        raise CheckpointError(f"{where}: config or metadata is not JSON: {exc}") from exc
+    header["header_sha256"] = header_checksum(header)
+    _check_loadable(model, header, tensors, where)
     data = safetensors.torch.save(tensors, metadata=header)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    remove_stale_temporaries(path)
+    tmp = path.with_name(f".{path.name}.{_host()}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -128,10 +247,25 @@ def _read(path: Path) -> tuple[bytes, dict[str, str]]:
             f"format={FORMAT!r} (save one with model.save(path))"
         )
     version = meta.get("format_version", "")
-    if not version.isdigit() or int(version) > FORMAT_VERSION:
+    if not isinstance(version, str) or not re.fullmatch(r"[0-9]+", version):  # str.isdigit() also takes "²"
+        raise CheckpointError(
+            f"{where} has a corrupt header: format_version must be a whole number written as a string, got {version!r}"
+        )
+    if int(version) > FORMAT_VERSION:
         raise CheckpointError(
             f"{where} has format version {version!r}; this seqmixers reads versions up to {FORMAT_VERSION}"
         )
+    if int(version) >= HEADER_CHECKSUM_SINCE:
+        if "header_sha256" not in meta:
+            raise CheckpointError(
+                f"{where} is corrupt: it has no header checksum (header_sha256), which format version "
+                f"{HEADER_CHECKSUM_SINCE} and later always write"
+            )
+        if meta["header_sha256"] != header_checksum(meta):
+            raise CheckpointError(
+                f"{where} is corrupt: its header does not match the checksum saved with it (config or metadata "
+                "changed after it was written)"
+            )
     return data, meta
 
 
@@ -172,19 +306,11 @@ def load(path: str | Path, *, device: torch.device | str = "cpu") -> LanguageMod
     if meta.get("sha256") != checksum(tensors):
         raise CheckpointError(f"{where} is corrupt: its tensors do not match the checksum saved with them")
     model = LanguageModel(config)
-    expected = _tensors(model)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [
-        f"{k}: saved {list(tensors[k].shape)}, config needs {list(expected[k].shape)}"
-        for k in sorted(set(expected) & set(tensors))
-        if tensors[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{where}: its weights do not fit its config; missing {missing}, unexpected {unexpected}, "
-            f"wrong shapes {wrong}"
-        )
+    problem = _misfit(
+        {k: tuple(t.shape) for k, t in tensors.items()}, {k: tuple(t.shape) for k, t in _tensors(model).items()}
+    )
+    if problem is not None:
+        raise CheckpointError(f"{where}: {problem}")
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         model.to(dtypes.pop())

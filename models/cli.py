@@ -1,7 +1,9 @@
 """The ``seqmixers`` command: ``train``, ``generate``, ``list`` and ``demo``.
 
-- ``seqmixers train --config FILE|PRESET [--data TEXT_FILE] [--out DIR]``: train on the embedded corpus
-  (or a text file) with a progress bar and validation perplexity; writes ``DIR/model.safetensors``.
+- ``seqmixers train --config FILE|PRESET [--data TEXT_FILE] [--out DIR] [--force]``: train on the embedded
+  corpus (or a text file) with a progress bar and validation perplexity; writes ``DIR/model.safetensors``
+  (last) and ``DIR/best.safetensors``, never over an earlier run's without ``--force``; exit code 3 when the
+  run diverges, 128 + the signal's number after SIGINT/SIGTERM (which save first).
 - ``seqmixers generate CHECKPOINT --prompt TEXT``: stream a sample (prefill, then O(1)-state decoding
   for the recurrent layers).
 - ``seqmixers list``: mixers, backends and plugins (as ``python -m mixers list``).
@@ -12,17 +14,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.resources
+import itertools
+import math
+import os
 import sys
 import time
 from pathlib import Path
 
-from models.checkpoint import CheckpointError
-from models.config import ConfigError, load_run_config, presets, resolve_config
+# Only the standard library at the top: torch takes seconds to import, and a Ctrl-C meanwhile must end in
+# "interrupted" (exit 130), which only main() can print. Each command imports what it needs.
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from models import data as corpus
-    from models.train import train
+    from models.config import load_run_config, resolve_config
+    from models.train import Interrupted, TrainingDiverged, run_folder_checkpoints, train
 
     path = resolve_config(args.config)
     model_config, train_config = load_run_config(path)
@@ -30,7 +37,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if overrides:
         train_config = dataclasses.replace(train_config, **overrides)
     out = Path(args.out) if args.out else Path("runs") / path.stem
+    existing = run_folder_checkpoints(out)
+    if existing and not args.force:
+        print(
+            f"seqmixers train: error: {out} already holds a checkpoint ({'; '.join(existing)}), which this run "
+            f"would overwrite at its first validation.\n  To train anew and keep it, write elsewhere: --out DIR.\n"
+            f"  To replace it: --force.\n  To use it: seqmixers generate {out / 'model.safetensors'}"
+            " (resuming a run is not supported yet).",
+            file=sys.stderr,
+        )
+        return 2
     text = corpus.load_corpus(args.data)
+    _check_corpus(text, train_config, f"--data {args.data!r}" if args.data else "the embedded corpus (pydoc help text)")
+    model_config.check_backends(args.device)
     source = args.data or "the embedded corpus (pydoc help text)"
     print(f"model: {model_config.describe()}", file=sys.stderr)
     print(
@@ -38,10 +57,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"{train_config.batch_size} x {train_config.seq_len} tokens",
         file=sys.stderr,
     )
-    result = train(model_config, train_config, data=text, out=out, device=args.device, progress=not args.quiet)
+    if existing:
+        print(f"--force: overwriting {'; '.join(existing)} in {out}", file=sys.stderr)
+    try:
+        result = train(model_config, train_config, data=text, out=out, device=args.device, progress=not args.quiet)
+    except TrainingDiverged as exc:
+        print(f"seqmixers train: error: {exc}", file=sys.stderr)
+        if exc.best is not None:
+            print(
+                f"seqmixers train: kept the best checkpoint {exc.best} (step {exc.best_step}, val loss "
+                f"{exc.best_val_loss:.3f}); {exc.checkpoint} holds the last validation before the divergence",
+                file=sys.stderr,
+            )
+        return 3
+    except Interrupted as exc:
+        print(f"seqmixers train: {exc} (resuming a run is not supported yet)", file=sys.stderr)
+        return 128 + exc.signum
     print(
         f"done: val loss {result.val_loss:.3f} (ppl {result.val_ppl:.2f}), "
-        f"{result.tokens_per_s:,.0f} tokens/s, checkpoint {result.checkpoint}",
+        f"{result.tokens_per_s:,.0f} tokens/s, checkpoint {result.checkpoint}, best {result.best} "
+        f"(val loss {result.best_val_loss:.3f})",
         file=sys.stderr,
     )
     if result.sample:
@@ -53,24 +88,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from models import data as corpus
     from models.checkpoint import load
+    from models.config import ConfigError
 
     model = load(args.checkpoint, device=args.device)
     if model.config.vocab_size < corpus.BYTE_VOCAB:
         raise ConfigError(f"this checkpoint's vocab_size={model.config.vocab_size} cannot hold byte tokens")
+    model.config.check_backends(args.device)
     decoder = corpus.StreamDecoder()
-    sys.stdout.write(args.prompt)
     t0, n = time.perf_counter(), 0
-    for token in model.stream(
+    tokens = model.stream(
         corpus.encode(args.prompt),
         args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         seed=args.seed,
-    ):
+        progress=True,  # a bar on a terminal while a long prompt is prefilled
+    )
+    first = next(tokens, None)  # the prefill: its bar is gone before the prompt is echoed
+    sys.stdout.write(args.prompt)
+    for token in itertools.chain([] if first is None else [first], tokens):
         sys.stdout.write(decoder(int(token)))
         sys.stdout.flush()
         n += 1
     sys.stdout.write(decoder.flush() + "\n")
+    sys.stdout.flush()
     dt = time.perf_counter() - t0
     print(f"[{n} tokens in {dt:.2f} s, {dt / max(n, 1) * 1e3:.1f} ms/token]", file=sys.stderr)
     return 0
@@ -90,7 +131,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.quick:
         demo.run(
             args.out,
-            steps=args.steps or 20,
+            steps=20 if args.steps is None else args.steps,
             lengths=(64, 128, 256),
             table_lengths=(64, 256),
             decode_steps=5,
@@ -107,43 +148,190 @@ def _prompt_text(value: str) -> str:
     return value
 
 
+def _int_at_least(minimum: int) -> object:
+    """An argparse type: an int >= ``minimum``; the error says so and quotes what was given."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an int in [0, 2**64), got {text!r}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0: greedy), got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    """A torch device that this machine has: ``cpu``, or ``cuda[:N]``, ``mps``, ... when available."""
+    if text == "cpu":  # the default: no need to import torch while parsing
+        return text
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(
+            f"expected a torch device such as cpu, cuda, cuda:1 or mps, got {text!r}"
+        ) from None
+    if device.type == "cpu":
+        return text
+    module = getattr(torch, device.type, None)  # torch.cuda, torch.xpu, ...
+    is_available = torch.backends.mps.is_available if device.type == "mps" else getattr(module, "is_available", None)
+    if is_available is None:
+        raise argparse.ArgumentTypeError(f"expected a device that runs models (cpu, cuda, mps, ...), got {text!r}")
+    name = {"cuda": "CUDA", "mps": "MPS"}.get(device.type, device.type)
+    if not is_available():
+        raise argparse.ArgumentTypeError(
+            f"{name} is not available here (torch.{'backends.' if device.type == 'mps' else ''}{device.type}"
+            f".is_available() is False), got {text!r}"
+        )
+    count = getattr(module, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise argparse.ArgumentTypeError(f"there is no {name} device {device.index} ({count()} found), got {text!r}")
+    return text
+
+
+def _out_dir(text: str) -> str:
+    """A folder that exists or can be made, and can be written to."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a folder, got the file {text!r}")
+    nearest = path.absolute()
+    while not nearest.exists():
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a folder, but {str(nearest)!r} is a file, got {text!r}")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write to the folder {str(nearest)!r} (read-only), got {text!r}")
+    return text
+
+
+def _check_corpus(text: bytes, train_config: object, source: str) -> None:
+    """The training text must leave more than ``seq_len`` bytes to both its training and validation parts."""
+    from models.config import ConfigError
+
+    seq_len, fraction = train_config.seq_len, train_config.val_fraction
+    need = math.ceil((seq_len + 1) / fraction)
+    while int(need * fraction) < seq_len + 1 or need - int(need * fraction) < seq_len + 1:
+        need += 1
+    if len(text) >= need:
+        return
+    what = "is empty" if not text else f"holds {len(text):,} bytes"
+    raise ConfigError(
+        f"{source} {what}; seq_len={seq_len} with val_fraction={fraction} needs at least {need:,} bytes (more "
+        f"than seq_len for validation, and for training): give more text or a smaller seq_len"
+    )
+
+
+def _preset_names() -> list[str]:
+    """The shipped presets' names, without importing torch (``models.config.presets`` has their paths)."""
+    root = importlib.resources.files("models") / "configs"
+    return sorted(p.name.removesuffix(".toml") for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+class _Version(argparse.Action):
+    """``--version``: the version of seqmixers (imported only when asked for)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help="print the version")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from mixers import __version__
+
+        print(f"{parser.prog} {__version__}")
+        parser.exit()
+
+
+DEVICE_HELP = "the torch device: cpu, cuda, cuda:N, mps (default: %(default)s)"
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="seqmixers", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="seqmixers", description=__doc__.replace("``", ""), formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser(
         "train",
         help="train a model from a config file or preset",
-        epilog=f"presets: {', '.join(presets())}",
+        epilog=f"presets: {', '.join(_preset_names())}",
     )
     t.add_argument("--config", required=True, help="a TOML/YAML/JSON run file ([model], [train]) or a preset name")
     t.add_argument("--data", help="a text file to train on (default: the embedded pydoc corpus)")
-    t.add_argument("--out", help="output folder for model.safetensors (default: runs/<config name>)")
-    t.add_argument("--steps", type=int, help="override train.steps")
+    t.add_argument("--out", type=_out_dir, help="output folder for model.safetensors (default: runs/<config name>)")
+    t.add_argument("--force", action="store_true", help="overwrite the checkpoints already in --out")
+    t.add_argument("--steps", type=_int_at_least(1), help="override train.steps")
     t.add_argument("--seed", type=int, help="override train.seed")
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--device", default="cpu", type=_device, help=DEVICE_HELP)
+    t.add_argument("--threads", type=_int_at_least(1), help="torch CPU threads (default: torch's choice)")
     t.add_argument("--quiet", action="store_true", help="no progress output")
     t.set_defaults(func=_cmd_train)
 
-    g = sub.add_parser("generate", help="generate text from a checkpoint")
+    g = sub.add_parser(
+        "generate",
+        help="generate text from a checkpoint",
+        description="Continue a prompt: it is prefilled, then each token is decoded in recurrent mode and "
+        "written to stdout as it comes; a timing line goes to stderr.",
+    )
     g.add_argument("checkpoint", help="a model.safetensors written by train")
-    g.add_argument("--prompt", type=_prompt_text, default="The ")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cpu")
+    g.add_argument(
+        "--prompt", type=_prompt_text, default="The ", metavar="TEXT", help="text to continue (default: %(default)r)"
+    )
+    g.add_argument(
+        "--max-new-tokens",
+        type=_int_at_least(0),
+        default=200,
+        metavar="N",
+        help="how many tokens (bytes) to generate (default: %(default)s)",
+    )
+    g.add_argument(
+        "--temperature",
+        type=_temperature,
+        default=0.8,
+        metavar="T",
+        help="sampling temperature, 0 for greedy (default: %(default)s)",
+    )
+    g.add_argument(
+        "--top-k", type=_int_at_least(1), metavar="K", help="sample among the K most likely tokens (default: all)"
+    )
+    g.add_argument(
+        "--seed", type=_seed, default=0, metavar="N", help="the same seed gives the same text (default: %(default)s)"
+    )
+    g.add_argument("--device", default="cpu", type=_device, help=DEVICE_HELP)
+    g.add_argument("--threads", type=_int_at_least(1), metavar="N", help="torch CPU threads (default: torch's choice)")
     g.set_defaults(func=_cmd_generate)
 
     sub.add_parser("list", help="list mixers, backends and plugins").set_defaults(func=_cmd_list)
 
     d = sub.add_parser("demo", help="train a tiny RetNet, Transformer and hybrid; compare them (a few minutes)")
-    d.add_argument("--out", default="runs/demo", help="where the plot, JSON and checkpoints go")
-    d.add_argument("--steps", type=int, help="training steps per model (default: the presets')")
+    d.add_argument("--out", default="runs/demo", type=_out_dir, help="where the plot, JSON and checkpoints go")
+    d.add_argument("--steps", type=_int_at_least(1), help="training steps per model (default: the presets')")
     d.add_argument(
         "--threads",
-        type=int,
+        type=_int_at_least(1),
         default=1,
         help="torch CPU threads (default 1: tiny models gain little from more, and one thread does not\n"
         "slow down when other processes share the cores)",
@@ -154,19 +342,46 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if getattr(args, "threads", None):
+    """The command: exit code 0, 2 for a usage error or a bad config, file or option (a one-line message,
+    never a traceback), 130 for Ctrl-C, 141 when the reader of stdout goes away (``generate | head``)."""
+    command = "seqmixers"
+    try:
+        args = parser().parse_args(argv)
+        command = f"seqmixers {args.command}"
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return _stdout_gone()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from models.checkpoint import CheckpointError
+    from models.config import ConfigError
+
+    if getattr(args, "threads", None) is not None:
         import torch
 
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
+    except BrokenPipeError:
+        raise
+    except (ConfigError, CheckpointError, OSError) as exc:  # OSError: a file that is missing or unreadable
         print(f"seqmixers {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"seqmixers {args.command}: interrupted", file=sys.stderr)
-        return 130
+
+
+def _stdout_gone() -> int:
+    """The reader of stdout went away (``seqmixers generate ... | head``): stop quietly. Stdout is pointed at
+    /dev/null so that the flush at exit does not fail again, and the exit code is that of a process killed by
+    SIGPIPE (128 + 13), as ``yes | head`` gives, so that ``set -o pipefail`` sees the output was cut short."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (captured in memory)
+        pass
+    return 141
 
 
 if __name__ == "__main__":

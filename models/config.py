@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.resources
 import inspect
 import json
@@ -34,6 +35,11 @@ SECTIONS = ("model", "train")
 
 class ConfigError(ValueError):
     """An invalid config field; the message names the field, the allowed values and the value given."""
+
+
+class UnknownFieldError(ConfigError, TypeError):
+    """A keyword argument that is not a field (``ModelConfig(d_modle=64)``): a ``TypeError``, as for any
+    function, and a ``ConfigError`` that suggests the closest field."""
 
 
 def _got(value: object) -> str:
@@ -86,10 +92,31 @@ def _str(name: str, value: object) -> str:
     return value
 
 
-def _unknown_key(kind: str, key: object, allowed: list[str]) -> ConfigError:
+def _unknown_key(kind: str, key: object, allowed: list[str], error: type[ConfigError] = ConfigError) -> ConfigError:
     close = difflib.get_close_matches(str(key), allowed, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"unknown {kind} {key!r}{hint}; allowed: {allowed}")
+    return error(f"unknown {kind} {key!r}{hint}; allowed: {allowed}")
+
+
+def _suggest_fields(kind: str) -> Any:
+    """A class decorator (outside ``@dataclass``): an unknown keyword argument raises ``UnknownFieldError``
+    naming the closest field, as an unknown key in a config file does."""
+
+    def decorate(cls: type) -> type:
+        init = cls.__init__
+        names = [f.name for f in dataclasses.fields(cls)]
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            for key in kwargs:
+                if key not in names:
+                    raise _unknown_key(kind, key, names, UnknownFieldError)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = __init__
+        return cls
+
+    return decorate
 
 
 def registered_mixers() -> str:
@@ -157,6 +184,7 @@ class LayerSpec:
     ffn_dim: int
 
 
+@_suggest_fields("model config field")
 @dataclass
 class ModelConfig:
     """A language model: embedding, ``n_layers`` blocks ``x + mixer(norm(x))``, ``x + ffn(norm(x))``, LM head.
@@ -306,6 +334,35 @@ class ModelConfig:
             specs.append(LayerSpec(mixer, options, table.get("ffn_dim", self.default_ffn_dim)))
         return specs
 
+    def check_backends(self, device: Any = "cpu") -> None:
+        """Raise ``ConfigError`` if a layer names a backend (not ``"auto"``) that cannot run here: not available
+        on this machine (its library or driver is missing), or not made for ``device``'s type.
+
+        A config is valid wherever it is written (it may name a GPU backend on a CPU-only machine); this is
+        the check for running it, which the ``seqmixers`` command makes before it builds a model."""
+        registry = get_registry()
+        device_type = device if isinstance(device, str) else device.type
+        device_type = device_type.split(":")[0]
+
+        def problem(backend: Any) -> str | None:
+            reason = registry.unavailable_reason(backend)
+            if reason is None and backend.devices is not None and device_type not in backend.devices:
+                reason = f"it runs on {sorted(backend.devices)} devices, not {device_type!r}"
+            return reason
+
+        for i, spec in enumerate(self.layer_specs()):
+            name = spec.options.get("backend", "auto")
+            if name == "auto":
+                continue
+            for op in registry.mixers[spec.mixer].ops:
+                reason = problem(registry.backends[op][name])
+                if reason is not None:
+                    usable = sorted(n for n, b in registry.backends[op].items() if problem(b) is None)
+                    raise ConfigError(
+                        f"layers[{i}] ({spec.mixer}): backend {name!r} is unavailable here: {reason}; use backend "
+                        f"'auto' or one of {usable} (seqmixers list shows every backend)"
+                    )
+
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (JSON/TOML-able) that ``ModelConfig.from_dict`` turns back into an equal config."""
         return dataclasses.asdict(self)
@@ -333,6 +390,7 @@ class ModelConfig:
         return "\n".join(lines)
 
 
+@_suggest_fields("train config field")
 @dataclass
 class TrainConfig:
     """A training run on a byte-level corpus (the embedded default, or any text file).
@@ -415,9 +473,19 @@ def read_document(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r}: unknown suffix {path.suffix!r}; expected one of {SUFFIXES}")
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
     try:
-        if path.suffix == ".toml":
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} "
+            f"(line {line}); save it as UTF-8"
+        ) from None
+    try:
+        if not text.strip():
+            doc = None
+        elif path.suffix == ".toml":
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
@@ -431,18 +499,36 @@ def read_document(path: str | Path) -> dict[str, Any]:
             doc = yaml.safe_load(text)
     except Exception as exc:  # each parser has its own error class; the message is what matters
         raise ConfigError(f"could not parse config file {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+    if doc is None or doc == {}:  # no text, an empty table, or a YAML file of comments
+        raise ConfigError(
+            f"config file {str(path)!r} is empty: expected a [model] section (and optionally a [train] section), "
+            f"or the fields of a model config"
+        )
     if not isinstance(doc, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a table of fields, got {type(doc).__name__}")
     return doc
 
 
+def _unknown_section(source: str, key: object) -> ConfigError:
+    close = difflib.get_close_matches(str(key), SECTIONS, n=1)
+    hint = f" (did you mean [{close[0]}]?)" if close else ""
+    return ConfigError(f"{source}: unknown section [{key}]{hint}; a run file holds a [model] and a [train] section")
+
+
 def split_run_config(doc: Mapping[str, Any], source: str = "config") -> tuple[ModelConfig, TrainConfig]:
     """A ``{"model": ..., "train": ...}`` document, or a bare model config, into the two configs."""
     if not any(key in doc for key in SECTIONS):
-        return ModelConfig.from_dict(doc), TrainConfig()
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        for key, value in doc.items():  # a misspelt section, [modle], is not a bare model config's odd field
+            if key not in fields and isinstance(value, Mapping) and difflib.get_close_matches(str(key), SECTIONS, n=1):
+                raise _unknown_section(source, key)
+        try:
+            return ModelConfig.from_dict(doc), TrainConfig()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
     for key in doc:
         if key not in SECTIONS:
-            raise _unknown_key(f"section in {source}", key, list(SECTIONS))
+            raise _unknown_section(source, key)
     try:
         model = ModelConfig.from_dict(doc.get("model", {}))
     except ConfigError as exc:

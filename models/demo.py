@@ -26,6 +26,7 @@ import mixers
 from models import data as corpus
 from models.config import load_run_config, presets
 from models.measure import decode_profile, split_state_bytes
+from models.progress import Progress
 from models.train import train
 
 MODELS = ("retnet-tiny", "transformer-tiny", "hybrid-tiny")
@@ -116,7 +117,12 @@ def run(
     progress: bool = True,
 ) -> list[dict]:
     """Train each preset in ``names`` with the same budget, profile its decoding, print the table and
-    save the plot, the JSON and the checkpoints under ``out``; returns the table rows."""
+    save the plot, the JSON and the checkpoints under ``out``; returns the table rows.
+
+    ``steps``: training steps per model (``None``: each preset's). ``progress``: progress bars on stderr
+    (drawn on a terminal only) for the training and the decode profiling."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be an int >= 1 or None (the presets' steps), got {steps!r}")
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,11 +138,12 @@ def run(
     rows = []
     for name in names:
         model_config, train_config = load_run_config(presets()[name])
+        budget = train_config.steps if steps is None else steps
         train_config = dataclasses.replace(
             train_config,
-            steps=steps or train_config.steps,
+            steps=budget,
             sample_tokens=0,
-            eval_every=min(train_config.eval_every, steps or train_config.steps),
+            eval_every=min(train_config.eval_every, budget),
         )
         print(f"\n== {name}: {model_config.describe()}", flush=True)
         result = train(model_config, train_config, data=text, out=out / name, progress=progress, label=f"{name} ")
@@ -144,7 +151,15 @@ def run(
         # the validation text as the prefix, repeated if it is shorter than the longest length
         _, val = corpus.split(text, train_config.val_fraction, train_config.seq_len)
         prefix = val.long().repeat(math.ceil(max(lengths) / len(val)))[None, : max(lengths)]  # (1, L)
-        profile = decode_profile(model, prefix, lengths, steps=decode_steps, repeats=decode_repeats)
+        with Progress(len(lengths), f"{name} decode profile ", enabled=progress, unit="length") as bar:
+            profile = decode_profile(
+                model,
+                prefix,
+                lengths,
+                steps=decode_steps,
+                repeats=decode_repeats,
+                on_length=lambda row, bar=bar: bar.update(lengths.index(row["T"]) + 1, f"T={row['T']}"),
+            )
         sample = corpus.decode(model.generate(corpus.encode("The "), 100, temperature=0.8, seed=0))
         print(f"   sample: {sample!r}", flush=True)
         rows.append(

@@ -23,6 +23,8 @@ from models.blocks import Block, make_norm
 from models.config import ModelConfig, as_model_config
 
 States = list[MixerState]
+# A prompt longer than this is prefilled in pieces of this many tokens when a progress bar is asked for.
+PREFILL_PIECE = 1024
 
 
 class LanguageModel(nn.Module):
@@ -140,6 +142,7 @@ class LanguageModel(nn.Module):
         seed: int | None = None,
         prefill_mode: str = "chunkwise",
         chunk_size: int | None = None,
+        progress: bool = False,
     ) -> Iterator[Tensor]:
         """Yield the generated tokens one step at a time, each ``[B, 1]``; see ``generate``."""
         tokens = as_token_batch(prompt, self.device)
@@ -148,6 +151,20 @@ class LanguageModel(nn.Module):
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         check_sampling(temperature, top_k)
+        check_seed(seed)
+        return self._stream(tokens, max_new_tokens, temperature, top_k, seed, prefill_mode, chunk_size, progress)
+
+    def _stream(
+        self,
+        tokens: Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        seed: int | None,
+        prefill_mode: str,
+        chunk_size: int | None,
+        progress: bool,
+    ) -> Iterator[Tensor]:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -157,7 +174,7 @@ class LanguageModel(nn.Module):
             with torch.no_grad():
                 if max_new_tokens == 0:
                     return
-                logits, states = self(tokens, mode=prefill_mode, chunk_size=chunk_size, last_only=True)
+                logits, states = self._prefill(tokens, prefill_mode, chunk_size, progress)
                 for i in range(max_new_tokens):
                     token = sample(logits[:, -1], temperature, top_k, generator)  # (B, 1)
                     yield token
@@ -165,6 +182,23 @@ class LanguageModel(nn.Module):
                         logits, states = self(token, states, mode="recurrent")  # (B, 1, V)
         finally:
             self.train(was_training)
+
+    def _prefill(self, tokens: Tensor, mode: str, chunk_size: int | None, progress: bool) -> tuple[Tensor, States]:
+        """The last position's logits and the states after ``tokens``; with ``progress``, a prompt longer than
+        ``PREFILL_PIECE`` goes in pieces (the states carry over, so the result is the same up to rounding),
+        under a progress bar on stderr (drawn on a terminal only)."""
+        T = tokens.shape[1]
+        if not progress or T <= PREFILL_PIECE:
+            return self(tokens, mode=mode, chunk_size=chunk_size, last_only=True)
+        from models.progress import Progress
+
+        states = None
+        with Progress(T, "prefill ", unit="tok", leave=False) as bar:
+            for start in range(0, T, PREFILL_PIECE):
+                piece = tokens[:, start : start + PREFILL_PIECE]
+                logits, states = self(piece, states, mode=mode, chunk_size=chunk_size, last_only=True)
+                bar.update(start + piece.shape[1])
+        return logits, states
 
     def generate(
         self,
@@ -176,14 +210,20 @@ class LanguageModel(nn.Module):
         seed: int | None = None,
         prefill_mode: str = "chunkwise",
         chunk_size: int | None = None,
+        progress: bool = False,
     ) -> Tensor:
         """The prompt followed by ``max_new_tokens`` sampled tokens.
 
-        The prompt (``[T]``, ``[B, T]`` or a list of ids) is prefilled in ``prefill_mode``, then each token
-        is decoded in recurrent mode from the layers' states. Sampling: ``temperature=0`` is greedy;
-        otherwise ``torch.multinomial(softmax(logits / temperature), 1, generator=g)`` over the ``top_k``
-        most likely tokens, with ``g = torch.Generator(device).manual_seed(seed)`` (``seed=None``: the
-        global RNG), so a fixed seed gives the same tokens every time.
+        The prompt (``[T]``, ``[B, T]`` or a list of ids, of an integer dtype) is prefilled in
+        ``prefill_mode``, then each token is decoded in recurrent mode from the layers' states. Sampling:
+        ``temperature=0`` is greedy; otherwise ``torch.multinomial(softmax(logits / temperature), 1,
+        generator=g)`` over the ``top_k`` most likely tokens, with ``g = torch.Generator(device).manual_seed(seed)``
+        (``seed=None``: the global RNG), so a fixed seed gives the same tokens every time. A temperature so
+        small that ``logits / temperature`` overflows (below about 1e-38) acts as the limit: the most likely
+        token (ties split evenly).
+
+        ``progress=True`` shows a progress bar on stderr (on a terminal) while a prompt longer than
+        ``PREFILL_PIECE`` tokens is prefilled.
 
         Returns:
             ``[B, T + max_new_tokens]`` (``[T + max_new_tokens]`` for a 1-D prompt).
@@ -198,6 +238,7 @@ class LanguageModel(nn.Module):
                 seed=seed,
                 prefill_mode=prefill_mode,
                 chunk_size=chunk_size,
+                progress=progress,
             )
         )
         out = torch.cat([tokens, *new], dim=1)
@@ -214,14 +255,36 @@ class LanguageModel(nn.Module):
 def as_token_batch(prompt: Tensor | Sequence[int], device: torch.device) -> Tensor:
     """A prompt as a ``[B, T]`` int64 tensor on ``device``."""
     if not isinstance(prompt, Tensor):
-        if isinstance(prompt, (str, bytes)) or not all(isinstance(t, int) for t in prompt):
-            raise TypeError(f"prompt must be a tensor or a list of token ids, got {type(prompt).__name__}")
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+            raise TypeError(f"prompt must be a tensor or a list of int token ids, got {type(prompt).__name__}")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise TypeError(f"prompt must be a tensor or a list of int token ids, got {_short(list(prompt))}")
         prompt = torch.tensor(list(prompt), dtype=torch.long)
+    if prompt.dtype == torch.bool or prompt.is_floating_point() or prompt.is_complex():
+        raise TypeError(
+            f"prompt must hold integer token ids, got dtype {prompt.dtype} (a float 1.5 is not a token; "
+            f"convert explicitly with .long() if the values are whole numbers)"
+        )
     if prompt.dim() == 1:
         prompt = prompt[None]
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be [T] or [B, T] with at least one token, got shape {list(prompt.shape)}")
     return prompt.to(device=device, dtype=torch.long)
+
+
+def _short(value: list) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_seed(seed: object) -> None:
+    """A seed is ``None`` or an int that ``torch.Generator.manual_seed`` takes (-2**63 <= seed < 2**64)."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {seed!r} ({type(seed).__name__})")
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [-2**63, 2**64) or None, got {seed}")
 
 
 def check_sampling(temperature: float, top_k: int | None) -> None:
@@ -234,10 +297,16 @@ def check_sampling(temperature: float, top_k: int | None) -> None:
 def sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
     """One token per row of ``logits [B, V]``: greedy at temperature 0, else top-k multinomial; ``[B, 1]``.
 
-    A ``top_k`` of at least V keeps every token (no filtering)."""
+    A ``top_k`` of at least V keeps every token (no filtering). A temperature so small that ``logits /
+    temperature`` overflows float32 draws among the most likely tokens (greedy, ties split evenly), the
+    limit of a vanishing temperature, instead of failing on inf/nan probabilities."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    scaled = logits / temperature
+    overflow = (scaled.isnan() | scaled.isposinf()).any(dim=-1, keepdim=True)  # (B, 1): 1/temperature overflowed
+    limit = torch.where(logits == logits.max(dim=-1, keepdim=True).values, 0.0, -math.inf)  # the T -> 0 limit
+    logits = torch.where(overflow, limit, scaled)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, -math.inf)

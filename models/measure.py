@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -26,6 +26,7 @@ def decode_profile(
     steps: int = 10,
     repeats: int = 3,
     chunk_size: int | None = None,
+    on_length: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """For each prefix length T: median ms per decoded token and the state bytes per layer.
 
@@ -34,6 +35,7 @@ def decode_profile(
         steps, repeats: ``repeats`` blocks of ``steps`` timed decode steps per length (after one warm-up
             step); the least of the blocks' medians is reported, which keeps a burst of load from other
             processes on a shared machine out of the figure.
+        on_length: called with each length's row as soon as it is measured (a progress bar).
 
     Returns:
         One dict per length: ``T``, ``decode_ms``, ``state_bytes`` (all layers) and
@@ -68,6 +70,8 @@ def decode_profile(
                 "layer_bytes": layer_bytes,
             }
         )
+        if on_length is not None:
+            on_length(rows[-1])
     model.train(was_training)
     return rows
 

@@ -1,65 +1,30 @@
 """The training loop: AdamW with warm-up and cosine decay on a byte-level corpus, with periodic validation
-perplexity, checkpoints (each written atomically) and a sample at the end."""
+perplexity, checkpoints (each written atomically) and a sample at the end.
+
+The run folder holds ``model.safetensors`` (the last validated model; or, after SIGINT/SIGTERM, the model
+of the last completed step) and ``best.safetensors`` (the lowest validation loss so far). A run whose
+validation loss rises more than ``DIVERGENCE_MARGIN`` above its best, or whose loss is not finite, stops
+with ``TrainingDiverged`` and does not save the diverged weights.
+"""
 
 from __future__ import annotations
 
 import math
-import sys
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
 
 from models import data as corpus
+from models.checkpoint import read_header
 from models.config import ConfigError, ModelConfig, TrainConfig
 from models.lm import LanguageModel
-
-
-class Progress:
-    """A one-line progress bar on stderr (redrawn in place on a terminal; log lines only otherwise)."""
-
-    def __init__(self, total: int, label: str = "", stream: TextIO | None = None, enabled: bool = True) -> None:
-        self.total, self.label, self.enabled = total, label, enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.live = enabled and self.stream.isatty()
-        self.start = time.perf_counter()
-        self._last_draw = 0.0
-        self._line = ""
-
-    def update(self, done: int, text: str = "") -> None:
-        if not self.live:
-            return
-        now = time.perf_counter()
-        if done < self.total and now - self._last_draw < 0.1:
-            return
-        self._last_draw = now
-        width = 24
-        filled = int(width * done / max(self.total, 1))
-        elapsed = now - self.start
-        eta = elapsed / done * (self.total - done) if done else 0.0
-        bar = "#" * filled + "-" * (width - filled)
-        self._line = f"{self.label}[{bar}] {done}/{self.total} {text} eta {eta:.0f}s"
-        self.stream.write("\r\x1b[2K" + self._line)
-        self.stream.flush()
-
-    def log(self, line: str) -> None:
-        """Print a line above the bar."""
-        if not self.enabled:
-            return
-        if self.live:
-            self.stream.write("\r\x1b[2K")
-        self.stream.write(f"{self.label}{line}\n")
-        if self.live and self._line:
-            self.stream.write(self._line)
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.live:
-            self.stream.write("\r\x1b[2K")
-            self.stream.flush()
+from models.progress import Progress
 
 
 @dataclass
@@ -73,6 +38,9 @@ class TrainResult:
     train_s: float = 0.0
     checkpoint: Path | None = None
     sample: str = ""
+    best: Path | None = None  # the checkpoint of the lowest validation loss
+    best_step: int | None = None
+    best_val_loss: float = math.inf
 
     @property
     def val_loss(self) -> float:
@@ -80,7 +48,91 @@ class TrainResult:
 
     @property
     def val_ppl(self) -> float:
-        return math.exp(self.val_loss)
+        return perplexity(self.val_loss)
+
+
+LAST, BEST = "model.safetensors", "best.safetensors"  # the run folder's checkpoints
+# A validation loss more than this above the best so far (nats per token; x e = 2.7 in perplexity) stops
+# the run: a healthy run's validation loss, on the same fixed batches each time, moves far less between
+# validations, and a run at lr=10 that was not stopped went on to perplexity 1e16.
+DIVERGENCE_MARGIN = 1.0
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, infinite rather than an ``OverflowError`` for a diverged loss."""
+    return math.inf if loss > 700 else math.exp(loss)
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss was not finite, or the validation loss rose more than the margin above its best.
+
+    ``best`` is the best checkpoint kept (None without a run folder), from ``best_step`` at ``best_val_loss``.
+    """
+
+    def __init__(self, message: str, *, step: int, result: TrainResult) -> None:
+        super().__init__(message)
+        self.step = step
+        self.best, self.best_step, self.best_val_loss = result.best, result.best_step, result.best_val_loss
+        self.checkpoint = result.checkpoint if result.best_step is not None else None  # the last good one
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a run after ``step`` whole steps, whose model is saved in ``checkpoint``."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.signal_name = signal.Signals(signum).name
+        saved = f"; saved {checkpoint}" if checkpoint is not None else ""
+        super().__init__(f"interrupted by {self.signal_name} after step {step}{saved}")
+
+
+class _StopSignals:
+    """While it is entered (in the main thread), the first SIGINT or SIGTERM only asks the loop to stop after
+    the current step, so that what is saved is a whole step; a second one interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopped without saving")
+        self.signum = signum  # no printing here: the handler may run in the middle of a write to stderr
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def release(self) -> None:
+        """Restore the handlers from before (a signal from now on acts as it did before training)."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def run_folder_checkpoints(out: str | Path) -> list[str]:
+    """The checkpoints already in run folder ``out``, each as ``"name: step N, val loss X"``; [] if none."""
+    found = []
+    for name in (LAST, BEST):
+        path = Path(out) / name
+        if not path.exists():
+            continue
+        try:
+            info = read_header(path)[1]
+        except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
+            found.append(f"{name}: unreadable ({exc})")
+            continue
+        val = info.get("val_loss")
+        what = f"val loss {val:.3f}" if isinstance(val, (int, float)) else f"saved on {info.get('interrupted', '?')}"
+        found.append(f"{name}: step {info.get('step', '?')}, {what}")
+    return found
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -130,12 +182,33 @@ def train(
     device: torch.device | str = "cpu",
     progress: bool = True,
     label: str = "",
+    divergence_margin: float = DIVERGENCE_MARGIN,
 ) -> TrainResult:
     """Train a model from scratch on ``data`` (default: the embedded corpus).
 
-    With ``out``, the checkpoint ``out/model.safetensors`` is written at every validation (atomically),
-    so an interrupted run keeps its last one. Returns the model, the curves and the throughput.
+    With ``out``, the checkpoint ``out/model.safetensors`` is written at every validation (atomically), and
+    ``out/best.safetensors`` whenever the validation loss is the lowest so far.
+
+    Raises ``TrainingDiverged`` when the loss is not finite or the validation loss exceeds its best by more
+    than ``divergence_margin`` (the diverged weights are not saved), and ``Interrupted`` on SIGINT or SIGTERM,
+    after finishing the current step and saving its model to ``out/model.safetensors``.
+    Returns the model, the curves and the throughput.
     """
+    with _StopSignals() as stop:
+        return _run(model_config, train_config, data, out, device, progress, label, divergence_margin, stop)
+
+
+def _run(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    data: bytes | None,
+    out: str | Path | None,
+    device: torch.device | str,
+    progress: bool,
+    label: str,
+    divergence_margin: float,
+    stop: _StopSignals,
+) -> TrainResult:
     tc = train_config
     if model_config.vocab_size < corpus.BYTE_VOCAB:
         raise ConfigError(
@@ -149,24 +222,63 @@ def train(
     model.train()
     optimizer = make_optimizer(model, tc)
     gen = torch.Generator().manual_seed(tc.seed)
-    checkpoint = Path(out) / "model.safetensors" if out is not None else None
+    checkpoint = Path(out) / LAST if out is not None else None
+    best = Path(out) / BEST if out is not None else None
     result = TrainResult(model=model, checkpoint=checkpoint)
     bar = Progress(tc.steps, label, enabled=progress)
     tokens_per_step = tc.batch_size * tc.seq_len
 
+    def metadata(step: int) -> dict:
+        """What each checkpoint carries; ``read_header(path)[1]`` returns it."""
+        return {
+            "step": step,
+            "best_step": result.best_step,
+            "best_val_loss": result.best_val_loss,
+            "train": tc.to_dict(),
+        }
+
     def validate(step: int) -> None:
         val = evaluate(model, val_batches, tc)
         result.val_curve.append((step, val))
-        line = f"step {step:>5}/{tc.steps}  val loss {val:.3f}  val ppl {math.exp(val):7.2f}"
+        line = f"step {step:>5}/{tc.steps}  val loss {val:.3f}  val ppl {perplexity(val):7.2f}"
         if result.train_curve:
             speed = tokens_per_step * len(result.train_curve) / result.train_s
             line += f"  train loss {result.train_curve[-1][1]:.3f}  {speed:,.0f} tok/s"
         bar.log(line)
+        if not val <= result.best_val_loss + divergence_margin:  # NaN included
+            why = "is not finite" if not math.isfinite(val) else f"is more than {divergence_margin} above the best"
+            bar.close()
+            raise TrainingDiverged(
+                f"training diverged at step {step}: validation loss {val:.3f} {why}; best {result.best_val_loss:.3f} "
+                f"(step {result.best_step}); lower lr (now {tc.lr})",
+                step=step,
+                result=result,
+            )
+        improved = val < result.best_val_loss
+        if improved:
+            result.best_step, result.best_val_loss, result.best = step, val, best
         if checkpoint is not None:
-            model.save(checkpoint, metadata={"step": step, "val_loss": val, "train": tc.to_dict()})
+            info = {"val_loss": val, **metadata(step)}
+            model.save(checkpoint, metadata=info)
+            if improved:
+                model.save(best, metadata=info)
+
+    def interrupt(done: int) -> NoReturn:
+        """Save the model of the last whole step, then raise. This is the one place that saves a run's state
+        on the way out: the optimizer state and the data RNG for resuming will go beside it, in
+        ``out/train_state.safetensors``, and its step is ``read_header(out/model.safetensors)[1]["step"]``."""
+        assert stop.signum is not None
+        if checkpoint is not None:
+            last = result.val_curve[-1]
+            info = {**metadata(done), "interrupted": signal.Signals(stop.signum).name}
+            model.save(checkpoint, metadata={**info, "last_val_step": last[0], "last_val_loss": last[1]})
+        raise Interrupted(stop.signum, done, checkpoint)
 
     validate(0)
     for step in range(1, tc.steps + 1):
+        if stop.signum is not None:
+            bar.close()
+            interrupt(step - 1)
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step - 1, tc)
@@ -182,7 +294,9 @@ def train(
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             bar.close()
-            raise FloatingPointError(f"training diverged at step {step}: loss {loss_value}; lower lr (now {tc.lr})")
+            raise TrainingDiverged(
+                f"training diverged at step {step}: loss {loss_value}; lower lr (now {tc.lr})", step=step, result=result
+            )
         result.train_s += time.perf_counter() - t0
         result.train_curve.append((step, loss_value))
         speed = tokens_per_step * step / result.train_s
@@ -190,6 +304,9 @@ def train(
         if step % tc.eval_every == 0 or step == tc.steps:
             validate(step)
     bar.close()
+    stop.release()  # from here (the sample), Ctrl-C interrupts at once: the last checkpoint is saved
+    if stop.signum is not None:
+        raise Interrupted(stop.signum, tc.steps, checkpoint)
     result.tokens_per_s = tokens_per_step * tc.steps / result.train_s
     if tc.sample_tokens:
         prompt = corpus.encode(tc.sample_prompt) if tc.sample_prompt else torch.tensor([ord("\n")])

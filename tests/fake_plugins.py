@@ -75,6 +75,15 @@ PLUGINS: dict[str, tuple[str, str]] = {
         import nonexistent_library_for_seqmixers_tests
     """,
     ),
+    # A plugin that ends the process at import: it must be recorded as broken like any other.
+    "fake_exit": (
+        "fakeplug_exit",
+        """
+        import sys
+
+        sys.exit(3)
+    """,
+    ),
     # Malformed registrations: the backend registered first must not be committed either.
     "fake_malformed": (
         "fakeplug_malformed",
@@ -238,4 +247,142 @@ def write_wrong_distribution(root: Path, *, again: bool = False) -> Path:
 
 def forget_wrong_modules() -> None:
     for name in [m for m in sys.modules if m.startswith("wrongplug_")]:
+        del sys.modules[name]
+
+
+# -- Distributions for the op boundary, the "auto" policy and entry-point names shared between distributions --
+OUTPUT_DISTRIBUTION, OUTPUT_VERSION = "fakeplug-output", "0.5"
+
+OUTPUT_PLUGIN = (
+    "outplug_backends",
+    """
+    from mixers.backends import torch_linear_attention, torch_softmax_attention
+
+    def wrong(mutate):
+        def fn(*args, **kwargs):
+            return mutate(*torch_retention.retention(*args, **kwargs))
+        return fn
+
+    def zeros(q, k, v, gamma, *, mode, chunk_size, initial_state):
+        o, state = torch_retention.retention(q, k, v, gamma, mode=mode, chunk_size=chunk_size,
+                                             initial_state=initial_state)
+        return torch.zeros_like(o), state
+
+    SEEN = []
+
+    def right_once(q, k, v, gamma, **kwargs):
+        # right on its first call, then it drops the last head: only a new shape class is checked again
+        o, state = torch_retention.retention(q, k, v, gamma, **kwargs)
+        SEEN.append(tuple(q.shape))
+        return (o if len(SEEN) == 1 else o[:, :, :-1]), state
+
+    def linear_no_z(*args, **kwargs):
+        o, (kv, z) = torch_linear_attention.linear_attention(*args, **kwargs)
+        return o, (kv, z[..., :-1])
+
+    def softmax_stale_cache(q, k, v, *, mode, chunk_size, initial_state):
+        o, cache = torch_softmax_attention.softmax_attention(q, k, v, mode=mode, chunk_size=chunk_size,
+                                                             initial_state=initial_state)
+        return o, (k, v)  # forgets the cached tokens
+
+    def own_op(x, *, mode):
+        return x
+
+    @mixers.hookimpl
+    def register_backends(register):
+        for name, fn in [
+            ("wrong_shape", wrong(lambda o, s: (o[..., :-1], s))),
+            ("wrong_dtype", wrong(lambda o, s: (o.double(), s))),
+            ("wrong_state", wrong(lambda o, s: (o, s[:, :, :-1]))),
+            ("not_a_pair", wrong(lambda o, s: o)),
+            ("right_once", right_once),
+        ]:
+            register(Backend(op="retention", name=name, fn=fn, priority=-30))
+        # high priority, right shapes, wrong values: only the "auto" policy keeps it away from models
+        register(Backend(op="retention", name="zeros", fn=zeros, priority=1000))
+        register(Backend(op="linear_attention", name="no_z", fn=linear_no_z, priority=-30))
+        register(Backend(op="softmax_attention", name="stale_cache", fn=softmax_stale_cache, priority=-30))
+        # an op no built-in serves, and no mixer uses: "auto" takes any backend of it
+        register(Backend(op="fake_free_op", name="free", fn=own_op))
+        # a higher-priority backend for another plugin's own op: "auto" leaves that op to its owner
+        register(Backend(op="fake_own_op", name="intruder", fn=own_op, priority=100))
+    """,
+)
+
+OWNER_PLUGIN = (
+    "outplug_owner",
+    """
+    from mixers.retention import MultiScaleRetention
+
+    def own_op(x, *, mode):
+        return x
+
+    @mixers.hookimpl
+    def register_backends(register):
+        register(Backend(op="fake_own_op", name="own", fn=own_op))
+
+    @mixers.hookimpl
+    def register_mixers(register):
+        register("fake_own_mixer", MultiScaleRetention, ops=("fake_own_op",))
+    """,
+)
+
+
+def write_output_distribution(root: Path) -> Path:
+    """``fakeplug-output``: plugin ``fake_outputs`` (backends returning wrong structures, shapes, dtypes, or
+    zeros at a high priority) and plugin ``fake_owner`` (a mixer with an op of its own)."""
+    for module, body in (OUTPUT_PLUGIN, OWNER_PLUGIN):
+        (root / f"{module}.py").write_text(HEADER + textwrap.dedent(body))
+    _dist_info(
+        root, OUTPUT_DISTRIBUTION, OUTPUT_VERSION, {"fake_outputs": OUTPUT_PLUGIN[0], "fake_owner": OWNER_PLUGIN[0]}
+    )
+    return root
+
+
+TWIN_NAME = "fake_twin"
+HEALTHY_TWIN, HEALTHY_TWIN_VERSION = "fakeplug-twin", "0.7"
+BROKEN_TWIN, BROKEN_TWIN_VERSION = "fakeplug-twin-broken", "0.6"
+TWIN_BODIES = {
+    "healthy": """
+    @mixers.hookimpl
+    def register_backends(register):
+        register(Backend(op="retention", name="twin", fn=delegate, priority=-40))
+    """,
+    # exits at import
+    "exit": """
+    import sys
+
+    sys.exit("twin gives up")
+    """,
+    # a valid hook before an invalid one: pluggy keeps what it registered before it rejects the plugin
+    "bad_hook": """
+    @mixers.hookimpl
+    def register_backends(register):
+        register(Backend(op="retention", name="twin_partial", fn=delegate, priority=-40))
+
+    @mixers.hookimpl
+    def register_mixers(registrar):
+        pass
+    """,
+}
+
+
+def write_twin_distribution(root: Path, kind: str) -> Path:
+    """A distribution declaring entry point ``fake_twin``: the healthy one, or a broken one (``kind``)."""
+    module = f"twinplug_{kind}"
+    (root / f"{module}.py").write_text(HEADER + textwrap.dedent(TWIN_BODIES[kind]))
+    name, version = (HEALTHY_TWIN, HEALTHY_TWIN_VERSION) if kind == "healthy" else (BROKEN_TWIN, BROKEN_TWIN_VERSION)
+    _dist_info(root, name, version, {TWIN_NAME: module})
+    return root
+
+
+def write_interrupt_distribution(root: Path) -> Path:
+    """``fakeplug-interrupt``: plugin ``fake_interrupt`` raises KeyboardInterrupt at import (as Ctrl-C would)."""
+    (root / "intplug.py").write_text("raise KeyboardInterrupt\n")
+    _dist_info(root, "fakeplug-interrupt", "0.8", {"fake_interrupt": "intplug"})
+    return root
+
+
+def forget_other_fake_modules() -> None:
+    for name in [m for m in sys.modules if m.startswith(("outplug_", "twinplug_", "intplug"))]:
         del sys.modules[name]

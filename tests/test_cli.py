@@ -84,3 +84,15 @@ def test_bad_command_is_a_usage_error(argv, capsys):
         cli.main(argv)
     assert info.value.code == 2
     assert "list" in capsys.readouterr().err
+
+
+def test_version_and_plain_text_help(capsys):
+    import mixers
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out == f"python -m mixers {mixers.__version__}\n"
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "``" not in out and "python -m mixers list" in out

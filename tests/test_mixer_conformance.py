@@ -5,8 +5,9 @@ without new test code.
 The checks live in the conformance kit (``mixers.testing.conformance``), the same functions plugin authors
 run on their own mixers. Properties: the three modes agree (chunkwise with chunk sizes that do and don't
 divide T), any split with state hand-over equals one pass (in mixed modes), gradients w.r.t. the input and
-the parameters agree between modes, causality, batch independence, beam-search reordering, the empty
-history, bfloat16, the reference backend's outputs, dtype/shape preservation, and clear errors on bad input.
+the parameters agree between modes, causality (also of NaN and inf inputs), batch independence, beam-search
+reordering, the empty history, bfloat16, the reference backend's outputs, dtype/shape preservation, and
+clear errors on bad input.
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ def test_gradients_agree_between_modes(target):
 @pytest.mark.parametrize("mode", MODES)
 def test_causality(target, mode):
     run("causality", target, mode)
+
+
+@per_target
+@pytest.mark.parametrize("mode", MODES)
+def test_nonfinite_input_stays_causal(target, mode):
+    run("nonfinite_stays_causal", target, mode)
 
 
 @per_target

@@ -105,12 +105,14 @@ def test_corrupt_header(saved):
 
 
 def rewrite_metadata(path, **changes) -> None:
-    """Rewrite the checkpoint with its tensors and changed header metadata."""
+    """Rewrite the checkpoint with its tensors and changed header metadata, and the header checksum that
+    fits them: a file as a buggy or foreign writer would make it, not a corrupted one."""
     with open(path, "rb") as f:
         data = f.read()
     meta = json.loads(data[8 : 8 + header_size(path)])["__metadata__"]
     meta.update(changes)
     meta = {k: v for k, v in meta.items() if v is not None}
+    meta["header_sha256"] = ckpt.header_checksum(meta)
     safetensors.torch.save_file(safetensors.torch.load(data), path, metadata=meta)
 
 
@@ -153,7 +155,17 @@ def test_config_this_installation_cannot_build(saved):
 
 def test_newer_format_version(saved):
     rewrite_metadata(saved, format_version="99")
-    with pytest.raises(CheckpointError, match=r"format version '99'; this seqmixers reads versions up to 2"):
+    with pytest.raises(
+        CheckpointError, match=rf"format version '99'; this seqmixers reads versions up to {ckpt.FORMAT_VERSION}"
+    ):
+        read_header(saved)
+
+
+@pytest.mark.parametrize("version", ["\u00b2", "2.0", "", "-1"])
+def test_a_format_version_that_is_not_a_whole_number_is_named(saved, version):
+    """``"\u00b2"`` passes ``str.isdigit()`` and then broke ``int()`` with a raw ValueError."""
+    rewrite_metadata(saved, format_version=version)
+    with pytest.raises(CheckpointError, match=r"format_version must be a whole number written as a string, got"):
         read_header(saved)
 
 

@@ -3,10 +3,13 @@ list, errors; and the demo (the README's main command) with a handful of steps."
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -149,9 +152,11 @@ def test_python_dash_m_models_runs_the_cli(tiny, tmp_path):
     assert (tmp_path / "model.safetensors").is_file()
 
 
-def test_demo_writes_table_plot_and_json(tmp_path, capsys):
+def test_demo_writes_table_plot_and_json(tmp_path, capsys, monkeypatch):
     from models import demo
 
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
     rows = demo.run(
         tmp_path,
         steps=2,
@@ -159,8 +164,10 @@ def test_demo_writes_table_plot_and_json(tmp_path, capsys):
         table_lengths=(16, 48),
         decode_steps=1,
         decode_repeats=1,
-        progress=False,
     )
+    for name in demo.MODELS:  # progress bars on a terminal: training, then the decode profile
+        assert re.search(rf"{name}: 100%\|.*\| 2/2 \[.*(step/s|s/step)", terminal.getvalue()), terminal.getvalue()
+        assert re.search(rf"{name} decode profile: 100%\|.*\| 2/2 \[.*(length/s|s/length)", terminal.getvalue())
     out = capsys.readouterr().out
     assert [r["name"] for r in rows] == list(demo.MODELS)
     table = out.split("== results")[1]
@@ -179,3 +186,228 @@ def test_demo_writes_table_plot_and_json(tmp_path, capsys):
     for name in demo.MODELS:
         assert (tmp_path / name / "model.safetensors").is_file()
         assert by_name[name]["val_ppl"] == pytest.approx(torch.tensor(by_name[name]["val_loss"]).exp().item())
+
+
+# --- usage errors: an argparse-style message naming the option, exit code 2, never a traceback ---------------
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``cli.main(argv)``'s exit code (returned, or raised by argparse), stdout and stderr."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny untrained byte-level model, saved."""
+    from models import ModelConfig, build_model
+
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    config = ModelConfig(d_model=16, n_layers=1, ffn_dim=16, mixer_options={"retention": {"num_heads": 2}})
+    build_model(config).save(path)
+    return path
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _a_file(tmp_path: Path) -> str:
+    (tmp_path / "a-file").write_text("x")
+    return str(tmp_path / "a-file")
+
+
+USAGE_ERRORS = [
+    # (argv given the tiny config, the checkpoint and tmp_path; the expected message)
+    (lambda c, k, t: ["generate", k, "--max-new-tokens", "-1"], r"argument --max-new-tokens: expected an int >= 0, "),
+    (lambda c, k, t: ["generate", k, "--top-k", "0"], r"argument --top-k: expected an int >= 1, got '0'"),
+    (lambda c, k, t: ["generate", k, "--temperature", "-1"], r"argument --temperature: expected a finite number >= 0"),
+    (lambda c, k, t: ["generate", k, "--temperature", "nan"], r"argument --temperature: .*got 'nan'"),
+    (lambda c, k, t: ["generate", k, "--temperature", "inf"], r"argument --temperature: .*got 'inf'"),
+    (lambda c, k, t: ["generate", k, "--seed", "a"], r"argument --seed: expected an int in \[0, 2\*\*64\), got 'a'"),
+    (lambda c, k, t: ["generate", k, "--threads", "0"], r"argument --threads: expected an int >= 1, got '0'"),
+    (
+        lambda c, k, t: ["train", "--config", c, "--threads", "-1"],
+        r"argument --threads: expected an int >= 1, got '-1'",
+    ),
+    (lambda c, k, t: ["demo", "--threads", "0"], r"argument --threads: expected an int >= 1, got '0'"),
+    (lambda c, k, t: ["demo", "--steps", "0"], r"argument --steps: expected an int >= 1, got '0'"),
+    (lambda c, k, t: ["train", "--config", c, "--steps", "0"], r"argument --steps: expected an int >= 1, got '0'"),
+    (
+        lambda c, k, t: ["train", "--config", c, "--device", "foo"],
+        r"argument --device: expected a torch device .*'foo'",
+    ),
+    (lambda c, k, t: ["generate", k, "--device", "cuda:99"], r"argument --device: .*'cuda:99'"),
+    (lambda c, k, t: ["train", "--config", c, "--out", _a_file(t)], r"argument --out: expected a folder, got the file"),
+    (lambda c, k, t: ["demo", "--out", _a_file(t) + "/sub"], r"argument --out: expected a folder, .*a-file' is a file"),
+]
+
+
+@pytest.mark.parametrize(("argv", "match"), USAGE_ERRORS, ids=[m[1][:48] for m in USAGE_ERRORS])
+def test_bad_options_are_usage_errors_naming_the_option(argv, match, tiny, checkpoint, tmp_path, capsys, monkeypatch):
+    from models import demo
+
+    def never(*args, **kwargs):
+        raise AssertionError(f"the demo ran with {args} {kwargs}")
+
+    monkeypatch.setattr(demo, "run", never)
+    code, out, err = run_main(argv(str(tiny), str(checkpoint), tmp_path), capsys)
+    assert code == 2, err
+    assert "Traceback" not in err and out == ""
+    assert re.search(match, err.splitlines()[-1]), err
+
+
+def test_device_cuda_without_cuda_is_a_usage_error(tiny, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run_main(["train", "--config", str(tiny), "--device", "cuda"], capsys)
+    assert code == 2 and "argument --device: CUDA is not available here (torch.cuda.is_available() is False)" in err
+
+
+def test_a_read_only_out_folder_is_a_usage_error(tiny, tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):  # root ignores permissions: pretend, as a read-only file system would say
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else real_access(p, mode))
+    try:
+        code, _, err = run_main(["train", "--config", str(tiny), "--out", str(locked / "run")], capsys)
+    finally:
+        locked.chmod(0o700)
+    assert code == 2, err
+    assert f"argument --out: cannot write to the folder {str(locked)!r}" in err and "Traceback" not in err
+
+
+DATA_ERRORS = [
+    ("", r"--data '.*empty\.txt' is empty"),
+    ("abc", r"--data '.*empty\.txt' holds 3 bytes; seq_len=16 with val_fraction=0\.1 needs at least 170"),
+]
+
+
+@pytest.mark.parametrize(("text", "match"), DATA_ERRORS, ids=["empty", "tiny"])
+def test_data_too_small_for_seq_len_is_named(text, match, tiny, tmp_path, capsys):
+    data = tmp_path / "empty.txt"
+    data.write_text(text)
+    code, _, err = run_main(["train", "--config", str(tiny), "--data", str(data), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and re.search(match, err), err
+    assert "Traceback" not in err
+
+
+def test_seq_len_longer_than_the_corpus_is_named(tiny, tmp_path, capsys):
+    long = tmp_path / "long.toml"
+    long.write_text(TINY.replace("seq_len = 16", "seq_len = 100000"))
+    code, _, err = run_main(["train", "--config", str(long), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2, err
+    assert re.search(r"the embedded corpus .* holds [\d,]+ bytes; seq_len=100000 .* needs at least", err), err
+
+
+def test_a_config_that_is_not_utf8_names_the_file(tmp_path, capsys):
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(TINY.replace("def ", "caf\xe9 ").encode("latin-1"))
+    code, _, err = run_main(["train", "--config", str(bad)], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert f"config file {str(bad)!r} is not UTF-8 text" in err and "byte 0xe9 at offset" in err
+
+
+def test_an_unavailable_backend_is_named_before_training(tiny, tmp_path, capsys, monkeypatch):
+    registry = get_registry()
+    monkeypatch.setitem(registry._availability, ("retention", "torch"), "pretend the torch backend is missing")
+    config = tmp_path / "torch.toml"
+    config.write_text(TINY.replace("ffn_dim = 32", 'ffn_dim = 32\nbackend = "torch"'))
+    code, _, err = run_main(["train", "--config", str(config), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert "layers[0] (retention): backend 'torch' is unavailable here: pretend the torch backend is missing" in err
+    assert not (tmp_path / "o").exists(), "nothing is trained or written"
+
+
+def test_generate_threads_and_tiny_temperature(checkpoint, capsys):
+    before = torch.get_num_threads()
+    argv = ["generate", str(checkpoint), "--prompt", "ab", "--max-new-tokens", "5", "--threads", "1"]
+    code, out, err = run_main([*argv, "--temperature", "1e-45"], capsys)
+    assert code == 0, err
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(before)
+    code, greedy, _ = run_main([*argv, "--temperature", "0"], capsys)
+    assert code == 0 and out == greedy, "a temperature that underflows samples the most likely token"
+
+
+# --- help and version ---------------------------------------------------------------------------------------
+
+
+def test_help_is_plain_text_with_defaults(capsys):
+    for argv in (["--help"], ["generate", "--help"], ["train", "--help"], ["demo", "--help"]):
+        code, out, _ = run_main(argv, capsys)
+        assert code == 0 and "``" not in out, f"{argv}: reStructuredText in the help:\n{out}"
+    _, out, _ = run_main(["generate", "--help"], capsys)
+    options = out.split("options:", 1)[1]
+    for option, text in [
+        ("--prompt", "(default: 'The ')"),
+        ("--max-new-tokens", "(default: 200)"),
+        ("--temperature", "(default: 0.8)"),
+        ("--top-k", "(default: all)"),
+        ("--seed", "(default: 0)"),
+        ("--device", "(default: cpu)"),
+        ("--threads", "torch CPU threads"),
+    ]:
+        line = " ".join(options.split(option, 1)[1].split("\n  -", 1)[0].split())
+        assert text in line, f"{option}: {line!r}"
+
+
+def test_version(capsys):
+    import mixers
+
+    code, out, _ = run_main(["--version"], capsys)
+    assert code == 0 and out == f"seqmixers {mixers.__version__}\n"
+
+
+# --- pipes and Ctrl-C: real processes -------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQMIXERS_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def test_generate_into_a_closed_pipe_exits_quietly_with_141(checkpoint):
+    """``seqmixers generate ... | head -c 10``: the reader goes away; no traceback, exit 128 + SIGPIPE."""
+    argv = [sys.executable, "-m", "models", "generate", str(checkpoint), "--max-new-tokens", "100000", "--threads", "1"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env()) as proc:
+        assert len(proc.stdout.read(10)) == 10
+        proc.stdout.close()  # as head does once it has its 10 bytes
+        err = proc.stderr.read().decode()
+        code = proc.wait(timeout=120)
+    assert code == 141, err
+    assert err == "", err
+
+
+def test_ctrl_c_during_start_up_exits_130_without_a_traceback():
+    """A KeyboardInterrupt while the console script imports torch (the slow part of start-up)."""
+    script = textwrap.dedent(
+        """
+        import sys
+
+        class Interrupt:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch":
+                    raise KeyboardInterrupt
+                return None
+
+        sys.meta_path.insert(0, Interrupt())
+        from models.cli import main  # what the console script does
+
+        sys.exit(main(["generate", "model.safetensors"]))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=_env(), timeout=120, check=False
+    )
+    assert result.returncode == 130, result.stderr
+    assert result.stderr == "seqmixers generate: interrupted\n"

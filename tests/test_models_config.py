@@ -96,11 +96,11 @@ def test_unknown_fields_and_sections_suggest_the_closest():
         ModelConfig.from_dict({"d_modle": 64})
     with pytest.raises(ConfigError, match=r"unknown train config field 'stpes' \(did you mean 'steps'\?\)"):
         TrainConfig.from_dict({"stpes": 1})
-    with pytest.raises(ConfigError, match=r"unknown section in config 'trian' \(did you mean 'train'\?\)"):
+    with pytest.raises(ConfigError, match=r"config: unknown section \[trian\] \(did you mean \[train\]\?\)"):
         split_run_config({"model": {}, "trian": {}})
     with pytest.raises(ConfigError, match=r"config \[train\]: steps must be"):
         split_run_config({"model": {}, "train": {"steps": 0}})
-    with pytest.raises(TypeError, match="d_modle"):
+    with pytest.raises(TypeError, match=r"unknown model config field 'd_modle' \(did you mean 'd_model'\?\)"):
         ModelConfig(d_modle=64)
 
 
@@ -235,3 +235,50 @@ def test_unknown_mixer_error_lists_every_registered_mixer():
         ModelConfig(layers=["nope"])
     for name in mixers.get_registry().mixers:
         assert name in str(info.value)
+
+
+def test_keyword_typos_suggest_the_closest_field():
+    """``ModelConfig(d_modle=64)`` says what the files say; the error is a TypeError (a bad keyword) and a
+    ConfigError (so the CLI reports it), and positional arguments still work."""
+    with pytest.raises(ConfigError, match=r"unknown model config field 'd_modle' \(did you mean 'd_model'\?\)"):
+        ModelConfig(d_modle=64)
+    with pytest.raises(TypeError, match=r"unknown train config field 'stpes' \(did you mean 'steps'\?\)"):
+        TrainConfig(stpes=1)
+    assert ModelConfig(256, 32).d_model == 32 and TrainConfig(5).steps == 5
+    with pytest.raises(TypeError, match="multiple values for argument 'vocab_size'"):
+        ModelConfig(256, vocab_size=3)
+
+
+@pytest.mark.parametrize("name", ["empty.toml", "empty.yaml", "empty.json", "blank.toml", "comment.yaml"])
+def test_an_empty_config_file_is_an_error_not_the_default_model(tmp_path, name):
+    path = tmp_path / name
+    path.write_text({"blank.toml": "\n\n", "comment.yaml": "# nothing yet\n"}.get(name, ""))
+    with pytest.raises(ConfigError, match=rf"config file '.*{name}' is empty: expected a \[model\] section"):
+        load_run_config(path)
+
+
+def test_a_section_typo_is_named_with_the_file(tmp_path):
+    path = tmp_path / "typo.toml"
+    path.write_text("[modle]\nd_model = 16\n")
+    with pytest.raises(
+        ConfigError, match=r"config file '.*typo\.toml': unknown section \[modle\] \(did you mean \[model\]\?\)"
+    ):
+        load_run_config(path)
+    path.write_text("[model]\nd_model = 16\n[trian]\nsteps = 3\n")
+    with pytest.raises(
+        ConfigError, match=r"config file '.*typo\.toml': unknown section \[trian\] \(did you mean \[train\]\?\)"
+    ):
+        load_run_config(path)
+    bare = tmp_path / "bare.toml"
+    bare.write_text("d_modle = 16\n")  # a model config without sections: its errors name the file too
+    with pytest.raises(
+        ConfigError, match=r"config file '.*bare\.toml': unknown model config field 'd_modle' \(did you"
+    ):
+        load_run_config(bare)
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("model:\n  d_model: 16  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"config file '.*latin1\.yaml' is not UTF-8 text: byte 0xe9 at offset 27"):
+        load_run_config(path)

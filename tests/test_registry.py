@@ -1,14 +1,16 @@
 """The pluggy registry, tested with real plugin discovery: a fake distribution on ``sys.path``.
 
 Built-ins register through the same hooks as third-party plugins; ``"auto"`` picks the best available
-backend for the inputs; broken plugins are reported by name while the others load; environment
-variables filter plugins and make loading strict.
+backend for the inputs (plugin backends only when allowed); broken plugins, ``sys.exit`` at import included,
+are reported by name while the others load; environment variables filter plugins and make loading strict.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import subprocess
 import sys
 
 import pytest
@@ -18,7 +20,22 @@ import mixers
 from mixers import functional, hookspecs
 from mixers import registry as registry_module
 from mixers.registry import PluginLoadError, Registry
-from tests.fake_plugins import BROKEN, DISTRIBUTION, GOOD, VERSION, forget_fake_modules, write_fake_distribution
+from tests.fake_plugins import (
+    BROKEN,
+    BROKEN_TWIN,
+    BROKEN_TWIN_VERSION,
+    DISTRIBUTION,
+    GOOD,
+    HEALTHY_TWIN,
+    HEALTHY_TWIN_VERSION,
+    TWIN_NAME,
+    VERSION,
+    forget_fake_modules,
+    forget_other_fake_modules,
+    write_fake_distribution,
+    write_interrupt_distribution,
+    write_twin_distribution,
+)
 
 TORCH_PLUGIN = "mixers.backends.torch_backend"
 
@@ -30,6 +47,7 @@ def fake_dist(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv("SEQMIXERS_PLUGINS", raising=False)
     monkeypatch.delenv("SEQMIXERS_STRICT_PLUGINS", raising=False)
+    monkeypatch.delenv("SEQMIXERS_AUTO_PLUGINS", raising=False)
     yield tmp_path
     forget_fake_modules()
 
@@ -72,6 +90,7 @@ def test_builtins_register_through_the_same_hook(reg):
     ("plugin", "fragments"),
     [
         ("fake_broken", ["failed to import", "fakeplug_broken", "No module named", "nonexistent_library_for"]),
+        ("fake_exit", ["failed to import", "fakeplug_exit", "SystemExit", "sys.exit(3)"]),
         ("fake_malformed", ["register_backends raised RegistrationError", "other than 'auto'", "'auto'"]),
         ("fake_not_a_backend", ["expected a mixers.registry.Backend", "got dict"]),
         ("fake_bad_mixer", ["register_mixers raised", "'fake_bad_mixer'", "factory must be callable", "42"]),
@@ -130,12 +149,19 @@ def test_unavailable_backends_say_why(reg):
     ],
 )
 def test_auto_picks_the_best_available_supporting_backend(reg, device, dtype, mode, expected):
-    chosen = reg.resolve_backend("retention", "auto", device=torch.device(device), dtype=dtype, mode=mode)
-    assert chosen.name == expected
+    def auto():
+        return reg.resolve_backend("retention", "auto", device=torch.device(device), dtype=dtype, mode=mode).name
+
+    assert auto() == "torch"  # by default "auto" picks no plugin's backend for an op with a built-in one
+    reg.allow_plugin_backends()
+    assert auto() == expected
+    reg.allow_plugin_backends(False)
+    assert auto() == "torch"
 
 
 def test_public_op_dispatches_through_auto(reg, monkeypatch):
     monkeypatch.setattr(registry_module, "_REGISTRY", reg)
+    mixers.allow_plugin_backends(["fake_fast", "fake_good"])  # the process registry's setting
     fast, good = sys.modules["fakeplug_fast"], sys.modules["fakeplug_good"]
     q = torch.randn(1, 6, 2, 4)
     expected, _ = functional.retention(q, q, q, 0.9, mode="parallel", backend="torch")
@@ -267,3 +293,66 @@ def test_every_hook_is_documented_and_called_with_a_registrar():
         assert list(inspect.signature(spec).parameters) == ["register"], spec.__name__
     assert mixers.hookimpl is hookspecs.hookimpl
     assert importlib.import_module(TORCH_PLUGIN).register_backends.seqmixers_impl is not None
+
+
+# -- broken plugins must not end the process; a broken plugin does not block a healthy one of the same name --
+
+
+def test_a_plugin_calling_sys_exit_at_import_is_broken_not_fatal(reg):
+    info = reg.plugins["fake_exit"]
+    assert not info.ok and info.distribution == DISTRIBUTION
+    assert "SystemExit (the plugin called sys.exit(3))" in errors(reg, "fake_exit")
+    assert "torch" in reg.backends["retention"] and all(reg.plugins[name].ok for name in GOOD)
+
+
+def test_seqmixers_list_survives_a_plugin_calling_sys_exit(fake_dist):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQMIXERS_")}
+    env["SEQMIXERS_PLUGINS"] = "fake_exit,fake_good"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(fake_dist), env.get("PYTHONPATH")) if p)
+    command = [sys.executable, "-m", "mixers", "list"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    assert "retention/good" in result.stdout and "sys.exit(3)" in result.stdout, result.stdout
+
+
+def test_keyboard_interrupt_in_a_plugin_is_not_swallowed(tmp_path, monkeypatch):
+    write_interrupt_distribution(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("SEQMIXERS_PLUGINS", "fake_interrupt")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Registry().load()
+    finally:
+        forget_other_fake_modules()
+
+
+@pytest.mark.parametrize("broken_first", [True, False], ids=["broken-first", "healthy-first"])
+@pytest.mark.parametrize("kind", ["exit", "bad_hook"])
+def test_a_broken_plugin_does_not_block_a_healthy_one_of_the_same_name(tmp_path, monkeypatch, kind, broken_first):
+    """Two distributions declare entry point ``fake_twin``: whichever comes first, the healthy one loads, and the
+    broken one's record names both distributions, without pluggy's table of registered plugins."""
+    broken_dir, healthy_dir = tmp_path / "broken", tmp_path / "healthy"
+    broken_dir.mkdir(), healthy_dir.mkdir()
+    write_twin_distribution(broken_dir, kind)
+    write_twin_distribution(healthy_dir, "healthy")
+    for path in (healthy_dir, broken_dir) if broken_first else (broken_dir, healthy_dir):
+        monkeypatch.syspath_prepend(str(path))  # the last prepended is found first
+    monkeypatch.setenv("SEQMIXERS_PLUGINS", TWIN_NAME)
+    monkeypatch.delenv("SEQMIXERS_STRICT_PLUGINS", raising=False)
+    try:
+        reg = Registry().load()
+    finally:
+        forget_other_fake_modules()
+    healthy = reg.plugins[TWIN_NAME]
+    assert healthy.ok and (healthy.distribution, healthy.version) == (HEALTHY_TWIN, HEALTHY_TWIN_VERSION)
+    assert reg.backends["retention"]["twin"].plugin == TWIN_NAME
+    assert "twin_partial" not in reg.backends["retention"]  # nothing of the rejected twin is kept
+    (broken,) = [info for info in reg.plugins.values() if info.name == TWIN_NAME and not info.ok]
+    assert broken.distribution == BROKEN_TWIN
+    message = "\n".join(broken.errors)
+    for fragment in (
+        f"distribution {BROKEN_TWIN} {BROKEN_TWIN_VERSION}",
+        f"distribution {HEALTHY_TWIN} {HEALTHY_TWIN_VERSION}",
+    ):
+        assert fragment in message, (fragment, message)
+    assert "<module" not in message and "_name2plugin" not in message, message  # no dump of pluggy's table

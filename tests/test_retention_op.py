@@ -111,15 +111,17 @@ def test_gamma_forms_are_equivalent():
             assert_rel_close(o, expected, 1e-6 if isinstance(gamma, torch.Tensor) else 1e-12, f"{gamma!r} {mode}")
 
 
-def test_gamma_gradient_is_not_tracked_but_q_k_v_are():
-    """The op differentiates w.r.t. q, k, v and the state; gamma is a constant."""
+def test_gamma_is_a_constant_and_q_k_v_are_differentiated():
+    """The op differentiates w.r.t. q, k, v and the state; gamma is a constant, so a gamma that requires
+    grad is refused (it would silently never learn) rather than detached."""
     case = RetentionCase(B=1, T=9, H=2, Dk=3, Dv=2, gamma=(0.5, 1.0), chunk_size=4, with_state=True, seed=8)
     q, k, v, s0 = case.tensors(requires_grad=True)
-    gamma = torch.tensor(case.gamma, dtype=torch.float64, requires_grad=True)
+    gamma = torch.tensor(case.gamma, dtype=torch.float64)
     o, s = functional.retention(q, k, v, gamma, mode="parallel", initial_state=s0)
     (o.sum() + s.sum()).backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v, s0))
-    assert gamma.grad is None
+    with pytest.raises(ValueError, match="gamma must not require grad"):
+        functional.retention(q, k, v, gamma.requires_grad_(), mode="parallel", initial_state=s0)
 
 
 def test_default_chunk_size_handles_long_unaligned_sequences():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -51,6 +52,14 @@ OP_CASES = [
     pytest.param(retention(v=torch.randn(B + 1, T, H, DV)), ValueError, ["(2, 5, 3)", "[3, 5, 3, 6]"], id="v-B"),
     pytest.param(retention(v=torch.randn(B, T - 1, H, DV)), ValueError, ["(2, 5, 3)", "[2, 4, 3, 6]"], id="v-T"),
     pytest.param(retention(v=torch.randn(B, T, H - 1, DV)), ValueError, ["(2, 5, 3)", "[2, 5, 2, 6]"], id="v-H"),
+    # empty head widths (B = 0 or T = 0 is a valid empty input; a head of width 0 is not)
+    pytest.param(
+        retention(q=torch.randn(B, T, H, 0), k=torch.randn(B, T, H, 0), initial_state=None),
+        ValueError,
+        ["Dk (the q/k head width) must be at least 1", "got 0"],
+        id="Dk-0",
+    ),
+    pytest.param(retention(v=torch.randn(B, T, H, 0), initial_state=None), ValueError, ["Dv", "got 0"], id="Dv-0"),
     # types
     pytest.param(retention(k=q_().double()), TypeError, ["one dtype", "torch.float32", "torch.float64"], id="k-dtype"),
     pytest.param(retention(q=torch.ones(B, T, H, DK, dtype=torch.int64)), TypeError, ["floating", "int64"], id="q-int"),
@@ -66,6 +75,12 @@ OP_CASES = [
     pytest.param(retention(gamma=torch.tensor([0.5, 0.5])), ValueError, ["[H] = [3]", "[2]"], id="gamma-shape"),
     pytest.param(retention(gamma=[0.5, 0.5]), ValueError, ["H = 3", "got 2"], id="gamma-length"),
     pytest.param(retention(gamma="0.9"), TypeError, ["gamma", "'0.9'"], id="gamma-str"),
+    pytest.param(
+        retention(gamma=torch.full((H,), 0.9, requires_grad=True)),
+        ValueError,
+        ["gamma", "requires_grad=True", "never learn", "gamma.detach()"],
+        id="gamma-requires-grad",
+    ),
     # chunk size and mode
     pytest.param(retention(chunk_size=0), ValueError, ["chunk_size", ">= 1", "got 0"], id="chunk-0"),
     pytest.param(retention(chunk_size=-3), ValueError, ["chunk_size", ">= 1", "got -3"], id="chunk-negative"),
@@ -158,6 +173,41 @@ MIXER_BUILD_CASES = [
     pytest.param(build(rope_layout="spiral"), ValueError, ["'half'", "'interleaved'", "'spiral'"], id="rope-layout"),
     pytest.param(build(gammas=[0.5, 1.5], num_heads=2), ValueError, ["(0, 1]", "1.5"], id="gammas"),
     pytest.param(build(chunk_size=0), ValueError, ["chunk_size", "got 0"], id="chunk-size"),
+    pytest.param(
+        build(gammas=torch.nn.Parameter(torch.full((3,), 0.9)), num_heads=3),
+        ValueError,
+        ["gamma", "requires_grad=True", "gamma.detach()"],
+        id="learnable-gammas",
+    ),
+    # misspelt options: the close match, the mixer and its options
+    pytest.param(
+        build(num_head=3),
+        TypeError,
+        ["unknown option 'num_head'", "did you mean 'num_heads'?", "mixer 'retention'", "'head_dim'", "'backend'"],
+        id="option-typo",
+    ),
+    pytest.param(
+        build("linear_attention", feature_mapp="relu"),
+        TypeError,
+        ["'feature_mapp'", "did you mean 'feature_map'?", "mixer 'linear_attention'"],
+        id="option-typo-linear",
+    ),
+    pytest.param(build(colour="red"), TypeError, ["unknown option 'colour'", "its options: ["], id="option-unknown"),
+    pytest.param(build("retentoin"), ValueError, ["'retentoin'", "did you mean 'retention'?"], id="mixer-typo"),
+    # the backend is checked when the mixer is built, not at its first forward
+    pytest.param(
+        build(backend="nope"),
+        ValueError,
+        ["unknown backend 'nope' for mixer 'retention'", "'auto'", "'torch'", "Installed backends:"],
+        id="backend-unknown",
+    ),
+    pytest.param(
+        build("softmax_attention", num_heads=3, backend="nope"),
+        ValueError,
+        ["'nope'", "mixer 'softmax_attention'", "'torch'"],
+        id="backend-unknown-softmax",
+    ),
+    pytest.param(build(backend=3), TypeError, ["backend", "str", "int"], id="backend-int"),
 ]
 
 
@@ -195,6 +245,23 @@ def test_mixer_rejects_bad_forward_input(mixer):
         check_raises(call, exc, fragments)
 
 
-def test_unknown_backend_of_a_mixer_is_reported_on_use():
-    mixer = mixers.build("retention", 24, num_heads=3, backend="fastest")
-    check_raises(lambda: mixer(torch.randn(1, 3, 24)), ValueError, ["'fastest'", "'torch'"])
+def test_an_unavailable_backend_of_a_mixer_fails_at_build(monkeypatch):
+    """Not at the first forward: the listing says why each backend is unavailable."""
+    registry = mixers.get_registry()
+    torch_backend = registry.backends["retention"]["torch"]
+    unavailable = dataclasses.replace(torch_backend, name="absent", check_available=lambda: "needs the Absent driver")
+    monkeypatch.setitem(registry.backends["retention"], "absent", unavailable)
+    check_raises(
+        lambda: mixers.build("retention", 24, num_heads=3, backend="absent"),
+        ValueError,
+        ["backend 'absent' for mixer 'retention'", "is unavailable: needs the Absent driver", "'torch'", "available"],
+    )
+    registry._availability.pop(("retention", "absent"), None)
+    assert mixers.build("retention", 24, num_heads=3, backend="torch").backend == "torch"
+
+
+def test_a_gamma_tensor_without_grad_is_still_taken():
+    q, k, v = q_(), q_(), v_()
+    o, _ = functional.retention(q, k, v, torch.full((H,), 0.9).detach(), mode="parallel")
+    expected, _ = functional.retention(q, k, v, 0.9, mode="parallel")
+    torch.testing.assert_close(o, expected)

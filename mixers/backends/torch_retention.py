@@ -5,16 +5,65 @@ once: the parallel form is a single chunk of T tokens; the chunkwise form is N f
 tail chunk (so any chunk size works, dividing T or not). Every decay power is ``exp(e * log gamma)``
 with ``0 <= e <= C``, never ``gamma^(-t)``, so nothing overflows on long sequences.
 
+Causality with non-finite inputs. Future positions are excluded, not multiplied by zero (``0 * NaN`` is
+NaN): the scores of later keys are zeroed by ``tril_`` (which writes zeros), and later values never enter
+an earlier output: the ``C x C`` product takes the values with non-finite entries zeroed, and those entries
+are added back from their own position on (``_intra``; skipped on the CPU when the values are all finite).
+A NaN or inf at position t thus leaves every output before t as it was, in every mode, and still makes the
+outputs from t on non-finite.
+
+Memory. Without gradients, chunkwise mode runs ``GROUP`` chunks at a time (``_streamed``), so besides the
+inputs and the output it keeps a bounded number of ``[B, H, Dk, Dv]`` states whatever T is. With gradients
+it keeps the state entering every chunk for the backward pass (``N`` states); inside
+``checkpoint_states()`` it keeps one state every few chunks and recomputes the others in the backward.
+
 Inputs arrive validated by ``mixers.functional.retention``; ``gamma`` is a float64 tensor ``[H]``.
 Computation runs in float32 (float64 for float64 inputs); ``o`` is cast back to the input dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
 from mixers.functional import state_dtype
+
+GROUP = 8  # chunks computed at once without gradients: at most 2 * GROUP + 1 states are alive
+
+_OFF = 0
+_CHECKPOINT_EVERY: contextvars.ContextVar[int | None] = contextvars.ContextVar("checkpoint_every", default=_OFF)
+
+
+@contextlib.contextmanager
+def checkpoint_states(every: int | None = None) -> Iterator[None]:
+    """Within this context, chunkwise retention with gradients keeps the state entering only every
+    ``every``-th chunk for the backward pass, which recomputes the others from it (default: about
+    ``sqrt(N)`` of the ``N`` chunks, so about ``2 sqrt(N)`` states are alive instead of ``N``).
+
+    It applies to the torch backend of ``retention`` and of ``linear_attention`` (which runs this one), in
+    chunkwise mode, to the forward calls made inside the context (their backward may run after it). The
+    results are the same; the backward recomputes each chunk's share of the state once more.
+    """
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"every must be a positive int (chunks between kept states) or None, got {every!r}")
+    token = _CHECKPOINT_EVERY.set(every)
+    try:
+        yield
+    finally:
+        _CHECKPOINT_EVERY.reset(token)
+
+
+def _checkpoint_every(N: int) -> int | None:
+    """Chunks between kept states in a chunkwise pass over N chunks with gradients; ``None``: keep all."""
+    every = _CHECKPOINT_EVERY.get()
+    if every == _OFF:
+        return None
+    return max(1, math.isqrt(N - 1) + 1) if every is None else every
 
 
 def _decays(log_g: Tensor, C: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -60,6 +109,79 @@ def _bmm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     return out
 
 
+def _scores(a: Tensor, b: Tensor, intra: Tensor) -> Tensor:
+    """``(a b^T) * D`` over chunks, its future (``j > i``) entries exactly zero whatever ``a`` and ``b`` hold:
+    ``tril_`` writes zeros, where D's zeros would keep the NaN of a later key's non-finite product."""
+    return _bmm(a, b.transpose(-1, -2)).mul_(intra).tril_()
+
+
+def may_be_nonfinite(*tensors: Tensor) -> bool:
+    """Whether the tensors may hold a NaN or inf: always on a GPU, where asking would make the host wait for
+    the device; on the CPU, whether their sum is not finite (it is not whenever an entry is not)."""
+    if any(t.device.type != "cpu" for t in tensors):
+        return True
+    return not all(bool(torch.isfinite(t.sum())) for t in tensors)
+
+
+def _intra(scores: Tensor, v: Tensor, out: Tensor, exclude: bool) -> Tensor:
+    """``out += scores @ v`` with the future values excluded: ``scores`` is zero right of the diagonal, but
+    ``0 * NaN`` would still be NaN. So, with ``exclude``, the product takes ``v`` with its non-finite entries
+    zeroed, and those entries are added back to every row from their own position on (a running sum over
+    the chunk): non-finite values reach exactly the outputs at and after them. With finite ``v`` that
+    changes nothing (it adds zeros), so ``exclude`` may be off when ``v`` is known to be finite."""
+    if not exclude:
+        return _bmm(scores, v, out=out)
+    finite = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
+    _bmm(scores, finite, out=out)
+    return out.add_(v.sub(finite).cumsum_(-2))
+
+
+def _forward(
+    q: Tensor, k: Tensor, v: Tensor, state: Tensor, decays: tuple[Tensor, Tensor, Tensor, Tensor], exclude: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Retention over chunks ``q, k: [B, H, N, C, Dk]``, ``v: [B, H, N, C, Dv]`` from ``state`` (``exclude``:
+    as ``_intra``'s).
+
+    Returns ``(o [B, H, N, C, Dv], the state entering each chunk [B, H, N, Dk, Dv], the final state)``.
+    """
+    intra, q_decay, k_decay, chunk_decay = decays
+    scores = _scores(q, k, intra[:, None])  # (B, H, N, C, C)
+    kv = _bmm((k * k_decay[:, None, :, None]).transpose(-1, -2), v)  # chunk's share of the state (B, H, N, Dk, Dv)
+    incoming, final = _carry(kv, state, chunk_decay)
+    del kv
+    o = _intra(scores, v, _bmm(q * q_decay[:, None, :, None], incoming), exclude)  # (B, H, N, C, Dv)
+    return o, incoming, final
+
+
+def _backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    do: Tensor,
+    incoming: Tensor,
+    dfinal: Tensor,
+    decays: tuple[Tensor, Tensor, Tensor, Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv, d state)`` of ``_forward`` over chunks, given ``do``, the state entering each
+    chunk and the gradient of the final state."""
+    intra, q_decay, k_decay, chunk_decay = decays
+    intra, q_decay, k_decay = intra[:, None], q_decay[:, None, :, None], k_decay[:, None, :, None]
+    # Gradient w.r.t. the state leaving each chunk: dS_out[n] = dS_in[n+1], run backwards from dfinal.
+    dkv, dstate = _carry(_bmm((q * q_decay).transpose(-1, -2), do), dfinal, chunk_decay, reverse=True)
+    dq = _bmm(do, incoming.transpose(-1, -2)).mul_(q_decay)
+    dk = _bmm(v, dkv.transpose(-1, -2)).mul_(k_decay)
+    dv = _bmm(k * k_decay, dkv)
+    del dkv
+    # One C x C batch at a time (they are T x T in parallel mode): score gradients, then scores.
+    dscores = _scores(do, v, intra)
+    _bmm(dscores, k, out=dq)
+    _bmm(dscores.transpose(-1, -2), q, out=dk)
+    del dscores
+    scores = _scores(q, k, intra)
+    _bmm(scores.transpose(-1, -2), do, out=dv)
+    return dq, dk, dv, dstate
+
+
 class _Chunks(torch.autograd.Function):
     """Retention over N equal chunks ``q, k: [B, H, N, C, Dk]``, ``v: [B, H, N, C, Dv]`` from ``state``.
 
@@ -67,47 +189,98 @@ class _Chunks(torch.autograd.Function):
     ``S_out = gamma^C S_in + k^T (v * gamma^(C-1-j))``. The backward is written out by hand so that it
     saves only q, k, v and the incoming states and recomputes the ``C x C`` scores, instead of autograd
     keeping every intermediate (and zero-filling a full gradient buffer per chunk of the state loop).
+    With ``every``, it runs ``every`` chunks at a time and saves only the state entering each such group;
+    the backward, group by group from the last, recomputes the group's states from it.
     Inputs must be contiguous.
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, state: Tensor, log_g: Tensor) -> tuple[Tensor, Tensor]:
-        intra, q_decay, k_decay, chunk_decay = _decays(log_g, q.shape[-2])
-        scores = _bmm(q, k.transpose(-1, -2)).mul_(intra[:, None])  # (B, H, N, C, C)
-        kv = _bmm((k * k_decay[:, None, :, None]).transpose(-1, -2), v)  # chunk's share of the state (B, H, N, Dk, Dv)
-        incoming, final = _carry(kv, state, chunk_decay)
-        o = _bmm(scores, v, out=_bmm(q * q_decay[:, None, :, None], incoming))  # (B, H, N, C, Dv)
-        ctx.save_for_backward(q, k, v, incoming, log_g)
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, state: Tensor, log_g: Tensor, every: int | None
+    ) -> tuple[Tensor, Tensor]:
+        N = q.shape[2]
+        decays = _decays(log_g, q.shape[-2])
+        exclude = may_be_nonfinite(v)
+        if every is None:
+            o, saved, final = _forward(q, k, v, state, decays, exclude)
+        else:
+            o = q.new_empty(*q.shape[:-1], v.shape[-1])
+            starts = []
+            for n0 in range(0, N, every):
+                n1 = min(n0 + every, N)
+                starts.append(state)
+                group = (x[:, :, n0:n1].contiguous() for x in (q, k, v))  # (one copy, not one per product)
+                o[:, :, n0:n1], _, state = _forward(*group, state, decays, exclude)
+            saved, final = torch.stack(starts, dim=2), state
+        ctx.every = every
+        ctx.save_for_backward(q, k, v, saved, log_g)
         return o, final
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, do: Tensor, dfinal: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
-        q, k, v, incoming, log_g = ctx.saved_tensors
+    def backward(ctx, do: Tensor, dfinal: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, saved, log_g = ctx.saved_tensors
         do = do.contiguous()
-        intra, q_decay, k_decay, chunk_decay = _decays(log_g, q.shape[-2])
-        intra, q_decay, k_decay = intra[:, None], q_decay[:, None, :, None], k_decay[:, None, :, None]
-        # Gradient w.r.t. the state leaving each chunk: dS_out[n] = dS_in[n+1], run backwards from dfinal.
-        dkv, dstate = _carry(_bmm((q * q_decay).transpose(-1, -2), do), dfinal, chunk_decay, reverse=True)
-        dq = _bmm(do, incoming.transpose(-1, -2)).mul_(q_decay)
-        dk = _bmm(v, dkv.transpose(-1, -2)).mul_(k_decay)
-        dv = _bmm(k * k_decay, dkv)
-        # One C x C batch at a time (they are T x T in parallel mode): score gradients, then scores.
-        dscores = _bmm(do, v.transpose(-1, -2)).mul_(intra)
-        _bmm(dscores, k, out=dq)
-        _bmm(dscores.transpose(-1, -2), q, out=dk)
-        del dscores
-        scores = _bmm(q, k.transpose(-1, -2)).mul_(intra)
-        _bmm(scores.transpose(-1, -2), do, out=dv)
-        return dq, dk, dv, dstate, None
+        decays = _decays(log_g, q.shape[-2])
+        every = ctx.every
+        if every is None:
+            dq, dk, dv, dstate = _backward(q, k, v, do, saved, dfinal, decays)
+            return dq, dk, dv, dstate, None, None
+        N = q.shape[2]
+        k_decay, chunk_decay = decays[2][:, None, :, None], decays[3]
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dstate = dfinal
+        for g in range((N - 1) // every, -1, -1):  # the groups, last first
+            n0, n1 = g * every, min(g * every + every, N)
+            qg, kg, vg, dog = (x[:, :, n0:n1].contiguous() for x in (q, k, v, do))
+            incoming, _ = _carry(_bmm((kg * k_decay).transpose(-1, -2), vg), saved[:, :, g], chunk_decay)
+            dq[:, :, n0:n1], dk[:, :, n0:n1], dv[:, :, n0:n1], dstate = _backward(
+                qg, kg, vg, dog, incoming, dstate, decays
+            )
+        return dq, dk, dv, dstate, None, None
 
 
-def _chunks(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+def _chunks(
+    q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, state: Tensor | None, every: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Retention over ``q, k: [B, H, N, C, Dk]``, ``v: [B, H, N, C, Dv]`` from ``state [B, H, Dk, Dv]``."""
     if state is None:
         B, H = q.shape[:2]
         state = q.new_zeros(B, H, q.shape[-1], v.shape[-1])
-    return _Chunks.apply(q, k, v, state, log_g)
+    return _Chunks.apply(q, k, v, state, log_g, every)
+
+
+def _streamed(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, state: Tensor | None, C: int) -> tuple[Tensor, Tensor]:
+    """Chunkwise retention without autograd, ``GROUP`` chunks at a time, from ``q, k, v [B, T, H, D]`` as
+    given: besides the inputs and the output only one group's operands (in the computing dtype and layout),
+    scores and states, and the running state, are alive, whatever T is. Computes what ``_chunks`` does, chunk
+    for chunk."""
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    acc = log_g.dtype
+    o = v.new_empty(B, H, T, Dv)  # the layout the other paths return, transposed
+    if state is None:
+        state = q.new_zeros(B, H, Dk, Dv, dtype=acc)
+    decays = _decays(log_g, C)
+    exclude = may_be_nonfinite(v)
+    full = T // C * C
+    pieces = [(t0, min(t0 + GROUP * C, full), C) for t0 in range(0, full, GROUP * C)]
+    if full < T:
+        pieces.append((full, T, T - full))
+        decays_tail = _decays(log_g, T - full)
+    for t0, t1, c in pieces:
+        n = (t1 - t0) // c
+        q_, k_, v_ = (x[:, t0:t1].transpose(1, 2).to(acc, memory_format=torch.contiguous_format) for x in (q, k, v))
+        og, _, state = _forward(
+            q_.view(B, H, n, c, Dk),
+            k_.view(B, H, n, c, Dk),
+            v_.view(B, H, n, c, Dv),
+            state,
+            decays if c == C else decays_tail,
+            exclude,
+        )
+        o[:, :, t0:t1] = og.view(B, H, t1 - t0, Dv)
+    return o.transpose(1, 2), state
 
 
 def _recurrent(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -143,14 +316,18 @@ def retention(
     if T == 0:
         state = initial_state if initial_state is not None else q.new_zeros(B, H, Dk, Dv, dtype=acc)
         return v.new_empty(B, 0, H, Dv), state
+    # log(gamma) from the float64 gamma: a tiny gamma (say 1e-300) rounds to 0 in float32, and
+    # log(0) = -inf would turn the exponent-0 decays into 0 * inf = NaN.
+    log_g = torch.log(gamma.to(torch.float64)).to(acc)
+    tracked = (q, k, v) if initial_state is None else (q, k, v, initial_state)
+    if mode == "chunkwise" and not (torch.is_grad_enabled() and any(t.requires_grad for t in tracked)):
+        return _streamed(q, k, v, log_g, initial_state, min(chunk_size, T))
+
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
     if mode == "recurrent":
         o, state = _recurrent(q, k, v, gamma.to(acc), initial_state)
         return o.to(out_dtype), state
 
-    # log(gamma) from the float64 gamma: a tiny gamma (say 1e-300) rounds to 0 in float32, and
-    # log(0) = -inf would turn the exponent-0 decays into 0 * inf = NaN.
-    log_g = torch.log(gamma.to(torch.float64)).to(acc)
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     C = T if mode == "parallel" else min(chunk_size, T)
     N, tail = divmod(T, C)
@@ -164,6 +341,7 @@ def retention(
             vh[:, :, :full].reshape(B, H, N, C, Dv),
             log_g,
             state,
+            _checkpoint_every(N) if mode == "chunkwise" else None,
         )
         pieces.append(o.reshape(B, H, full, Dv))
     if tail:

@@ -12,6 +12,14 @@
 Grouped-query attention is computed without copying keys: the ``G = H / Hkv`` query heads that share a
 key head are folded into the query rows (``[B, Hkv, T * G, Dk]``; row ``r`` is token ``r // G``).
 Chunkwise and recurrent run in float32 (float64 for float64 inputs); the cache keeps the input dtype.
+
+Causality with non-finite inputs. Parallel and chunkwise weigh a whole block of values by probabilities that
+are exactly 0 for later keys, and ``0 * NaN`` is NaN; SDPA with an explicit mask even adds ``-inf`` to a
+later key's NaN score. So they take the new keys and values with their non-finite entries zeroed, and
+``_excluded`` adds those entries back to the outputs from their own position on: a NaN or inf at position
+t leaves every output before t as it was, and makes the outputs from t on non-finite. The cache, which
+every new query sees whole, and the returned cache keep the values as given. (On the CPU, new keys and
+values that are all finite skip this: it would change nothing.)
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from mixers.backends.torch_retention import may_be_nonfinite
 from mixers.functional import KVCache, state_dtype
 
 
@@ -99,6 +108,19 @@ def _parallel(q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
     return o.transpose(1, 2)
 
 
+def _excluded(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The new keys and values with non-finite entries zeroed, and what they lacked, summed over time:
+    ``[B, T, Hkv, Dv]``, zero before the first non-finite key or value of a head and non-finite from it on
+    (a non-finite key contributes NaN to every value channel). Added to the outputs, it makes each output
+    non-finite exactly when a non-finite key or value at or before its position enters it. No gradient
+    flows through it; through the zeroed inputs, finite entries get theirs unchanged."""
+    k_fin = torch.nan_to_num(k, nan=0.0, posinf=0.0, neginf=0.0)
+    v_fin = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
+    with torch.no_grad():
+        lacking = (v - v_fin).add_((k - k_fin).mul_(0).sum(-1, keepdim=True))  # x * 0: 0, or NaN if x is not finite
+    return k_fin, v_fin, lacking.cumsum_(1)
+
+
 def _recurrent(q5: Tensor, k: Tensor, v: Tensor, offset: int, scale: float) -> Tensor:
     """Token by token: ``q5 [B, Hkv, T, G, Dk]`` against ``k, v [B, Hkv, L, D]``; returns ``[B, Hkv, T, G, Dv]``."""
     outs = []
@@ -123,14 +145,26 @@ def softmax_attention(
     Hkv, Dv = k.shape[2], v.shape[-1]
     G = H // Hkv
     offset = 0 if initial_state is None else initial_state.k.shape[1]
-    if initial_state is not None:
-        k = torch.cat([initial_state.k, k], dim=1)  # (B, offset + T, Hkv, Dk)
-        v = torch.cat([initial_state.v, v], dim=1)
-    cache = KVCache(k, v)
+
+    def with_cache(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if initial_state is None:
+            return k, v
+        return torch.cat([initial_state.k, k], dim=1), torch.cat([initial_state.v, v], dim=1)  # (B, L, Hkv, D)
+
+    cache = KVCache(*with_cache(k, v))
     if T == 0:
         return q.new_empty(B, 0, H, Dv), cache
+    lacking = None
+    if mode != "recurrent" and may_be_nonfinite(k, v):  # (token by token, each query sees only what it may)
+        k_fin, v_fin, lacking = _excluded(k, v)
+        k, v = with_cache(k_fin, v_fin)
+    else:
+        k, v = cache
     if mode == "parallel":
-        return _parallel(q, k, v, offset), cache
+        o = _parallel(q, k, v, offset)
+        if lacking is None:
+            return o, cache
+        return (o.unflatten(2, (Hkv, G)) + lacking[:, :, :, None]).flatten(2, 3), cache  # (SDPA saved o: not in place)
 
     acc = state_dtype(q.dtype)
     scale = Dk**-0.5
@@ -142,5 +176,7 @@ def softmax_attention(
         rows = q5.reshape(B, Hkv, T * G, Dk)
         o = _BlockwiseAttention.apply(rows, kh, vh, offset, G, chunk_size, scale)
         o5 = o.view(B, Hkv, T, G, Dv)
-    o = o5.permute(0, 2, 1, 3, 4).reshape(B, T, H, Dv)
-    return o.to(q.dtype), cache
+    o = o5.permute(0, 2, 1, 3, 4)  # (B, T, Hkv, G, Dv)
+    if lacking is not None:
+        o = o + lacking[:, :, :, None].to(acc)
+    return o.reshape(B, T, H, Dv).to(q.dtype), cache

@@ -2,11 +2,13 @@
 
 ``check_mixer(name, backend)`` checks the ``TokenMixer`` contract: the three representations agree
 (chunkwise with chunk sizes that do and don't divide T), any split with state hand-over equals one pass,
-gradients agree between modes, causality, batch independence, beam-search reordering, the empty
-history, low precision, the same outputs as the reference backend, and clear errors on bad input.
+gradients agree between modes, causality (also of a NaN or inf input), batch independence, beam-search
+reordering, the empty history, low precision, the same outputs as the reference backend, and clear errors
+on bad input.
 
 ``check_op_backend(op, backend)`` checks one backend of an op against a float64 reference written from
-the formula: every mode, any split with state hand-over, gradients, low precision and bad input.
+the formula: every mode, any split with state hand-over, gradients, low precision, causality of a NaN or
+inf input, and bad input.
 
 Both raise ``ConformanceError`` (an ``AssertionError``) listing every failed check; a property that
 hypothesis falsified comes with its shrunk counterexample, reported by the kit itself in one line
@@ -61,6 +63,7 @@ __all__ = [
 ]
 
 D_MODEL, NUM_HEADS = 16, 2
+NON_FINITE = ("nan", "inf", "-inf")  # what the non-finite checks put into an input
 REFERENCE_BACKEND = "torch"  # the backend other backends of an op are compared with
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -470,6 +473,24 @@ def check_causality(target: MixerTarget, mode: str) -> None:
     assert (y_changed[:, 7:] - y[:, 7:]).abs().max() > 1e-6, "later outputs ignore their tokens"
 
 
+def check_nonfinite_stays_causal(target: MixerTarget, mode: str) -> None:
+    """A NaN or inf in the input at position t leaves every output before t unchanged and finite, also after a
+    state: positions a token may not see must be excluded, not weighted by zero (``0 * NaN`` is NaN)."""
+    mixer, x = target.build(), target.inputs(T=13)
+    _, state = mixer(target.inputs(T=3, seed=2), mode=_first_mode(target))
+    tol = _tol(target, 1e-12, 1e-6)
+    # With chunks of 5: inside a chunk, at a chunk's start, in the first chunk, in the tail chunk.
+    spots = [(7, NON_FINITE[0]), (5, NON_FINITE[1]), (1, NON_FINITE[2]), (12, NON_FINITE[0]), (9, NON_FINITE[1])]
+    for start in (None, state):
+        y, _ = mixer(x, start, mode=mode, chunk_size=5)
+        for t, value in spots:
+            bad = x.clone()
+            bad[:, t] = float(value)
+            y_bad, _ = mixer(bad, start, mode=mode, chunk_size=5)
+            where = f"a {value} at position {t} of 13 (chunk size 5{', after a state' if start is not None else ''})"
+            assert_rel_close(y_bad[:, :t], y[:, :t], tol, f"outputs before {where}")
+
+
 def check_batch_independence(target: MixerTarget, mode: str) -> None:
     """Each batch entry's output and state depend on that entry only, also when continuing a state."""
     mixer, x = target.build(), target.inputs(B=3, T=9)
@@ -567,6 +588,7 @@ MIXER_CHECKS: tuple[Check, ...] = (
     Check("empty_input_keeps_the_state", check_empty_input_keeps_the_state),
     Check("gradients_agree", check_gradients_agree),
     Check("causality", check_causality, per_mode=True),
+    Check("nonfinite_stays_causal", check_nonfinite_stays_causal, per_mode=True),
     Check("batch_independence", check_batch_independence, per_mode=True),
     Check("reordered_state", check_reordered_state),
     Check("init_state", check_init_state),
@@ -781,6 +803,41 @@ def check_op_low_precision(target: OpTarget, max_examples: int | None = None) ->
     _property(low_precision, max_examples or scaled_examples(0.2), case=target.spec.cases(dtypes=(torch.bfloat16,)))
 
 
+def check_op_nonfinite_stays_causal(target: OpTarget, max_examples: int | None = None) -> None:
+    """A NaN or inf at position t of a sequence input (q, k or v) leaves every output before t unchanged and
+    finite, in every mode and from any initial state: later positions are excluded, not weighted by zero."""
+
+    def nonfinite_stays_causal(case, position, which, value):
+        inputs = case.inputs(device=target.device)
+        names = sorted(inputs.seq)
+        name = names[which % len(names)]
+        T = inputs.seq[name].shape[1]
+        if T < 2:
+            return
+        t = 1 + position % (T - 1)
+        poisoned = inputs.seq[name].clone()
+        poisoned[:, t] = float(value)
+        seq = {**inputs.seq, name: poisoned}
+        rtol = _op_rtol(target, poisoned.dtype)
+        for mode in target.modes:
+            _at(mode)
+            o, _ = target.call(inputs, inputs.state, mode=mode, chunk_size=case.chunk_size)
+            o_bad, _ = target.spec.call(
+                seq, inputs.const, inputs.state, mode=mode, chunk_size=case.chunk_size, backend=target.backend
+            )
+            what = f"mode {mode!r}, chunk size {case.chunk_size}: outputs before a {value} in {name}[:, {t}]"
+            assert_rel_close(o_bad[:, :t], o[:, :t], rtol, what)
+
+    _property(
+        nonfinite_stays_causal,
+        max_examples or scaled_examples(0.3),
+        case=target.spec.cases(dtypes=target.dtypes),
+        position=st.integers(0, 2**16),
+        which=st.integers(0, 7),
+        value=st.sampled_from(NON_FINITE),
+    )
+
+
 def check_op_rejects_bad_input(target: OpTarget, max_examples: int | None = None) -> None:
     """An unknown mode, and an initial state for another batch size, raise clear errors."""
 
@@ -809,6 +866,7 @@ OP_CHECKS: tuple[Check, ...] = (
     Check("handover", check_op_handover, hypothesis=True),
     Check("gradients", check_op_gradients, hypothesis=True),
     Check("low_precision", check_op_low_precision, hypothesis=True),
+    Check("nonfinite_stays_causal", check_op_nonfinite_stays_causal, hypothesis=True),
     Check("rejects_bad_input", check_op_rejects_bad_input, hypothesis=True),
 )
 

@@ -42,7 +42,8 @@ struct ChunkArgs {
                s0, s0_sb, s0_sh, s0_sd, s0_se, sT, gamma, B, T, H, Dk, Dv, reverse, delta})
 
 // gamma^e for e = 0 .. CHUNK, from log(gamma) in float64: exp(0 * log gamma) = 1 even when gamma is
-// tiny, and exp(e * log gamma) underflows cleanly to 0. The table is padded to a multiple of 16 bytes.
+// tiny, and exp(e * log gamma) underflows cleanly to 0. The table is padded to a multiple of 16 bytes
+// (retention_chunk_mma.cu keeps two flags in the padding).
 #define SM_DECAY_FLOATS 68
 
 SM_DEVICE void sm_fill_decay_table(float* decay, double gamma, int tid) {

@@ -69,6 +69,9 @@ SM_DEVICE unsigned sm_dynamic_smem_bytes() {
 
 SM_DEVICE float sm_bf16_to_float(u16 h) { return sm_bits_to_float(((u32)h) << 16); }
 
+// Whether a bfloat16 is finite (its exponent is not all ones, which marks inf and NaN).
+SM_DEVICE bool sm_bf16_finite(u16 h) { return (h & 0x7f80u) != 0x7f80u; }
+
 // float -> bfloat16 by integer rounding: exact round-to-nearest-even on every architecture (and on the
 // host), with NaN kept a quiet NaN of the same sign.
 SM_DEVICE u16 sm_float_to_bf16(float x) {

@@ -19,8 +19,13 @@
 // 32-bit word and a warp's 32 loads hit 32 different banks):
 //   decay [68] f32 | Q [64][72] | K [64][72] | V^T [BV][72] | (zeta V)^T hi, mid, lo [3][BV][72]
 //   | S^T hi, lo [BV][72] each (the current key tile of S) | S [Dk_pad][BV+4] f32 (the state itself)
+// The decay table's padding holds two per-chunk flags (decay[65 + c % 2]): whether chunk c has a non-finite
+// value. V^T holds the values with non-finite entries zeroed: a masked score is 0, but 0 * NaN in the
+// 16-wide diagonal k-step would reach the earlier rows too. When the flag is set, each output element whose
+// position or an earlier one has a non-finite value (read again from global memory) is replaced by their
+// sum, so NaN and inf reach exactly the rows at and after them. (zeta V)^T, for the state, keeps them.
 // Per chunk:
-//   load V as V^T and (zeta V)^T in three parts;
+//   load V as V^T (non-finite entries zeroed) and (zeta V)^T in three parts;
 //   for each 64-wide key tile: load Q, K tiles, split the tile of S into S^T hi/lo;  barrier;
 //     phase 1 (chunk rows): A += Q K^T (only column tiles left of the diagonal), Oi += Q S_tile;
 //     phase 2 (key rows):   S_tile = gamma^L S_tile + K^T (zeta V)   (reads no tile phase 1 writes,
@@ -34,6 +39,7 @@
 #define MMA_TILE (SM_CHUNK * MMA_LD)
 
 #define MMA_ZPARTS 3  // bfloat16 parts of zeta * V
+#define MMA_FLAGS (SM_CHUNK + 1)  // decay[MMA_FLAGS + c % 2]: chunk c has a non-finite value (table padding)
 
 template <int BV>
 SM_DEVICE i64 mma_smem_bytes(i64 Dk_pad) {
@@ -69,12 +75,14 @@ SM_DEVICE bool mma_vec_ok(const void* p, i64 sb, i64 st, i64 sh, i64 D) {
     return sm_aligned16(p) && sb % 8 == 0 && st % 8 == 0 && sh % 8 == 0 && D % 8 == 0;
 }
 
-// The chunk's values, transposed: vt[e][j] = V[j][e], and the sum over parts p of z[p][e][j] is
-// zeta_j V[j][e] with zeta_j = gamma^(L-delta-j); zero for j >= L or v0 + e >= Dv. Each thread does two
-// positions j, j+1 of one or eight columns, so that it writes whole 32-bit words.
+// The chunk's values, transposed: vt[e][j] = V[j][e], or 0 where that is not finite, and the sum over
+// parts p of z[p][e][j] is zeta_j V[j][e] with zeta_j = gamma^(L-delta-j); zero for j >= L or v0 + e >= Dv.
+// Sets *nonfinite to 1 if it met a non-finite value. Each thread does two positions j, j+1 of one or eight
+// columns, so that it writes whole 32-bit words.
 template <int BV>
-SM_DEVICE void mma_load_values(u16* vt, u16* z, const float* decay, const ChunkArgs& a, i64 b, i64 h, i64 p0,
-                               int L, i64 v0, bool vec, int tid) {
+SM_DEVICE void mma_load_values(u16* vt, u16* z, float* nonfinite, const float* decay, const ChunkArgs& a, i64 b,
+                               i64 h, i64 p0, int L, i64 v0, bool vec, int tid) {
+    bool seen = false;
     const u16* src = static_cast<const u16*>(a.v.p);
     const int cols = vec ? 8 : 1;  // value columns per thread
     for (int idx = tid; idx < (SM_CHUNK / 2) * (BV / cols); idx += MMA_THREADS) {
@@ -106,7 +114,9 @@ SM_DEVICE void mma_load_values(u16* vt, u16* z, const float* decay, const ChunkA
             if (c >= cols) break;
             const u16 x0 = (u16)(w0[c / 2] >> (16 * (c % 2))), x1 = (u16)(w1[c / 2] >> (16 * (c % 2)));
             const int at = (e0 + c) * MMA_LD + j;
-            sm_st32(vt + at, sm_pack(x0, x1));
+            const bool f0 = sm_bf16_finite(x0), f1 = sm_bf16_finite(x1);
+            seen = seen || !f0 || !f1;
+            sm_st32(vt + at, sm_pack(f0 ? x0 : (u16)0, f1 ? x1 : (u16)0));
             float r0 = z0 * sm_bf16_to_float(x0), r1 = z1 * sm_bf16_to_float(x1);  // what is left to represent
 #pragma unroll
             for (int p = 0; p < MMA_ZPARTS; ++p) {
@@ -117,6 +127,7 @@ SM_DEVICE void mma_load_values(u16* vt, u16* z, const float* decay, const ChunkA
             }
         }
     }
+    if (seen) *nonfinite = 1.f;  // (every thread that writes, writes the same value)
 }
 
 template <int BV>
@@ -151,6 +162,7 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
     const bool vec_o = mma_vec_ok(a.o, a.o_sb, a.o_st, a.o_sh, a.Dv);
 
     sm_fill_decay_table(decay, a.gamma[h], tid);
+    if (tid < 2) decay[MMA_FLAGS + tid] = 0.f;
     sm_load_state(a, sS, LDS, BV, Dk_pad, b, h, v0, tid, MMA_THREADS);
     __syncthreads();
 
@@ -158,7 +170,11 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
     for (i64 c = 0; c < n_chunks; ++c) {
         const i64 p0 = c * SM_CHUNK;
         const int L = (int)sm_min(SM_CHUNK, a.T - p0);
-        mma_load_values<BV>(sVt, sZ, decay, a, b, h, p0, L, v0, vec_v, tid);
+        float* nonfinite = decay + MMA_FLAGS + (c & 1);
+        // The next chunk's flag was last read before the previous chunk's final barrier, and is next set
+        // after this chunk's.
+        if (tid == 0) decay[MMA_FLAGS + ((c + 1) & 1)] = 0.f;
+        mma_load_values<BV>(sVt, sZ, nonfinite, decay, a, b, h, p0, L, v0, vec_v, tid);
 
         float acc_a[8][4];   // scores, rows r0 + g (+8), columns 8 nt + 2 t4 (+1)
         float acc_o[NT][4];  // output, rows r0 + g (+8), value columns 8 nt + 2 t4 (+1)
@@ -301,6 +317,22 @@ SM_DEVICE void chunk_mma(const ChunkArgs& a) {
             stage[(g + 8) * MMA_LD + col + 1] = sm_float_to_bf16(acc_o[nt][3]);
         }
         sm_syncwarp();
+        if (*nonfinite != 0.f) {  // rare (and the same for the whole block): see the top of this file
+            // A row's output is non-finite once a non-finite value of its own or an earlier position enters
+            // it, whatever its finite part: so the sum of those values replaces it.
+            const u16* src = static_cast<const u16*>(a.v.p);
+            for (int idx = lane; idx < 16 * BV; idx += 32) {
+                const int r = idx / BV, col = idx % BV;
+                if (r0 + r >= L || v0 + col >= a.Dv) continue;
+                float lost = 0.f;
+                for (int j = 0; j <= r0 + r; ++j) {
+                    const u16 x = src[sm_row(a.v, b, sm_time(a, p0 + j), h) + v0 + col];
+                    if (!sm_bf16_finite(x)) lost += sm_bf16_to_float(x);
+                }
+                if (lost != 0.f) stage[r * MMA_LD + col] = sm_float_to_bf16(lost);
+            }
+            sm_syncwarp();
+        }
         u16* out = static_cast<u16*>(a.o);
         if (vec_o) {
             for (int idx = lane; idx < 16 * (BV / 8); idx += 32) {

@@ -10,7 +10,8 @@
 // Shared memory (float32), rows padded by one float against bank conflicts:
 //   decay [68] | Q [64][65] | K [64][65] | A [64][65] | V [64][BV+1] | S [Dk_pad][BV+1]
 // Per chunk:  load V;  for each 64-wide key tile: load Q, K tiles; A += Q K^T; Oi += Q S_tile;
-//             S_tile = gamma^L S_tile + K^T (zeta * V);   then O = (A * D) V + xi * Oi.
+//             S_tile = gamma^L S_tile + K^T (zeta * V);   then O = (A * D) V + xi * Oi, where row r of
+//             (A * D) V reads the values of positions j <= r only (a NaN or inf at a later one stays out).
 #include "chunk.cuh"
 
 #define SIMT_THREADS 256
@@ -152,6 +153,8 @@ SM_DEVICE void chunk_simt(const ChunkArgs& a) {
         }
         __syncthreads();  // A is in place
 
+        // O[r] += sum_{j <= r} A[r][j] V[j]: row r never reads a later position's value. Multiplying it by
+        // A's zero instead would still be NaN for a NaN or inf value, and poison every earlier row.
         for (int j = 0; j < L; ++j) {
             float ar[4], vb[NB];
 #pragma unroll
@@ -160,6 +163,7 @@ SM_DEVICE void chunk_simt(const ChunkArgs& a) {
             for (int e = 0; e < NB; ++e) vb[e] = sV[j * LDV + tx + 16 * e];
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
+                if (j > ty + 16 * i) continue;  // (a predicate on the FMAs, not a branch)
 #pragma unroll
                 for (int e = 0; e < NB; ++e) acc_o[i][e] += ar[i] * vb[e];
             }
