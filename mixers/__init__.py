@@ -9,10 +9,31 @@ Public API:
 - ``mixers.hookimpl`` / ``mixers.Backend``: what a plugin needs to register a backend or mixer.
 """
 
-from mixers import functional
-from mixers.hookspecs import hookimpl
-from mixers.interface import MixerState, TokenMixer
-from mixers.registry import Backend, allow_plugin_backends, available, build, get_registry
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from mixers.hookspecs import hookimpl  # pluggy only
+
+if TYPE_CHECKING:  # pragma: no cover - imports for type checkers; at run time they load on first use
+    from mixers import functional
+    from mixers.interface import MixerState, TokenMixer
+    from mixers.registry import Backend, allow_plugin_backends, available, build, get_registry
+
+# The public names load on first use (PEP 562): torch takes seconds to import, and ``import mixers`` happens
+# wherever a submodule is imported: the pytest plugin (loaded into every pytest run through ``pytest11``),
+# ``python -m mixers``, the ``seqmixers`` command's ``--help``. None of those may pay for torch up front.
+_WHERE = {
+    "functional": "mixers.functional",
+    "MixerState": "mixers.interface",
+    "TokenMixer": "mixers.interface",
+    "Backend": "mixers.registry",
+    "allow_plugin_backends": "mixers.registry",
+    "available": "mixers.registry",
+    "build": "mixers.registry",
+    "get_registry": "mixers.registry",
+}
 
 __all__ = [
     "Backend",
@@ -26,3 +47,16 @@ __all__ = [
     "hookimpl",
 ]
 __version__ = "0.2.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'mixers' has no attribute {name!r}")
+    module = importlib.import_module(_WHERE[name])
+    value = module if module.__name__ == f"mixers.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})

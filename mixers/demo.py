@@ -1,6 +1,7 @@
 """A short demo: the three representations of every registered mixer agree, and states hand over.
 
-Run with ``python -m mixers demo``. Uses random weights and inputs; takes a few seconds on a CPU.
+Run with ``seqmixers mixers-demo`` (or ``python -m mixers mixers-demo``). Uses random weights and inputs; takes a
+few seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import time
 import torch
 
 from mixers import functional
-from mixers.__main__ import format_listing
+from mixers.listing import format_listing
 from mixers.registry import get_registry
 
 
@@ -34,8 +35,11 @@ def run(T: int = 1024, d_model: int = 128, seed: int = 0) -> None:
 
     print(f"\n== every registered mixer, d_model={d_model}, T={T}: modes and hand-over vs parallel ==")
     x = torch.randn(B, T, d_model)
-    for name in sorted(get_registry().mixers):
-        mixer = get_registry().build(name, d_model, num_heads=4).eval()
+    registry = get_registry()
+    for name in sorted(registry.mixers):
+        accepted = registry.mixer_options(name)  # a plugin's mixer may have no heads (short_conv)
+        options = {"num_heads": 4} if accepted is None or "num_heads" in accepted else {}
+        mixer = registry.build(name, d_model, **options).eval()
         with torch.no_grad():
             y, _ = mixer(x, mode="parallel")
             y_chunk, _ = mixer(x, mode="chunkwise", chunk_size=100)

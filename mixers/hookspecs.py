@@ -15,7 +15,12 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
+    import argparse
+    from collections.abc import Callable
+
     from mixers.registry import BackendRegistrar, FeatureMapRegistrar, MixerRegistrar
+
+    CommandRegistrar = Callable[..., argparse.ArgumentParser]  # register(name, run, *, help="", **options)
 
 PROJECT = "seqmixers"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -52,4 +57,19 @@ def register_feature_maps(register: FeatureMapRegistrar) -> None:
     ``fn(x)`` maps ``[B, T, H, D]`` to ``[B, T, H, D']`` in the dtype of ``x``, acting on each token on
     its own (a map that mixes tokens would break causality). The ``"linear_attention"`` mixer picks
     one by name (``feature_map="elu+1"``).
+    """
+
+
+@hookspec
+def register_commands(register: CommandRegistrar) -> None:
+    """Add subcommands to the ``seqmixers`` command (as ``llm``'s ``register_commands`` does): call
+    ``parser = register(name, run, help=...)``, then ``parser.add_argument(...)`` for its options.
+
+    ``run(args: argparse.Namespace) -> int`` returns the exit code (``None``: 0). ``register`` returns the
+    command's ``argparse.ArgumentParser``; keyword options other than ``help`` (``description``, ``aliases``,
+    ...) go to argparse's ``add_parser``. A name that is taken (a built-in command or another plugin's) is
+    refused. Called when the command line names no built-in command (``seqmixers --help``, ``seqmixers
+    PLUGIN_COMMAND``), not at registry load; a plugin whose hook raises (``SystemExit`` included) is reported
+    on stderr and its commands are left out (``SEQMIXERS_STRICT_PLUGINS=1``: the command fails instead).
+    Import torch inside ``run``, not at the top of the plugin's module.
     """

@@ -282,7 +282,8 @@ def _config(meta: Mapping[str, str], where: str) -> ModelConfig:
 
 
 def read_header(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
-    """The config and the saved metadata (``info``) of a checkpoint, without building the model."""
+    """The config and the saved metadata (``info``) of a checkpoint, without building the model and without
+    loading any plugin: a header whose mixers are not installed here can still be read."""
     path = Path(path)
     _, meta = _read(path)
     info = json.loads(meta.get("info", "{}"))
@@ -299,6 +300,10 @@ def load(path: str | Path, *, device: torch.device | str = "cpu") -> LanguageMod
     where = f"checkpoint {str(path)!r}"
     data, meta = _read(path)
     config = _config(meta, where)
+    try:
+        config.check_against_registry()
+    except ConfigError as exc:
+        raise CheckpointError(f"{where} holds a config this installation cannot build: {exc}") from exc
     try:
         tensors = safetensors.torch.load(data)
     except Exception as exc:  # safetensors raises its own SafetensorError

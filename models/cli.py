@@ -1,4 +1,4 @@
-"""The ``seqmixers`` command: ``train``, ``generate``, ``list`` and ``demo``.
+"""The ``seqmixers`` command: ``train``, ``generate``, ``list``, ``demo``, ``mixers-demo`` and plugins' commands.
 
 - ``seqmixers train --config FILE|PRESET [--data TEXT_FILE] [--out DIR] [--force]``: train on the embedded
   corpus (or a text file) with a progress bar and validation perplexity; writes ``DIR/model.safetensors``
@@ -6,8 +6,10 @@
   run diverges, 128 + the signal's number after SIGINT/SIGTERM (which save first).
 - ``seqmixers generate CHECKPOINT --prompt TEXT``: stream a sample (prefill, then O(1)-state decoding
   for the recurrent layers).
-- ``seqmixers list``: mixers, backends and plugins (as ``python -m mixers list``).
+- ``seqmixers list``: mixers, backends, feature maps and plugins, where each came from, what is available.
 - ``seqmixers demo``: the main job, a RetNet / Transformer / hybrid comparison in a few minutes on a CPU.
+- ``seqmixers mixers-demo``: the op-level check, every mixer's three modes agreeing and states handing over.
+- Plugins add commands through the ``register_commands`` hook. ``python -m mixers ...`` is this command.
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from mixers.__main__ import format_listing
+    from mixers.listing import format_listing
     from mixers.registry import get_registry
 
     print(format_listing(get_registry()))
@@ -139,6 +141,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         )
     else:
         demo.run(args.out, steps=args.steps)
+    return 0
+
+
+def _cmd_mixers_demo(args: argparse.Namespace) -> int:
+    from mixers import demo
+
+    demo.run()
     return 0
 
 
@@ -267,7 +276,8 @@ class _Version(argparse.Action):
 DEVICE_HELP = "the torch device: cpu, cuda, cuda:N, mps (default: %(default)s)"
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(*, plugin_commands: bool = False) -> argparse.ArgumentParser:
+    """The command's parser; with ``plugin_commands``, the plugins' commands too (this loads the registry)."""
     p = argparse.ArgumentParser(
         prog="seqmixers", description=__doc__.replace("``", ""), formatter_class=argparse.RawTextHelpFormatter
     )
@@ -338,15 +348,104 @@ def parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--quick", action="store_true", help="a smoke run: 20 steps, short prefixes")
     d.set_defaults(func=_cmd_demo)
+
+    sub.add_parser(
+        "mixers-demo",
+        help="check every mixer's parallel, chunkwise and recurrent modes agree, and states hand over (seconds)",
+    ).set_defaults(func=_cmd_mixers_demo)
+    if plugin_commands:
+        _add_plugin_commands(sub)
     return p
+
+
+BUILTIN_COMMANDS = ("train", "generate", "list", "demo", "mixers-demo")
+PLUGIN_GROUP = "seqmixers"  # mixers.registry.ENTRY_POINT_GROUP, named here so that start-up need not import torch
+
+
+def _wants_plugin_commands(argv: list[str]) -> bool:
+    """Whether parsing ``argv`` may need the plugins' commands: when it names no built-in command (``--help``,
+    no command, a plugin's command, a typo), and a third-party plugin is declared. The built-in commands, their
+    ``--help`` and ``--version`` never load the plugins (and so torch): they stay fast."""
+    for arg in argv:
+        if arg == "--version":
+            return False
+        if not arg.startswith("-"):
+            if arg in BUILTIN_COMMANDS:
+                return False
+            break
+    import importlib.metadata
+
+    wanted = os.environ.get("SEQMIXERS_PLUGINS")
+    names = None if wanted is None else {n.strip() for n in wanted.split(",") if n.strip()}
+    return any(names is None or ep.name in names for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP))
+
+
+class _CommandRegistrar:
+    """The ``register`` that a plugin's ``register_commands`` hook gets: ``register(name, run, help=...)`` adds
+    the command to the ``seqmixers`` subcommands and returns its parser, refusing a name already taken;
+    ``withdraw`` takes back what the plugin added (when its hook fails)."""
+
+    def __init__(self, subparsers: argparse._SubParsersAction, plugin: str, owners: dict[str, str]) -> None:
+        self._subparsers = subparsers
+        self._plugin = plugin
+        self._owners = owners  # command name -> who added it
+        self._added: list[str] = []
+
+    def __call__(self, name: str, run: object, *, help: str = "", **options: object) -> argparse.ArgumentParser:
+        if not isinstance(name, str) or not name or name.startswith("-"):
+            raise ValueError(f"a command name must be a non-empty str not starting with '-', got {name!r}")
+        if not callable(run):
+            raise TypeError(f"command {name!r}: run must be callable (args -> exit code), got {run!r}")
+        names = [name, *options.get("aliases", ())]
+        for command in names:
+            if command in self._subparsers.choices:
+                raise ValueError(f"the command name {command!r} is taken by {self._owners.get(command, 'seqmixers')}")
+        parser = self._subparsers.add_parser(name, help=help, **options)
+        parser.set_defaults(func=run)
+        for command in names:
+            self._added.append(command)
+            self._owners[command] = f"plugin {self._plugin}"
+        return parser
+
+    def withdraw(self) -> None:
+        for command in self._added:
+            self._subparsers._name_parser_map.pop(command, None)
+            self._owners.pop(command, None)
+        self._subparsers._choices_actions = [a for a in self._subparsers._choices_actions if a.dest not in self._added]
+        self._added.clear()
+
+
+def _add_plugin_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Call each loaded plugin's ``register_commands`` hook on its own, in load order. A hook that raises is
+    reported on stderr and its plugin's commands are left out; the other plugins' commands stay
+    (``SEQMIXERS_STRICT_PLUGINS=1``: ``PluginLoadError`` instead, a traceback)."""
+    from mixers.registry import PLUGIN_FAILURES, PluginLoadError, get_registry
+
+    registry = get_registry()
+    order = {name: i for i, name in enumerate(registry.plugins)}
+    impls = registry.pm.hook.register_commands.get_hookimpls()
+    owners: dict[str, str] = {}
+    for impl in sorted(impls, key=lambda impl: order.get(impl.plugin_name, len(order))):
+        plugin = registry.describe_plugin(impl.plugin_name)
+        register = _CommandRegistrar(subparsers, plugin, owners)
+        try:
+            impl.function(register=register)
+        except PLUGIN_FAILURES as exc:
+            register.withdraw()
+            what = f"SystemExit ({exc.code!r})" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+            message = f"plugin {plugin}: register_commands raised {what}; its commands are left out"
+            if registry.strict:
+                raise PluginLoadError(message) from exc
+            print(f"seqmixers: warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     """The command: exit code 0, 2 for a usage error or a bad config, file or option (a one-line message,
     never a traceback), 130 for Ctrl-C, 141 when the reader of stdout goes away (``generate | head``)."""
     command = "seqmixers"
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = parser().parse_args(argv)
+        args = parser(plugin_commands=_wants_plugin_commands(argv)).parse_args(argv)
         command = f"seqmixers {args.command}"
         return _run(args)
     except KeyboardInterrupt:
@@ -365,7 +464,8 @@ def _run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        return args.func(args)
+        code = args.func(args)
+        return 0 if code is None else code  # a plugin's command that returns nothing succeeded
     except BrokenPipeError:
         raise
     except (ConfigError, CheckpointError, OSError) as exc:  # OSError: a file that is missing or unreadable

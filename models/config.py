@@ -1,6 +1,10 @@
 """Model and training configs: dataclasses loadable from TOML, YAML, JSON, a dict or keyword arguments.
 
-Every field is checked when the object is made, and an error names the field, what it allows and what it
+A config is pure data: every field's type and range, and the shape of the layer pattern, are checked when
+the object is made, without loading any plugin (so a checkpoint's header can be read where its mixers are
+not installed). What needs the registry (the mixer names, their options, the backend names) is checked
+by ``ModelConfig.check_against_registry()``, which ``build_model`` calls; ``load_run_config`` calls it
+too, so a run file's errors name the file. Either way an error names the field, what it allows and what it
 got. The layer pattern is expanded into one validated per-layer spec (``ModelConfig.layer_specs()``), so
 a hybrid is just a list, and any registered mixer, a plugin's included, is a valid layer by name.
 
@@ -23,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mixers.functional import MODES
-from mixers.registry import get_registry
+from mixers.registry import Registry, get_registry
 
 FFNS = ("gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
@@ -119,17 +123,26 @@ def _suggest_fields(kind: str) -> Any:
     return decorate
 
 
-def registered_mixers() -> str:
+def registered_mixers(registry: Registry | None = None) -> str:
     """The registered mixer names, with the plugin of those that do not come with seqmixers."""
     names = []
-    for name, spec in sorted(get_registry().mixers.items()):
+    for name, spec in sorted((registry or get_registry()).mixers.items()):
         names.append(name if spec.plugin.startswith("mixers.") else f"{name} (plugin {spec.plugin})")
     return ", ".join(names)
 
 
-def mixer_parameters(name: str) -> list[str] | None:
+def _registered_hint() -> str:
+    """``"; registered mixers: ..."`` for a structural error's message, or nothing if the plugins cannot be
+    loaded: a config is data, and saying what is wrong with it must not depend on the plugins."""
+    try:
+        return f"; registered mixers: {registered_mixers()}"
+    except Exception:
+        return ""
+
+
+def mixer_parameters(name: str, registry: Registry | None = None) -> list[str] | None:
     """The keyword options the mixer ``name``'s factory accepts, or ``None`` if it takes any (``**kwargs``)."""
-    factory = get_registry().mixers[name].factory
+    factory = (registry or get_registry()).mixers[name].factory
     try:
         params = list(inspect.signature(factory).parameters.values())
     except (TypeError, ValueError):  # a builtin or C factory: its options are checked when it is built
@@ -140,15 +153,21 @@ def mixer_parameters(name: str) -> list[str] | None:
     return [p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
-def _check_mixer_name(where: str, name: object) -> str:
-    if not isinstance(name, str) or name not in get_registry().mixers:
-        raise ConfigError(f"{where}: unknown mixer {name!r}; registered mixers: {registered_mixers()}")
+def _check_mixer_type(where: str, name: object) -> str:
+    """A mixer name is a string (whether a plugin provides it is checked against the registry, at build)."""
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: unknown mixer {name!r}{_registered_hint()}")
     return name
 
 
-def _check_backend(where: str, mixer: str, backend: object) -> None:
+def _check_mixer_name(where: str, name: str, registry: Registry) -> str:
+    if name not in registry.mixers:
+        raise ConfigError(f"{where}: unknown mixer {name!r}; registered mixers: {registered_mixers(registry)}")
+    return name
+
+
+def _check_backend(where: str, mixer: str, backend: object, registry: Registry) -> None:
     """``backend`` must be ``"auto"`` or a backend registered for each of the mixer's ops."""
-    registry = get_registry()
     for op in registry.mixers[mixer].ops:
         names = sorted(registry.backends.get(op, {}))
         if backend != "auto" and backend not in names:
@@ -158,16 +177,23 @@ def _check_backend(where: str, mixer: str, backend: object) -> None:
             )
 
 
-def _check_options(where: str, mixer: str, options: Mapping[str, Any]) -> dict[str, Any]:
+def _check_options_table(where: str, mixer: str, options: object) -> dict[str, Any]:
+    """The structural checks of a mixer's options: a table, without ``d_model``; a plain copy."""
     if not isinstance(options, Mapping):
         raise ConfigError(f"{where} must be a table of options for mixer {mixer!r}, got {_got(options)}")
-    allowed = mixer_parameters(mixer)
-    for key in options:
-        if key == "d_model":
-            raise ConfigError(f"{where}.d_model: set d_model at the top level of the model config, not per mixer")
-        if allowed is not None and key not in allowed:
-            raise _unknown_key(f"option of mixer {mixer!r} in {where}:", key, allowed)
+    if "d_model" in options:
+        raise ConfigError(f"{where}.d_model: set d_model at the top level of the model config, not per mixer")
     return _plain(options)
+
+
+def _check_options(where: str, mixer: str, options: Mapping[str, Any], registry: Registry) -> None:
+    """Each option must be one that the mixer's factory accepts."""
+    allowed = mixer_parameters(mixer, registry)
+    if allowed is None:
+        return
+    for key in options:
+        if key not in allowed:
+            raise _unknown_key(f"option of mixer {mixer!r} in {where}:", key, allowed)
 
 
 def _plain(table: Mapping[str, Any]) -> dict[str, Any]:
@@ -256,19 +282,22 @@ class ModelConfig:
         if not isinstance(self.mixer_options, Mapping):
             raise ConfigError(f"mixer_options must be a table mixer name -> options, got {_got(self.mixer_options)}")
         self.mixer_options = {
-            _check_mixer_name(f"mixer_options.{name}", name): _check_options(f"mixer_options.{name}", name, options)
+            _check_mixer_type(f"mixer_options.{name}", name): _check_options_table(
+                f"mixer_options.{name}", name, options
+            )
             for name, options in self.mixer_options.items()
         }
         self.layers = self._check_layers(self.layers)
-        self.layer_specs()  # checks that every layer's mixer takes the backend option it would be given
+        # No registry here: the mixer names, their options and the backends are checked by
+        # check_against_registry(), when a model is built.
 
     def _check_layers(self, layers: object) -> list[str | dict[str, Any]]:
         if isinstance(layers, (str, Mapping)):
             layers = [layers]  # one mixer for every layer
         if not isinstance(layers, (list, tuple)) or not layers:
             raise ConfigError(
-                f"layers must be a non-empty list of mixer names or layer tables, got {_got(layers)}; "
-                f"registered mixers: {registered_mixers()}"
+                f"layers must be a non-empty list of mixer names or layer tables, got {_got(layers)}"
+                f"{_registered_hint()}"
             )
         if len(layers) > self.n_layers or self.n_layers % len(layers):
             raise ConfigError(
@@ -279,20 +308,29 @@ class ModelConfig:
         for i, entry in enumerate(layers):
             where = f"layers[{i}]"
             if isinstance(entry, str):
-                out.append(_check_mixer_name(where, entry))
+                out.append(entry)
                 continue
             if not isinstance(entry, Mapping):
                 raise ConfigError(f"{where} must be a mixer name or a table with a 'mixer' key, got {_got(entry)}")
             if "mixer" not in entry:
-                raise ConfigError(f"{where} is a table without a 'mixer' key; registered mixers: {registered_mixers()}")
-            mixer = _check_mixer_name(f"{where}.mixer", entry["mixer"])
+                raise ConfigError(f"{where} is a table without a 'mixer' key{_registered_hint()}")
+            mixer = _check_mixer_type(f"{where}.mixer", entry["mixer"])
             if "backend" in entry:
                 _str(f"{where}.backend", entry["backend"])
             if "ffn_dim" in entry:
                 _int(f"{where}.ffn_dim", entry["ffn_dim"], 1)
-            _check_options(where, mixer, {k: v for k, v in entry.items() if k not in LAYER_KEYS})
+            _check_options_table(where, mixer, {k: v for k, v in entry.items() if k not in LAYER_KEYS})
             out.append(_plain(entry))
         return out
+
+    def check_against_registry(self, registry: Registry | None = None) -> None:
+        """Raise ``ConfigError`` unless every mixer is registered, takes the options given to it, and each
+        backend named is registered for its ops (``"auto"`` always is). ``registry``: the process-wide one
+        by default, loaded (with every plugin) on first use.
+
+        Making a config checks only what needs no plugin; ``build_model`` (and ``load``, ``load_run_config``)
+        call this. Whether a registered backend can run on this machine is ``check_backends``."""
+        self.layer_specs(registry)
 
     @property
     def embedding_scale(self) -> float:
@@ -309,8 +347,22 @@ class ModelConfig:
             return 4 * self.d_model
         return 8 * math.ceil(8 * self.d_model / 3 / 8)
 
-    def layer_specs(self) -> list[LayerSpec]:
-        """One resolved spec per layer: the pattern repeated to ``n_layers``, options merged (layer wins)."""
+    def layer_specs(self, registry: Registry | None = None) -> list[LayerSpec]:
+        """One resolved spec per layer: the pattern repeated to ``n_layers``, options merged (layer wins).
+
+        Resolving needs the registry (which mixers take a ``backend`` option), so this checks the config
+        against it first, as ``check_against_registry`` does."""
+        registry = registry or get_registry()
+        for name, options in self.mixer_options.items():
+            _check_mixer_name(f"mixer_options.{name}", name, registry)
+            _check_options(f"mixer_options.{name}", name, options, registry)
+        for i, entry in enumerate(self.layers):
+            where = f"layers[{i}]"
+            if isinstance(entry, str):
+                _check_mixer_name(where, entry, registry)
+                continue
+            mixer = _check_mixer_name(f"{where}.mixer", entry["mixer"], registry)
+            _check_options(where, mixer, {k: v for k, v in entry.items() if k not in LAYER_KEYS}, registry)
         specs = []
         for i in range(self.n_layers):
             entry = self.layers[i % len(self.layers)]
@@ -318,7 +370,7 @@ class ModelConfig:
             mixer = table["mixer"]
             options = dict(self.mixer_options.get(mixer, {}))
             options.update({k: v for k, v in table.items() if k not in ("mixer", "ffn_dim")})
-            accepted = mixer_parameters(mixer)
+            accepted = mixer_parameters(mixer, registry)
             if "backend" in table:
                 where = f"layers[{i % len(self.layers)}].backend"
             elif "backend" in options:
@@ -330,7 +382,7 @@ class ModelConfig:
                 elif self.backend != "auto":
                     raise ConfigError(f"backend={self.backend!r}: mixer {mixer!r} (layer {i}) takes no backend option")
             if "backend" in options:
-                _check_backend(where, mixer, options["backend"])
+                _check_backend(where, mixer, options["backend"], registry)
             specs.append(LayerSpec(mixer, options, table.get("ffn_dim", self.default_ffn_dim)))
         return specs
 
@@ -369,13 +421,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
-        """From a dict of fields; an unknown key is an error that suggests the closest field."""
+        """From a dict of fields; an unknown key is an error that suggests the closest field. Data only: no
+        plugin is loaded (``check_against_registry`` checks the mixers)."""
         return _from_mapping(cls, data, "model config field")
 
     @classmethod
-    def from_file(cls, path: str | Path) -> ModelConfig:
-        """From a TOML, YAML or JSON file: its ``[model]`` section, or the whole file if it has no sections."""
-        return load_run_config(path)[0]
+    def from_file(cls, path: str | Path, *, check_registry: bool = True) -> ModelConfig:
+        """From a TOML, YAML or JSON file: its ``[model]`` section, or the whole file if it has no sections;
+        checked against the registry unless ``check_registry=False`` (see ``load_run_config``)."""
+        return load_run_config(path, check_registry=check_registry)[0]
 
     def describe(self) -> str:
         """One line per layer: index, mixer, options, FFN."""
@@ -515,22 +569,33 @@ def _unknown_section(source: str, key: object) -> ConfigError:
     return ConfigError(f"{source}: unknown section [{key}]{hint}; a run file holds a [model] and a [train] section")
 
 
-def split_run_config(doc: Mapping[str, Any], source: str = "config") -> tuple[ModelConfig, TrainConfig]:
-    """A ``{"model": ..., "train": ...}`` document, or a bare model config, into the two configs."""
+def split_run_config(
+    doc: Mapping[str, Any], source: str = "config", *, check_registry: bool = True
+) -> tuple[ModelConfig, TrainConfig]:
+    """A ``{"model": ..., "train": ...}`` document, or a bare model config, into the two configs.
+
+    A run file is read to be run, so its model config is also checked against the registry
+    (``ModelConfig.check_against_registry``), and an unknown mixer, option or backend is named with
+    ``source``; ``check_registry=False`` reads it as data only, without loading any plugin."""
     if not any(key in doc for key in SECTIONS):
         fields = {f.name for f in dataclasses.fields(ModelConfig)}
         for key, value in doc.items():  # a misspelt section, [modle], is not a bare model config's odd field
             if key not in fields and isinstance(value, Mapping) and difflib.get_close_matches(str(key), SECTIONS, n=1):
                 raise _unknown_section(source, key)
         try:
-            return ModelConfig.from_dict(doc), TrainConfig()
+            model = ModelConfig.from_dict(doc)
+            if check_registry:
+                model.check_against_registry()
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from exc
+        return model, TrainConfig()
     for key in doc:
         if key not in SECTIONS:
             raise _unknown_section(source, key)
     try:
         model = ModelConfig.from_dict(doc.get("model", {}))
+        if check_registry:
+            model.check_against_registry()
     except ConfigError as exc:
         raise ConfigError(f"{source} [model]: {exc}") from exc
     try:
@@ -540,9 +605,10 @@ def split_run_config(doc: Mapping[str, Any], source: str = "config") -> tuple[Mo
     return model, train
 
 
-def load_run_config(path: str | Path) -> tuple[ModelConfig, TrainConfig]:
-    """The model and training configs of a run file (a missing ``[train]`` section gives the defaults)."""
-    return split_run_config(read_document(path), source=f"config file {str(path)!r}")
+def load_run_config(path: str | Path, *, check_registry: bool = True) -> tuple[ModelConfig, TrainConfig]:
+    """The model and training configs of a run file (a missing ``[train]`` section gives the defaults);
+    see ``split_run_config`` for ``check_registry``."""
+    return split_run_config(read_document(path), source=f"config file {str(path)!r}", check_registry=check_registry)
 
 
 def presets() -> dict[str, Path]:

@@ -33,9 +33,10 @@ class LanguageModel(nn.Module):
     def __init__(self, config: ModelConfig | Mapping[str, Any]) -> None:
         super().__init__()
         self.config = config = as_model_config(config)
+        specs = config.layer_specs()  # the config is data; here it is checked against the registry
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, spec, i) for i, spec in enumerate(config.layer_specs()))
+        self.blocks = nn.ModuleList(Block(config, spec, i) for i, spec in enumerate(specs))
         self.norm = make_norm(config.norm, config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -319,5 +320,8 @@ def state_nbytes(states: Sequence[MixerState]) -> int:
 
 
 def build_model(config: ModelConfig | Mapping[str, Any]) -> LanguageModel:
-    """A ``LanguageModel`` from a ``ModelConfig`` or a dict of its fields."""
+    """A ``LanguageModel`` from a ``ModelConfig`` or a dict of its fields.
+
+    A config is data; this is where it meets the registry: an unknown mixer, an option its mixer does not
+    take or an unregistered backend raises ``ConfigError`` (``ModelConfig.check_against_registry``)."""
     return LanguageModel(config)

@@ -1,4 +1,5 @@
-"""``python -m mixers list`` prints mixers, backends, availability, and the plugin each came from."""
+"""``python -m mixers ARGS`` is ``seqmixers ARGS``; ``list`` prints mixers, backends, availability, and the plugin each
+came from; ``mixers-demo`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -87,12 +88,76 @@ def test_bad_command_is_a_usage_error(argv, capsys):
 
 
 def test_version_and_plain_text_help(capsys):
+    """``python -m mixers`` is ``seqmixers``: the same version line and the same plain-text help."""
     import mixers
 
     with pytest.raises(SystemExit) as info:
         cli.main(["--version"])
-    assert info.value.code == 0 and capsys.readouterr().out == f"python -m mixers {mixers.__version__}\n"
+    assert info.value.code == 0 and capsys.readouterr().out == f"seqmixers {mixers.__version__}\n"
     with pytest.raises(SystemExit) as info:
         cli.main(["--help"])
     out = capsys.readouterr().out
-    assert info.value.code == 0 and "``" not in out and "python -m mixers list" in out
+    assert info.value.code == 0 and "``" not in out and "python -m mixers ... is this command" in out
+    for command in ("train", "generate", "list", "demo", "mixers-demo"):
+        assert f"\n    {command} " in out, f"{command} missing from the help:\n{out}"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--version"], ["--help"], ["frobnicate"], ["train", "--config", "no-such-preset"], ["generate", "--help"]],
+)
+def test_python_dash_m_mixers_is_seqmixers(argv):
+    """``python -m mixers ARGS`` and ``python -m models ARGS`` (the console script's module): same output, same
+    exit code."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQMIXERS_")}
+    env["SEQMIXERS_PLUGINS"] = ""  # the installed plugins' commands are another test's business; keep it fast
+    results = [
+        subprocess.run(
+            [sys.executable, "-m", package, *argv], capture_output=True, text=True, env=env, timeout=120, check=False
+        )
+        for package in ("mixers", "models")
+    ]
+    (ours, theirs) = [(r.returncode, r.stdout, r.stderr) for r in results]
+    assert ours == theirs
+    assert ours[0] == (2 if argv[0] in ("frobnicate", "train") else 0), ours
+
+
+def test_mixers_demo_is_a_subcommand_and_demo_is_the_model_demo(monkeypatch, capsys):
+    """The two demos of the two former CLIs, both under ``seqmixers``: ``mixers-demo`` (the op-level check, run
+    here small) and ``demo`` (the model comparison)."""
+    from mixers import demo as mixers_demo
+    from models import demo as models_demo
+
+    run = mixers_demo.run
+    monkeypatch.setattr(mixers_demo, "run", lambda: run(T=48, d_model=16))
+    assert cli.main(["mixers-demo"]) == 0
+    out = capsys.readouterr().out
+    assert "== the retention op" in out and "recurrent" in out and "retention/torch" in out
+    section = out.split("== every registered mixer", 1)[1].split("== installed", 1)[0]
+    for name in registry_module.get_registry().mixers:  # plugins' too, with or without heads (short_conv)
+        assert f"\n  {name} " in section and "prefill + 8 recurrent steps" in section, (name, out)
+    calls = []
+    monkeypatch.setattr(models_demo, "run", lambda out, **kwargs: calls.append((out, kwargs)))
+    assert cli.main(["demo", "--quick", "--out", "somewhere"]) == 0
+    assert calls and calls[0][0] == "somewhere" and calls[0][1]["steps"] == 20
+
+
+def test_mixers_never_imports_models_and_has_no_cycle_through_main():
+    """The layering rule, statically: no module of ``mixers/`` imports ``models`` (``python -m mixers`` reaches
+    it through importlib at call time) or ``mixers.__main__`` (the old ``demo`` <-> ``__main__`` cycle)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(cli.__file__).resolve().parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                if name == "models" or name.startswith("models.") or name == "mixers.__main__":
+                    offenders.append(f"{path.relative_to(root.parent)}:{node.lineno} imports {name}")
+    assert not offenders, offenders

@@ -11,6 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 
+import mixers.registry as registry_module
 from models import CheckpointError, ModelConfig, build_model, load, read_header
 from models import checkpoint as ckpt
 from tests.models_helpers import one_thread, tiny_config  # noqa: F401  (one_thread is an autouse fixture)
@@ -150,6 +151,34 @@ def test_config_this_installation_cannot_build(saved):
         load(saved)
     rewrite_metadata(saved, config="{not json")
     with pytest.raises(CheckpointError, match=r"missing or corrupt config"):
+        load(saved)
+
+
+def test_a_header_is_read_without_loading_any_plugin(saved, monkeypatch):
+    """``read_header`` makes the config as data: it never loads the plugin registry, so a checkpoint whose
+    mixers are not installed here (or whose plugins fail to load) can still be inspected; ``load``, which
+    builds the model, is where the registry is needed and where an unknown mixer is named."""
+    expected, info = read_header(saved)
+    monkeypatch.setattr(registry_module, "_REGISTRY", None)
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the plugin registry was loaded")
+
+    monkeypatch.setattr(registry_module.Registry, "load", refuse)
+    assert read_header(saved) == (expected, info)
+    config = expected.to_dict()
+    config["layers"] = ["some_plugin_mixer", "softmax_attention"]
+    rewrite_metadata(saved, config=json.dumps(config))
+    header, _ = read_header(saved)
+    assert header.layers == ["some_plugin_mixer", "softmax_attention"]
+    with pytest.raises(AssertionError, match="the plugin registry was loaded"):
+        load(saved)  # the loader is really blocked: a load needs it
+    monkeypatch.undo()
+    with pytest.raises(
+        CheckpointError,
+        match=r"holds a config this installation cannot build: layers\[0\]: unknown mixer 'some_plugin_mixer'; "
+        r"registered mixers: linear_attention",
+    ):
         load(saved)
 
 

@@ -4,13 +4,29 @@ TOML, YAML and JSON, dicts and keywords give the same config; the layer pattern 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 import mixers
+import mixers.registry as registry_module
 from models import ConfigError, ModelConfig, TrainConfig, build_model, load_run_config, presets
 from models.config import resolve_config, split_run_config
 from tests.models_helpers import one_thread  # noqa: F401  (autouse fixture)
+
+
+@pytest.fixture
+def no_plugin_loading(monkeypatch):
+    """Forget the loaded registry and make loading one fail: any use of the registry raises."""
+    monkeypatch.setattr(registry_module, "_REGISTRY", None)
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the plugin registry was loaded")
+
+    monkeypatch.setattr(registry_module.Registry, "load", refuse)
+    return monkeypatch
+
 
 MODEL_ERRORS = [
     ({"vocab_size": 0}, r"vocab_size must be an int >= 1, got 0"),
@@ -20,25 +36,13 @@ MODEL_ERRORS = [
     ({"n_layers": True}, r"n_layers must be an int"),
     ({"layers": []}, r"layers must be a non-empty list"),
     ({"layers": 3}, r"layers must be a non-empty list"),
-    (
-        {"layers": ["retnetion"]},
-        r"layers\[0\]: unknown mixer 'retnetion'; registered mixers: linear_attention, retention",
-    ),
-    ({"layers": ["retention", "bogus"], "n_layers": 2}, r"layers\[1\]: unknown mixer 'bogus'"),
     ({"layers": ["retention"] * 3, "n_layers": 4}, r"layers has 3 entries, which does not divide n_layers=4"),
     ({"layers": ["retention"] * 5, "n_layers": 4}, r"layers has 5 entries"),
     ({"layers": [{"num_heads": 2}]}, r"layers\[0\] is a table without a 'mixer' key; registered mixers"),
-    ({"layers": [{"mixer": "nope"}]}, r"layers\[0\]\.mixer: unknown mixer 'nope'"),
     ({"layers": [7]}, r"layers\[0\] must be a mixer name or a table"),
-    ({"layers": [{"mixer": "retention", "num_head": 2}]}, r"'num_head'.*did you mean 'num_heads'.*allowed: \["),
     ({"layers": [{"mixer": "retention", "backend": 3}]}, r"layers\[0\]\.backend must be a non-empty string"),
     ({"layers": [{"mixer": "retention", "ffn_dim": 0}]}, r"layers\[0\]\.ffn_dim must be an int >= 1"),
     ({"layers": [{"mixer": "retention", "d_model": 8}]}, r"layers\[0\]\.d_model: set d_model at the top level"),
-    (
-        {"mixer_options": {"retention": {"bogus": 1}}},
-        r"unknown option of mixer 'retention' in mixer_options\.retention: 'bogus'",
-    ),
-    ({"mixer_options": {"nope": {}}}, r"mixer_options\.nope: unknown mixer 'nope'"),
     ({"mixer_options": {"retention": 4}}, r"mixer_options\.retention must be a table of options"),
     ({"mixer_options": ["retention"]}, r"mixer_options must be a table"),
     ({"backend": ""}, r"backend must be a non-empty string"),
@@ -61,6 +65,41 @@ MODEL_ERRORS = [
 def test_each_invalid_model_field_is_named(fields, match):
     with pytest.raises(ConfigError, match=match):
         ModelConfig.from_dict(fields)
+
+
+# What only the registry knows: checked when a model is built (or a run file is loaded), not when a config is made.
+REGISTRY_ERRORS = [
+    (
+        {"layers": ["retnetion"]},
+        r"layers\[0\]: unknown mixer 'retnetion'; registered mixers: linear_attention, retention",
+    ),
+    ({"layers": ["retention", "bogus"], "n_layers": 2}, r"layers\[1\]: unknown mixer 'bogus'"),
+    ({"layers": [{"mixer": "nope"}]}, r"layers\[0\]\.mixer: unknown mixer 'nope'"),
+    (
+        {"layers": [{"mixer": "retention", "num_head": 2}]},
+        r"unknown option of mixer 'retention' in layers\[0\]: 'num_head' \(did you mean 'num_heads'\?\); allowed: \[",
+    ),
+    (
+        {"mixer_options": {"retention": {"bogus": 1}}},
+        r"unknown option of mixer 'retention' in mixer_options\.retention: 'bogus'",
+    ),
+    ({"mixer_options": {"nope": {}}}, r"mixer_options\.nope: unknown mixer 'nope'"),
+]
+
+
+@pytest.mark.parametrize(("fields", "match"), REGISTRY_ERRORS, ids=[m[1][:40] for m in REGISTRY_ERRORS])
+def test_each_field_the_registry_rejects_is_named_when_the_model_is_built(fields, match, no_plugin_loading):
+    config = ModelConfig.from_dict(fields)  # data: made without loading a plugin
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    no_plugin_loading.undo()
+    with pytest.raises(ConfigError, match=match):
+        build_model(config)
+    with pytest.raises(ConfigError, match=match):
+        config.check_against_registry()
+    with pytest.raises(ConfigError, match=r"config \[model\]: " + match):
+        split_run_config({"model": fields})
+    with pytest.raises(ConfigError, match=r"config: " + match):
+        split_run_config(fields)
 
 
 TRAIN_ERRORS = [
@@ -113,12 +152,15 @@ def test_unknown_fields_and_sections_suggest_the_closest():
     ],
 )
 def test_backend_names_are_checked_against_the_registry(fields, where):
-    with pytest.raises(
-        ConfigError,
-        match=where + r": unknown backend 'cuda9' for mixer 'retention' \(op 'retention'\); "
-        r"expected 'auto' or one of \[.*'torch'",
-    ):
-        ModelConfig(d_model=16, n_layers=1, **fields)
+    config = ModelConfig(d_model=16, n_layers=1, **fields)  # data; the registry is consulted at build
+    match = (
+        where + r": unknown backend 'cuda9' for mixer 'retention' \(op 'retention'\); "
+        r"expected 'auto' or one of \[.*'torch'"
+    )
+    with pytest.raises(ConfigError, match=match):
+        build_model(config)
+    with pytest.raises(ConfigError, match=match):
+        config.layer_specs()
 
 
 HYBRID = {
@@ -232,7 +274,7 @@ def test_presets_load_and_build():
 
 def test_unknown_mixer_error_lists_every_registered_mixer():
     with pytest.raises(ConfigError) as info:
-        ModelConfig(layers=["nope"])
+        build_model(ModelConfig(layers=["nope"]))
     for name in mixers.get_registry().mixers:
         assert name in str(info.value)
 
@@ -282,3 +324,74 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
     path.write_bytes("model:\n  d_model: 16  # caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=r"config file '.*latin1\.yaml' is not UTF-8 text: byte 0xe9 at offset 27"):
         load_run_config(path)
+
+
+def test_a_config_is_data_made_without_loading_any_plugin(no_plugin_loading, tmp_path):
+    """Making, copying and reading a config (keywords, dict, file with ``check_registry=False``) loads no
+    plugin, even for a mixer no plugin here provides; building the model is what checks it."""
+    fields = {
+        "d_model": 16,
+        "n_layers": 2,
+        "layers": ["not_installed_mixer", {"mixer": "retention", "num_heads": 2, "backend": "cuda9", "ffn_dim": 8}],
+        "mixer_options": {"not_installed_mixer": {"width": (3, 4)}},
+    }
+    config = ModelConfig(**fields)
+    assert config.mixer_options == {"not_installed_mixer": {"width": [3, 4]}}, "tuples become lists, as before"
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    (tmp_path / "c.json").write_text(json.dumps({"model": config.to_dict()}))
+    assert load_run_config(tmp_path / "c.json", check_registry=False)[0] == config
+    assert ModelConfig.from_file(tmp_path / "c.json", check_registry=False) == config
+    assert split_run_config(config.to_dict(), check_registry=False)[0] == config
+    assert config.default_ffn_dim == 64 and config.embedding_scale == 4.0
+    # structural errors still come at once, and need no plugin either
+    with pytest.raises(ConfigError, match=r"layers\[0\]\.d_model: set d_model at the top level"):
+        ModelConfig(layers=[{"mixer": "not_installed_mixer", "d_model": 8}])
+    with pytest.raises(ConfigError, match=r"layers\[0\] is a table without a 'mixer' key"):
+        ModelConfig(layers=[{"num_heads": 2}])
+    with pytest.raises(ConfigError, match=r"layers\[0\]\.mixer: unknown mixer 3"):
+        ModelConfig(layers=[{"mixer": 3}])
+    with pytest.raises(AssertionError, match="the plugin registry was loaded"):
+        build_model(config)  # the loader is really blocked: building needs it
+    no_plugin_loading.undo()
+    with pytest.raises(
+        ConfigError,
+        match=r"^mixer_options\.not_installed_mixer: unknown mixer 'not_installed_mixer'; registered mixers: linear",
+    ):
+        build_model(config)
+
+
+def test_the_registry_to_check_against_can_be_given():
+    config = ModelConfig(d_model=16, n_layers=1, mixer_options={"retention": {"num_heads": 2}})
+    config.check_against_registry()
+    assert [s.mixer for s in config.layer_specs(mixers.get_registry())] == ["retention"]
+    empty = registry_module.Registry().load(builtins=(), entry_points=False)
+    with pytest.raises(
+        ConfigError, match=r"^mixer_options\.retention: unknown mixer 'retention'; registered mixers: $"
+    ):
+        config.check_against_registry(empty)
+
+
+def test_importing_and_making_configs_loads_no_plugin(tmp_path):
+    """In a fresh interpreter whose plugin loading fails: import the models package and its config and
+    checkpoint modules, make a config and read a checkpoint's header; nothing loads the registry."""
+    path = build_model(ModelConfig(d_model=16, n_layers=1, ffn_dim=8, mixer_options={"retention": {"num_heads": 2}}))
+    path = path.save(tmp_path / "m.safetensors", metadata={"step": 5})
+    script = f"""
+import mixers.registry as registry
+def refuse(self, *args, **kwargs):
+    raise AssertionError("the plugin registry was loaded")
+registry.Registry.load = refuse
+import models
+from models import ModelConfig, read_header
+from models.config import load_run_config
+import models.lm, models.checkpoint
+config = ModelConfig(d_model=16, n_layers=2, layers=["not_installed_mixer", "retention"])
+assert ModelConfig.from_dict(config.to_dict()) == config
+header, info = read_header({str(path)!r})
+assert header.d_model == 16 and info == {{"step": 5}}, (header, info)
+assert registry._REGISTRY is None
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

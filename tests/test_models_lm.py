@@ -214,7 +214,7 @@ def test_plugin_mixer_by_name(tmp_path, monkeypatch):
         assert_rel_close(rec, ref, RTOL64, "plugin hybrid, recurrent vs parallel")
         assert type(model.blocks[0].mixer).__name__ == "MultiScaleRetention"
         with pytest.raises(ConfigError, match=r"unknown mixer 'fake_retnet'.*fake_retention \(plugin fake_good\)"):
-            ModelConfig(layers=["fake_retnet"])
+            build_model(ModelConfig(layers=["fake_retnet"]))
     finally:
         forget_fake_modules()
 

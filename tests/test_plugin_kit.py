@@ -8,6 +8,7 @@ The plugins come from a fake distribution on ``sys.path`` (``tests/fake_plugins.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -24,6 +25,7 @@ from mixers.functional import MODES
 from mixers.registry import PluginLoadError, Registry
 from mixers.testing import ConformanceError, check_mixer, check_op_backend
 from mixers.testing import conformance as kit
+from mixers.testing.ops import OP_SPECS, OpSpec
 from tests.fake_plugins import (
     AGAIN_DISTRIBUTION,
     WRONG_DISTRIBUTION,
@@ -293,3 +295,71 @@ def test_a_check_that_fails_once_and_then_passes_is_reported_as_not_deterministi
     assert example.inputs == (("x", calls[0]),) and example.mode is None, example
     assert "unreliable" not in message.lower() and "flaky" not in message.lower(), message
     assert_no_hypothesis_report(message)
+
+
+# -- op-level checks -------------------------------------------------------------------------------------
+def _retention_spec_of(op: str, call) -> OpSpec:
+    """The retention op's spec under another op name, called through ``call``, with the standard bad inputs."""
+    return dataclasses.replace(OP_SPECS["retention"], op=op, call=call, bad_inputs=None)
+
+
+def _with_backend(registry: Registry, op: str, name: str, fn) -> Registry:
+    registry.backends.setdefault(op, {})[name] = mixers.Backend(op=op, name=name, fn=fn, plugin="tests")
+    return registry
+
+
+def test_rejects_bad_input_fails_an_op_whose_errors_do_not_name_the_problem():
+    """An op whose validation raises, but vaguely, fails: each bad input must be named in its error (what was
+    expected, what was given). The old check accepted any message for a bad state, and this one's mentions the
+    unknown mode as it asked."""
+    retention_call = OP_SPECS["retention"].call
+
+    def vague(seq, const, state, *, mode, chunk_size, backend):
+        try:
+            return retention_call(seq, const, state, mode=mode, chunk_size=chunk_size, backend=backend)
+        except (ValueError, TypeError):
+            raise ValueError(f"vague_retention: invalid arguments (mode {mode!r})") from None
+
+    registry = _with_backend(kit.builtin_registry(), "vague_retention", "torch", lambda *a, **k: None)
+    check = {c.name: c for c in kit.OP_CHECKS}["rejects_bad_input"]
+    with kit.using_registry(registry):
+        with pytest.raises(ConformanceError) as info:
+            kit.run_check(check, kit.op_target(_retention_spec_of("vague_retention", vague), "torch"), max_examples=3)
+        message = str(info.value)
+        assert 'vague_retention: an unknown mode: error ValueError("vague_retention: invalid arguments' in message
+        assert "does not mention [\"'parallel'\"]" in message, message
+        # The same op with the core's own errors passes.
+        kit.run_check(check, kit.op_target(_retention_spec_of("vague_retention", retention_call), "torch"))
+
+
+def test_an_op_level_check_runs_once_per_op_whatever_its_backends():
+    """rejects_bad_input checks the op's validation, which runs before any backend: an all-zeros backend would
+    pass it, so it is generated once per op (on the reference backend), while the backend checks run on each."""
+
+    def zeros(q, k, v, gamma, *, mode, chunk_size, initial_state):
+        B, _, H, Dk = q.shape
+        return torch.zeros_like(v), q.new_zeros(
+            B, H, Dk, v.shape[-1], dtype=torch.promote_types(q.dtype, torch.float32)
+        )
+
+    registry = _with_backend(kit.builtin_registry(), "retention", "zeros", zeros)
+    with kit.using_registry(registry):
+        targets = kit.op_targets(["retention"])
+        assert [t.backend for t in targets] == ["torch", "zeros"]
+        cases = kit.check_cases(targets)
+        assert [c.id for c in cases if c.check.per_op] == ["retention-rejects_bad_input"]
+        assert [c.target.backend for c in cases if c.check.per_op] == ["torch"]
+        assert {c.target.backend for c in cases if c.check.name == "matches_reference"} == {"torch", "zeros"}
+        check = {c.name: c for c in kit.OP_CHECKS}["rejects_bad_input"]
+        kit.run_check(check, kit.op_target("retention", "zeros"), max_examples=2)  # it is not about the backend
+        with pytest.raises(ConformanceError, match="check 'matches_reference' failed"):
+            kit.run_check(kit.OP_CHECKS[0], kit.op_target("retention", "zeros"), max_examples=5)
+
+
+def test_using_registry_swaps_the_process_registry_for_a_block():
+    before = mixers.get_registry()
+    builtin = kit.builtin_registry()
+    with kit.using_registry(builtin):
+        assert mixers.get_registry() is builtin
+        assert all(info.builtin for info in builtin.plugins.values())
+    assert mixers.get_registry() is before

@@ -20,9 +20,10 @@ pytest plugin makes one test per check.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,11 +34,12 @@ from hypothesis.errors import Flaky
 from torch import Tensor
 
 import mixers
+from mixers import registry as registry_module
 from mixers.functional import MODES
 from mixers.interface import MixerState, TokenMixer
-from mixers.registry import Backend, get_registry
+from mixers.registry import Backend, Registry, get_registry
 from mixers.testing.asserts import RTOL, assert_raises_mentioning, assert_rel_close, assert_states_close, norm_rel_error
-from mixers.testing.ops import OpSpec, get_op_spec, replace_state_tensors, state_tensors
+from mixers.testing.ops import KEEP, OpSpec, get_op_spec, standard_bad_inputs, state_tensors
 from mixers.testing.strategies import OpInputs, handover_plans, mixer_split_plans, scaled_examples
 
 __all__ = [
@@ -48,18 +50,23 @@ __all__ = [
     "REFERENCE_BACKEND",
     "BackendUnavailable",
     "Check",
+    "CheckCase",
     "CheckNotApplicable",
     "ConformanceError",
     "Counterexample",
     "MixerTarget",
     "OpTarget",
+    "builtin_registry",
+    "check_cases",
     "check_mixer",
     "check_op_backend",
     "mixer_target",
     "mixer_targets",
     "op_target",
     "op_targets",
+    "represents_op",
     "run_check",
+    "using_registry",
 ]
 
 D_MODEL, NUM_HEADS = 16, 2
@@ -113,6 +120,7 @@ class Check:
     """One conformance check: ``fn(target)``, or ``fn(target, mode)`` once per mode when ``per_mode``.
 
     A ``hypothesis`` check is a property; it takes ``max_examples`` (``None``: the loaded profile's).
+    A ``per_op`` check is about the op, not the backend: it is generated once per op (see ``check_cases``).
     """
 
     name: str
@@ -120,8 +128,13 @@ class Check:
     per_mode: bool = False
     hypothesis: bool = False
     applies: Callable[[Any], bool] | None = None  # known before running: not applicable -> not generated at all
+    # An op-level check (of the op's validation, say): generated once per op, for the backend ``represents_op``
+    # picks, not once per backend. ``check_op_backend`` still runs it on the backend it is given.
+    per_op: bool = False
 
     def applies_to(self, target: Any) -> bool:
+        if self.per_op and isinstance(target, OpTarget) and not represents_op(target):
+            return False
         return self.applies is None or self.applies(target)
 
     @property
@@ -839,26 +852,44 @@ def check_op_nonfinite_stays_causal(target: OpTarget, max_examples: int | None =
 
 
 def check_op_rejects_bad_input(target: OpTarget, max_examples: int | None = None) -> None:
-    """An unknown mode, and an initial state for another batch size, raise clear errors."""
+    """The op's validation rejects each bad input its spec lists (``OpSpec.bad_inputs``: an unknown mode, a
+    state of another batch size or dtype...) with an error naming what was expected and what was given.
+
+    An op-level check: the public op validates before any backend runs, so it runs once per op."""
+    spec = target.spec
+    bad_inputs = spec.bad_inputs or standard_bad_inputs
 
     def rejects_bad_input(case):
         inputs = case.inputs(device=target.device)
-        _at("sideways")
-        assert_raises_mentioning(
-            lambda: target.call(inputs, inputs.state, mode="sideways", chunk_size=None), ["'sideways'"], "unknown mode"
-        )
-        _at(target.modes[0])
-        o, state = target.call(inputs, inputs.state, mode=target.modes[0], chunk_size=case.chunk_size)
-        tensors = state_tensors(state)
-        if tensors:
-            bad = replace_state_tensors(state, [torch.cat([t, t[:1]]) for t in tensors])
+        mode = target.modes[0]
+        _at(mode)
+        _, state = target.call(inputs, inputs.state, mode=mode, chunk_size=case.chunk_size)
+        for bad in bad_inputs(inputs, state):
+            _at(bad.mode or mode)
+            seq, const = {**inputs.seq, **bad.seq}, {**inputs.const, **bad.const}
+            given = inputs.state if bad.state is KEEP else bad.state
+            chunk_size = case.chunk_size if bad.chunk_size is KEEP else bad.chunk_size
             assert_raises_mentioning(
-                lambda: target.call(inputs, bad, mode=target.modes[0], chunk_size=case.chunk_size),
-                [],
-                "an initial state for another batch size",
+                lambda seq=seq, const=const, given=given, bad=bad, chunk_size=chunk_size: spec.call(
+                    seq, const, given, mode=bad.mode or mode, chunk_size=chunk_size, backend=target.backend
+                ),
+                bad.fragments,
+                f"{spec.op}: {bad.what}",
             )
 
-    _property(rejects_bad_input, max_examples or 5, case=target.spec.cases(dtypes=(target.dtype,)))
+    _property(rejects_bad_input, max_examples or 5, case=spec.cases(dtypes=(target.dtype,)))
+
+
+def represents_op(target: OpTarget) -> bool:
+    """Whether ``target`` is the one backend of its op that op-level checks run on: the reference backend
+    (``"torch"``) when it is available, else the first available backend by name."""
+    registry = get_registry()
+    available = sorted(
+        name for name, b in registry.backends.get(target.spec.op, {}).items() if registry.unavailable_reason(b) is None
+    )
+    if REFERENCE_BACKEND in available:
+        return target.backend == REFERENCE_BACKEND
+    return bool(available) and target.backend == available[0]
 
 
 OP_CHECKS: tuple[Check, ...] = (
@@ -867,8 +898,57 @@ OP_CHECKS: tuple[Check, ...] = (
     Check("gradients", check_op_gradients, hypothesis=True),
     Check("low_precision", check_op_low_precision, hypothesis=True),
     Check("nonfinite_stays_causal", check_op_nonfinite_stays_causal, hypothesis=True),
-    Check("rejects_bad_input", check_op_rejects_bad_input, hypothesis=True),
+    Check("rejects_bad_input", check_op_rejects_bad_input, hypothesis=True, per_op=True),
 )
+
+
+# -- which cases to run ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CheckCase:
+    """One check on one target (in one mode, for a ``per_mode`` check): a test case, with a readable id."""
+
+    id: str
+    check: Check
+    target: MixerTarget | OpTarget
+    mode: str | None = None
+
+
+def check_cases(targets: Iterable[MixerTarget | OpTarget], checks: Iterable[Check] | None = None) -> list[CheckCase]:
+    """Every check that applies to each target, once per mode the target computes for a ``per_mode`` check,
+    and once per op for a ``per_op`` one. ``checks`` default to ``MIXER_CHECKS`` or ``OP_CHECKS`` by target.
+
+    Ids read ``<target>-<check>[-<mode>]`` (``retention-torch-causality-parallel``); a ``per_op`` check's id
+    names the op alone (``retention-rejects_bad_input``).
+    """
+    cases = []
+    for target in targets:
+        for check in checks if checks is not None else MIXER_CHECKS if isinstance(target, MixerTarget) else OP_CHECKS:
+            if not check.applies_to(target):
+                continue
+            prefix = target.spec.op if check.per_op and isinstance(target, OpTarget) else target.id
+            for mode in target.modes if check.per_mode else (None,):
+                cases.append(CheckCase(f"{prefix}-{check.name}{'-' + mode if mode else ''}", check, target, mode))
+    return cases
+
+
+def builtin_registry() -> Registry:
+    """A registry of the built-in plugins only, as ``SEQMIXERS_PLUGINS=""`` loads it (whatever is installed)."""
+    return Registry().load(entry_points=False)
+
+
+@contextlib.contextmanager
+def using_registry(registry: Registry) -> Iterator[Registry]:
+    """Make ``registry`` the process-wide one (what ``mixers.build`` and the checks use) inside the block.
+
+    The core suite checks the built-ins with ``using_registry(builtin_registry())``, so its targets do not
+    depend on which plugins are installed, while the plugins' suites in the same session see theirs.
+    """
+    saved = registry_module._REGISTRY
+    registry_module._REGISTRY = registry
+    try:
+        yield registry
+    finally:
+        registry_module._REGISTRY = saved
 
 
 # -- running -------------------------------------------------------------------------------------------

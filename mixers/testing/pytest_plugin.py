@@ -9,8 +9,10 @@ Two ways to run the suite against a mixer or backend:
   ``test_my_backend = op_conformance_tests("retention", "my_backend")`` (an ``OpSpec`` for an op of your own).
 
 An unavailable backend's tests are skipped with its reason. ``--seqmixers-max-examples=N`` bounds each
-hypothesis property. Loading the plugin imports the ``mixers`` package (and so torch) but not hypothesis
-or the checks, which load only when one of the above is used.
+hypothesis property. Loading the plugin (which ``pytest11`` does in every pytest run where seqmixers is
+installed) imports only pytest and the ``mixers`` package, whose names load on first use: no torch, no
+hypothesis, no checks. Those load only when one of the above is used, so keep module-level imports here to the
+standard library and pytest (``tests/test_cli_commands.py`` checks that no torch is imported).
 """
 
 from __future__ import annotations
