@@ -2,8 +2,10 @@
 
 Plugins are loaded lazily and once (on the first ``get_registry()``): first the built-in plugins in
 ``DEFAULT_PLUGINS``, then every entry point of the ``seqmixers`` group. Each plugin is loaded and
-called on its own, so one that fails to import, raises in a hook or registers something malformed is
-recorded (``Registry.plugins[name].error``) and the others still load.
+called on its own (its hooks through pluggy, with the other plugins left out: ``Registry.call_plugin_hook``),
+so one that fails to import, raises in a hook or registers something malformed is recorded
+(``Registry.plugins[name].error``) and the others still load. Backends are added, replaced or removed after
+loading only through ``Registry.register_backend``/``unregister_backend``/``temporary_backend``.
 
 Environment variables:
 - ``SEQMIXERS_PLUGINS``: comma-separated entry-point names to load; unset loads all, ``""`` loads
@@ -19,13 +21,14 @@ A plugin that raises while it is imported or its hooks run, ``SystemExit`` inclu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib
 import importlib.metadata
 import inspect
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +62,9 @@ class BackendOutputError(RuntimeError):
 # What a plugin may raise while it is imported or its hooks run and still count as merely broken: a plugin
 # calling sys.exit() must not end the process that loads the registry, but Ctrl-C must still stop it.
 PLUGIN_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)
+
+# The plugin a backend added with ``Registry.register_backend`` is recorded as, when it names none.
+RUNTIME_PLUGIN = "<runtime>"
 
 AUTO_PLUGINS_ENV = "SEQMIXERS_AUTO_PLUGINS"
 _AUTO_HINT = f"plugin backends need {AUTO_PLUGINS_ENV}=1 or mixers.allow_plugin_backends()"
@@ -158,6 +164,25 @@ class PluginInfo:
         return not self.errors
 
 
+def _checked_backend(backend: Backend, plugin: str) -> Backend:
+    """``backend`` with ``plugin`` filled in, if it is well formed; else ``RegistrationError``."""
+    if not isinstance(backend, Backend):
+        raise RegistrationError(f"register() expected a mixers.registry.Backend, got {type(backend).__name__}")
+    for attr in ("op", "name"):
+        value = getattr(backend, attr)
+        if not isinstance(value, str) or not value or value == "auto":
+            raise RegistrationError(f"Backend.{attr} must be a non-empty name other than 'auto', got {value!r}")
+    if not callable(backend.fn):
+        raise RegistrationError(f"Backend {backend.op}/{backend.name}: fn must be callable, got {backend.fn!r}")
+    if not isinstance(backend.priority, int) or isinstance(backend.priority, bool):
+        raise RegistrationError(
+            f"Backend {backend.op}/{backend.name}: priority must be an int, got {backend.priority!r}"
+        )
+    if backend.check_available is not None and not callable(backend.check_available):
+        raise RegistrationError(f"Backend {backend.op}/{backend.name}: check_available must be callable")
+    return backend if backend.plugin == plugin else dataclasses.replace(backend, plugin=plugin)
+
+
 class _Staging:
     """Collects one plugin's registrations; they are committed only if the whole hook succeeds."""
 
@@ -168,21 +193,7 @@ class _Staging:
         self.feature_maps: list[FeatureMap] = []
 
     def backend(self, backend: Backend) -> None:
-        if not isinstance(backend, Backend):
-            raise RegistrationError(f"register() expected a mixers.registry.Backend, got {type(backend).__name__}")
-        for attr in ("op", "name"):
-            value = getattr(backend, attr)
-            if not isinstance(value, str) or not value or value == "auto":
-                raise RegistrationError(f"Backend.{attr} must be a non-empty name other than 'auto', got {value!r}")
-        if not callable(backend.fn):
-            raise RegistrationError(f"Backend {backend.op}/{backend.name}: fn must be callable, got {backend.fn!r}")
-        if not isinstance(backend.priority, int) or isinstance(backend.priority, bool):
-            raise RegistrationError(
-                f"Backend {backend.op}/{backend.name}: priority must be an int, got {backend.priority!r}"
-            )
-        if backend.check_available is not None and not callable(backend.check_available):
-            raise RegistrationError(f"Backend {backend.op}/{backend.name}: check_available must be callable")
-        self.backends.append(dataclasses.replace(backend, plugin=self.plugin))
+        self.backends.append(_checked_backend(backend, self.plugin))
 
     def mixer(self, name: str, factory: Callable[..., Any], *, ops: Iterable[str] = (), description: str = "") -> None:
         if not isinstance(name, str) or not name:
@@ -311,16 +322,35 @@ class Registry:
             ("register_feature_maps", staging.feature_map),
         )
         for hook_name, registrar in hooks:
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-                if impl.plugin_name != info.name:
-                    continue
-                try:
-                    impl.function(register=registrar)
-                except PLUGIN_FAILURES as exc:
-                    self.pm.unregister(name=info.name)
-                    self._fail(info, f"{hook_name} raised {_failure(exc)}")
-                    return
+            try:
+                self.call_plugin_hook(info.name, hook_name, register=registrar)
+            except PLUGIN_FAILURES as exc:
+                self.pm.unregister(name=info.name)
+                self._fail(info, f"{hook_name} raised {_failure(exc)}")
+                return
         self._commit(info, staging)
+
+    def plugin_hook_caller(self, plugin: str, hook_name: str) -> pluggy.HookCaller:
+        """Pluggy's caller of hook ``hook_name`` restricted to the implementations of plugin ``plugin``.
+
+        Calling it runs pluggy's machinery (the plugin's wrappers, ``pm.trace``, ``pm.add_hookcall_monitoring``)
+        for that one plugin, so that what fails is that plugin's doing alone.
+        """
+        target = self.pm.get_plugin(plugin)
+        if target is None:
+            raise ValueError(f"no plugin named {plugin!r} is registered with the plugin manager")
+        others = [obj for obj in self.pm.get_plugins() if obj is not target]
+        caller = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
+        strangers = sorted({impl.plugin_name for impl in caller.get_hookimpls()} - {plugin})
+        if strangers:  # a guard: older pluggy releases keep a plugin whose hook is under another name (specname)
+            raise RuntimeError(f"pluggy did not restrict hook {hook_name!r} to plugin {plugin!r}: {strangers}")
+        return caller
+
+    def call_plugin_hook(self, plugin: str, hook_name: str, **kwargs: Any) -> list[Any]:
+        """Call hook ``hook_name`` of plugin ``plugin`` alone, through pluggy (see ``plugin_hook_caller``); not at
+        all if the plugin does not implement it."""
+        caller = self.plugin_hook_caller(plugin, hook_name)
+        return caller(**kwargs) if caller.get_hookimpls() else []
 
     def _commit(self, info: PluginInfo, staging: _Staging) -> None:
         def duplicate(what: str, earlier: str) -> None:
@@ -364,6 +394,95 @@ class Registry:
     def describe_backend(self, backend: Backend) -> str:
         """``backend 'name' of op 'op' (plugin 'p' (distribution d v))``, for messages."""
         return f"backend {backend.name!r} of op {backend.op!r} (plugin {self.describe_plugin(backend.plugin)})"
+
+    # -- adding and removing backends at run time ---------------------------------------------------
+    def register_backend(
+        self,
+        backend: Backend | str,
+        name: str | None = None,
+        fn: Callable[..., Any] | None = None,
+        *,
+        override: bool = False,
+        plugin: str | None = None,
+        **fields: Any,
+    ) -> Backend | None:
+        """Add a backend after loading (tests, a plugin's own set-up): ``register_backend(Backend(...))`` or
+        ``register_backend(op, name, fn, priority=..., devices=..., check_available=..., ...)``.
+
+        The backend is checked as one a plugin registers. It is recorded as ``plugin``'s (default: the
+        ``Backend``'s own ``plugin``, else ``RUNTIME_PLUGIN``), which decides whether ``"auto"`` may pick it.
+        A backend of that op and name already registered is replaced only with ``override=True``; the one it
+        replaces is returned (``None`` if none), so that it can be put back. The registry's caches (resolved
+        backends, availability) are dropped.
+        """
+        return self._register_backend(backend, name, fn, override=override, plugin=plugin, **fields)[1]
+
+    def _register_backend(
+        self,
+        backend: Backend | str,
+        name: str | None,
+        fn: Callable[..., Any] | None,
+        *,
+        override: bool,
+        plugin: str | None,
+        **fields: Any,
+    ) -> tuple[Backend, Backend | None]:
+        if isinstance(backend, Backend):
+            if name is not None or fn is not None or fields:
+                raise TypeError("register_backend(Backend(...)) takes no name, fn or other Backend fields")
+        else:
+            try:
+                backend = Backend(op=backend, name=name, fn=fn, **fields)  # type: ignore[arg-type]
+            except TypeError as exc:
+                raise TypeError(f"register_backend: {exc}") from None
+        backend = _checked_backend(backend, plugin or backend.plugin or RUNTIME_PLUGIN)
+        existing = self.backends.get(backend.op, {}).get(backend.name)
+        if existing is not None and not override:
+            raise RegistrationError(
+                f"{self.describe_backend(existing)} is already registered; pass override=True to replace it "
+                f"with the one from plugin {self.describe_plugin(backend.plugin)}"
+            )
+        self.backends.setdefault(backend.op, {})[backend.name] = backend
+        self._forget(backend.op, backend.name)
+        return backend, existing
+
+    def unregister_backend(self, op: str, name: str) -> Backend:
+        """Remove backend ``name`` of ``op`` and return it; an unknown one is a ``KeyError`` listing the installed."""
+        installed = self.backends.get(op, {})
+        if name not in installed:
+            raise KeyError(f"no backend {name!r} is registered for op {op!r}; installed: {sorted(installed)}")
+        removed = installed.pop(name)
+        if not installed:
+            del self.backends[op]
+        self._forget(op, name)
+        return removed
+
+    @contextlib.contextmanager
+    def temporary_backend(
+        self,
+        backend: Backend | str,
+        name: str | None = None,
+        fn: Callable[..., Any] | None = None,
+        *,
+        override: bool = False,
+        plugin: str | None = None,
+        **fields: Any,
+    ) -> Iterator[Backend]:
+        """``register_backend(...)`` for the ``with`` block only (for tests): yields the backend as registered;
+        on exit it is removed and the one it replaced (``override=True``) is put back."""
+        added, previous = self._register_backend(backend, name, fn, override=override, plugin=plugin, **fields)
+        try:
+            yield added
+        finally:
+            if self.backends.get(added.op, {}).get(added.name) is added:
+                self.unregister_backend(added.op, added.name)
+            if previous is not None:
+                self.register_backend(previous, override=True)
+
+    def _forget(self, op: str, name: str) -> None:
+        """Drop what the registry cached about backend ``name`` of ``op`` (it was added, replaced or removed)."""
+        self._availability.pop((op, name), None)
+        self._resolved.clear()
 
     # -- queries -----------------------------------------------------------------------------
     def unavailable_reason(self, backend: Backend) -> str | None:
@@ -437,8 +556,8 @@ class Registry:
     def resolve_backend(self, op: str, backend: str, *, device: torch.device, dtype: torch.dtype, mode: str) -> Backend:
         """The backend to run ``op`` with: ``backend`` by name, or ``"auto"`` for the best one.
 
-        Successful choices are cached (the registry does not change once loaded), which keeps the
-        per-token cost of recurrent decoding low.
+        Successful choices are cached (dropped when ``register_backend``/``unregister_backend`` change the
+        registry), which keeps the per-token cost of recurrent decoding low.
         """
         key = (op, backend, device.type, dtype, mode)
         chosen = self._resolved.get(key)

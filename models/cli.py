@@ -416,20 +416,20 @@ class _CommandRegistrar:
 
 
 def _add_plugin_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Call each loaded plugin's ``register_commands`` hook on its own, in load order. A hook that raises is
-    reported on stderr and its plugin's commands are left out; the other plugins' commands stay
+    """Call each loaded plugin's ``register_commands`` hook on its own (through pluggy), in load order. A hook
+    that raises is reported on stderr and its plugin's commands are left out; the other plugins' commands stay
     (``SEQMIXERS_STRICT_PLUGINS=1``: ``PluginLoadError`` instead, a traceback)."""
     from mixers.registry import PLUGIN_FAILURES, PluginLoadError, get_registry
 
     registry = get_registry()
     order = {name: i for i, name in enumerate(registry.plugins)}
-    impls = registry.pm.hook.register_commands.get_hookimpls()
+    names = {impl.plugin_name for impl in registry.pm.hook.register_commands.get_hookimpls()}
     owners: dict[str, str] = {}
-    for impl in sorted(impls, key=lambda impl: order.get(impl.plugin_name, len(order))):
-        plugin = registry.describe_plugin(impl.plugin_name)
+    for name in sorted(names, key=lambda name: order.get(name, len(order))):
+        plugin = registry.describe_plugin(name)
         register = _CommandRegistrar(subparsers, plugin, owners)
         try:
-            impl.function(register=register)
+            registry.call_plugin_hook(name, "register_commands", register=register)
         except PLUGIN_FAILURES as exc:
             register.withdraw()
             what = f"SystemExit ({exc.code!r})" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"

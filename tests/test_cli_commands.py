@@ -113,6 +113,20 @@ def test_plugin_commands_appear_in_help_and_broken_hooks_are_reported_not_fatal(
     assert info.value.code == 2 and "invalid choice: 'half-added'" in capsys.readouterr().err
 
 
+def test_command_hooks_are_called_through_pluggy_one_plugin_at_a_time(commands, capsys):
+    """``pm.add_hookcall_monitoring`` sees each plugin's ``register_commands`` call, holding that plugin alone."""
+    calls: list[set[str]] = []
+    registry_module.get_registry().pm.add_hookcall_monitoring(
+        lambda hook, impls, kwargs: (
+            calls.append({i.plugin_name for i in impls}) if hook == "register_commands" else None
+        ),
+        lambda *args: None,
+    )
+    assert cli.main(["hello", "--name", "pluggy"]) == 0
+    assert "hello pluggy" in capsys.readouterr().out
+    assert {"fake_cmd"} in calls and {"fake_cmd_raising"} in calls and all(len(c) == 1 for c in calls), calls
+
+
 def test_strict_plugins_make_a_broken_command_hook_fatal(commands, monkeypatch):
     monkeypatch.setattr(registry_module.get_registry(), "strict", True)
     with pytest.raises(PluginLoadError, match="'fake_cmd_raising'.*command hook exploded"):

@@ -3,6 +3,7 @@ list, errors; and the demo (the README's main command) with a handful of steps."
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -316,12 +317,15 @@ def test_a_config_that_is_not_utf8_names_the_file(tmp_path, capsys):
     assert f"config file {str(bad)!r} is not UTF-8 text" in err and "byte 0xe9 at offset" in err
 
 
-def test_an_unavailable_backend_is_named_before_training(tiny, tmp_path, capsys, monkeypatch):
+def test_an_unavailable_backend_is_named_before_training(tiny, tmp_path, capsys):
     registry = get_registry()
-    monkeypatch.setitem(registry._availability, ("retention", "torch"), "pretend the torch backend is missing")
+    missing = dataclasses.replace(
+        registry.backends["retention"]["torch"], check_available=lambda: "pretend the torch backend is missing"
+    )
     config = tmp_path / "torch.toml"
     config.write_text(TINY.replace("ffn_dim = 32", 'ffn_dim = 32\nbackend = "torch"'))
-    code, _, err = run_main(["train", "--config", str(config), "--out", str(tmp_path / "o")], capsys)
+    with registry.temporary_backend(missing, override=True):
+        code, _, err = run_main(["train", "--config", str(config), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "Traceback" not in err, err
     assert "layers[0] (retention): backend 'torch' is unavailable here: pretend the torch backend is missing" in err
     assert not (tmp_path / "o").exists(), "nothing is trained or written"

@@ -7,11 +7,14 @@ are reported by name while the others load; environment variables filter plugins
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import os
 import subprocess
 import sys
+import textwrap
+import types
 
 import pytest
 import torch
@@ -356,3 +359,145 @@ def test_a_broken_plugin_does_not_block_a_healthy_one_of_the_same_name(tmp_path,
     ):
         assert fragment in message, (fragment, message)
     assert "<module" not in message and "_name2plugin" not in message, message  # no dump of pluggy's table
+
+
+# -- hooks run through pluggy, one plugin at a time --------------------------------------------------------
+
+
+def _module_plugin(monkeypatch, name: str, source: str) -> str:
+    """A plugin module ``name`` made from ``source`` and importable (for ``Registry.load(builtins=...)``)."""
+    module = types.ModuleType(name)
+    exec(compile(textwrap.dedent(source), f"<{name}>", "exec"), module.__dict__)
+    monkeypatch.setitem(sys.modules, name, module)
+    return name
+
+
+WRAPPED_PLUGIN = """
+    import mixers
+    from mixers.registry import Backend
+
+    SEEN = []
+    FAIL_AFTER = False
+
+    @mixers.hookimpl(wrapper=True, specname="register_backends")
+    def watch_backends(register):
+        SEEN.append("before")
+        result = yield
+        SEEN.append("after")
+        if FAIL_AFTER:
+            raise RuntimeError("the wrapper refused")
+        return result
+
+    @mixers.hookimpl
+    def register_backends(register):
+        SEEN.append("impl")
+        register(Backend(op="retention", name="wrapped", fn=lambda *a, **k: None))
+"""
+
+
+def test_a_plugins_hook_wrapper_runs_around_its_own_hook(monkeypatch):
+    """Pluggy's machinery runs (it did not when the registry called each implementation itself)."""
+    name = _module_plugin(monkeypatch, "seqmixers_test_wrapped", WRAPPED_PLUGIN)
+    reg = Registry().load(builtins=(TORCH_PLUGIN, name), entry_points=False)
+    assert reg.plugins[name].ok, reg.plugins[name].errors
+    assert sys.modules[name].SEEN == ["before", "impl", "after"]
+    assert reg.backends["retention"]["wrapped"].plugin == name
+
+
+def test_a_failing_wrapper_breaks_only_its_plugin_and_drops_what_it_staged(monkeypatch):
+    name = _module_plugin(
+        monkeypatch, "seqmixers_test_wrapped_failing", textwrap.dedent(WRAPPED_PLUGIN) + "FAIL_AFTER = True\n"
+    )
+    reg = Registry().load(builtins=(TORCH_PLUGIN, name), entry_points=False)
+    assert "register_backends raised RuntimeError: the wrapper refused" in errors(reg, name)
+    assert "wrapped" not in reg.backends["retention"] and reg.plugins[TORCH_PLUGIN].ok
+
+
+def test_hook_calls_are_monitored_and_made_per_plugin(fake_dist):
+    """``pm.add_hookcall_monitoring`` sees every hook call, and each call holds one plugin's implementations."""
+    reg = Registry()
+    calls: list[tuple[str, set[str]]] = []
+    reg.pm.add_hookcall_monitoring(
+        lambda hook, impls, kwargs: calls.append((hook, {impl.plugin_name for impl in impls})), lambda *a: None
+    )
+    reg.load()
+    assert calls and all(len(plugins) == 1 for _, plugins in calls), calls
+    backend_calls = [plugins.pop() for hook, plugins in calls if hook == "register_backends"]
+    assert backend_calls.index(TORCH_PLUGIN) < backend_calls.index("fake_good")  # built-ins first, in load order
+    assert {TORCH_PLUGIN, "fake_good", "fake_fast", "fake_raising"} <= set(backend_calls)
+
+
+# -- the public API to add, replace and remove backends --------------------------------------------------------
+
+
+def _fresh_registry(monkeypatch) -> Registry:
+    monkeypatch.delenv("SEQMIXERS_AUTO_PLUGINS", raising=False)
+    return Registry().load(entry_points=False)
+
+
+def _resolve(reg: Registry, backend: str = "auto") -> str:
+    return reg.resolve_backend(
+        "retention", backend, device=torch.device("cpu"), dtype=torch.float32, mode="parallel"
+    ).name
+
+
+def test_register_backend_adds_one_that_resolves_and_unregister_removes_it(monkeypatch):
+    reg = _fresh_registry(monkeypatch)
+    torch_fn = reg.backends["retention"]["torch"].fn
+    assert _resolve(reg) == "torch"  # cached from here on
+    assert reg.register_backend("retention", "mine", torch_fn, priority=100, plugin=TORCH_PLUGIN) is None
+    added = reg.backends["retention"]["mine"]
+    assert (added.priority, added.plugin, added.fn) == (100, TORCH_PLUGIN, torch_fn)
+    assert _resolve(reg) == "mine" and _resolve(reg, "mine") == "mine"  # the cached choice was dropped
+    assert reg.unregister_backend("retention", "mine") is added
+    assert _resolve(reg) == "torch" and "mine" not in reg.backends["retention"]
+    with pytest.raises(ValueError, match="unknown backend 'mine'"):
+        _resolve(reg, "mine")
+    with pytest.raises(KeyError, match="no backend 'mine' is registered for op 'retention'"):
+        reg.unregister_backend("retention", "mine")
+
+
+def test_a_backend_added_without_a_plugin_is_not_picked_by_auto_for_a_builtin_op(monkeypatch):
+    reg = _fresh_registry(monkeypatch)
+    reg.register_backend(
+        mixers.Backend(op="retention", name="mine", fn=reg.backends["retention"]["torch"].fn, priority=9)
+    )
+    assert reg.backends["retention"]["mine"].plugin == registry_module.RUNTIME_PLUGIN
+    assert _resolve(reg) == "torch" and _resolve(reg, "mine") == "mine"
+
+
+def test_register_backend_refuses_to_replace_unless_told(monkeypatch):
+    reg = _fresh_registry(monkeypatch)
+    original = reg.backends["retention"]["torch"]
+    with pytest.raises(registry_module.RegistrationError) as info:
+        reg.register_backend("retention", "torch", lambda *a, **k: None, plugin="my_tests")
+    message = str(info.value)
+    for fragment in (f"backend 'torch' of op 'retention' (plugin '{TORCH_PLUGIN}' (built-in))", "override=True"):
+        assert fragment in message, message
+    assert reg.backends["retention"]["torch"] is original
+    for bad, match in [
+        (mixers.Backend(op="retention", name="auto", fn=original.fn), "other than 'auto'"),
+        (mixers.Backend(op="retention", name="x", fn=original.fn, priority=1.5), "priority must be an int"),
+    ]:
+        with pytest.raises(registry_module.RegistrationError, match=match):
+            reg.register_backend(bad)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
+        reg.register_backend("retention", "x", original.fn, colour="red")
+
+
+def test_override_and_temporary_backend_put_the_original_back_and_drop_cached_availability(monkeypatch):
+    reg = _fresh_registry(monkeypatch)
+    original = reg.backends["retention"]["torch"]
+    assert reg.unavailable_reason(original) is None  # cached
+    missing = dataclasses.replace(original, check_available=lambda: "pretend the driver is missing")
+    with reg.temporary_backend(missing, override=True) as added:
+        assert reg.backends["retention"]["torch"] is added and added.plugin == TORCH_PLUGIN
+        assert reg.unavailable_reason(added) == "pretend the driver is missing"
+        with pytest.raises(ValueError, match="pretend the driver is missing"):
+            _resolve(reg, "torch")
+    assert reg.backends["retention"]["torch"] is original
+    assert reg.unavailable_reason(original) is None and _resolve(reg, "torch") == "torch"
+    with reg.temporary_backend("retention", "extra", original.fn, plugin="my_tests") as extra:
+        assert reg.backends["retention"]["extra"] is extra and extra.plugin == "my_tests"
+    assert "extra" not in reg.backends["retention"]
+    assert reg.register_backend(missing, override=True) is original

@@ -245,18 +245,23 @@ def test_mixer_rejects_bad_forward_input(mixer):
         check_raises(call, exc, fragments)
 
 
-def test_an_unavailable_backend_of_a_mixer_fails_at_build(monkeypatch):
+def test_an_unavailable_backend_of_a_mixer_fails_at_build():
     """Not at the first forward: the listing says why each backend is unavailable."""
     registry = mixers.get_registry()
     torch_backend = registry.backends["retention"]["torch"]
     unavailable = dataclasses.replace(torch_backend, name="absent", check_available=lambda: "needs the Absent driver")
-    monkeypatch.setitem(registry.backends["retention"], "absent", unavailable)
-    check_raises(
-        lambda: mixers.build("retention", 24, num_heads=3, backend="absent"),
-        ValueError,
-        ["backend 'absent' for mixer 'retention'", "is unavailable: needs the Absent driver", "'torch'", "available"],
-    )
-    registry._availability.pop(("retention", "absent"), None)
+    with registry.temporary_backend(unavailable):
+        check_raises(
+            lambda: mixers.build("retention", 24, num_heads=3, backend="absent"),
+            ValueError,
+            [
+                "backend 'absent' for mixer 'retention'",
+                "is unavailable: needs the Absent driver",
+                "'torch'",
+                "available",
+            ],
+        )
+    assert "absent" not in registry.backends["retention"]
     assert mixers.build("retention", 24, num_heads=3, backend="torch").backend == "torch"
 
 

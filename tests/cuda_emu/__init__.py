@@ -103,9 +103,8 @@ def emulated_backend(rt: EmuRuntime) -> Iterator[None]:
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(_retention, "cupy_runtime", lambda device: rt)
-            mp.setitem(
-                registry.backends["retention"], "cupy", dataclasses.replace(backend, devices=None, check_available=None)
-            )
-            yield
+            emulated = dataclasses.replace(backend, devices=None, check_available=None)
+            with registry.temporary_backend(emulated, override=True):
+                yield
     finally:
         reg.reset_registry()

@@ -83,13 +83,8 @@ def test_the_kit_catches_a_wrong_backend_of_this_op():
         return good.fn(x, weight, None if mode == "chunkwise" else bias, mode=mode, chunk_size=chunk_size,
                        initial_state=initial_state)  # fmt: skip
 
-    registry.backends["short_conv"]["wrong"] = mixers.Backend(op="short_conv", name="wrong", fn=no_bias_in_chunks)
-    try:
-        with pytest.raises(AssertionError) as info:
-            check_op_backend(SHORT_CONV_SPEC, "wrong", checks=["matches_reference"])
-    finally:
-        del registry.backends["short_conv"]["wrong"]
-        registry._resolved.clear()
+    with registry.temporary_backend("short_conv", "wrong", no_bias_in_chunks), pytest.raises(AssertionError) as info:
+        check_op_backend(SHORT_CONV_SPEC, "wrong", checks=["matches_reference"])
     message = str(info.value)
     (example,) = info.value.counterexamples  # the kit's own report, whatever hypothesis's version prints
     assert (example.check, example.mode) == ("matches_reference", "chunkwise"), example

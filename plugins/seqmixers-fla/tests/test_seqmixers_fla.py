@@ -8,6 +8,7 @@ The kernels themselves are checked by the GPU tests at the end, which skip here 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import warnings
@@ -57,16 +58,12 @@ def emulated(monkeypatch):
     """Backend ``fla_emulated`` (the adapter on emulated kernels, CPU allowed) in the process registry."""
     monkeypatch.setattr(adapter, "_kernels", lambda: (emulated_simple_gla, emulated_simple_gla))
     registry = mixers.get_registry()
-    for op in OPS:
-        fla = registry.backends[op]["fla"]
-        registry.backends[op]["fla_emulated"] = dataclasses.replace(
-            fla, name="fla_emulated", devices=None, check_available=None
-        )
-    yield "fla_emulated"
-    for op in OPS:
-        del registry.backends[op]["fla_emulated"]
-    registry._resolved.clear()
-    registry._availability.clear()
+    with contextlib.ExitStack() as stack:
+        for op in OPS:
+            fla = registry.backends[op]["fla"]
+            emulated = dataclasses.replace(fla, name="fla_emulated", devices=None, check_available=None)
+            stack.enter_context(registry.temporary_backend(emulated))
+        yield "fla_emulated"
 
 
 def test_registered_for_both_ops_through_the_entry_point_below_torch():
