@@ -122,18 +122,23 @@ def forward_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, checkpoi
     return run
 
 
+def measure(row: dict, runs: dict[str, Callable[[], object]], repeats: int) -> dict:
+    """Add each run's peak memory (MiB) and best CPU and wall times (ms) to ``row``."""
+    times = best_times(runs, repeats)
+    for name, fn in runs.items():
+        peak, _ = memory(fn)
+        row[f"{name}_peak_MiB"] = peak / MiB
+        row[f"{name}_ms"], row[f"{name}_wall_ms"] = (x * 1e3 for x in times[name])
+    return row
+
+
 def forward_rows(lengths: list[int], repeats: int) -> list[dict]:
     rows = []
     for T in lengths:
         q, k, v = op_inputs(T)
         bounded = forward_without_gradients(q, k, v)
         runs = {"bounded": bounded, "all_at_once": all_chunks_at_once(bounded)}
-        times = best_times(runs, repeats)
-        row = {"T": T, "output_MiB": q.shape[0] * T * q.shape[2] * v.shape[-1] * 4 / MiB}
-        for name, fn in runs.items():
-            peak, _ = memory(fn)
-            row[f"{name}_peak_MiB"] = peak / MiB
-            row[f"{name}_ms"], row[f"{name}_wall_ms"] = (x * 1e3 for x in times[name])
+        row = measure({"T": T, "output_MiB": q.shape[0] * T * q.shape[2] * v.shape[-1] * 4 / MiB}, runs, repeats)
         row["time_ratio"] = row["bounded_ms"] / row["all_at_once_ms"]
         rows.append(row)
         print(
@@ -150,13 +155,9 @@ def backward_rows(lengths: list[int], repeats: int) -> list[dict]:
     for T in lengths:
         q, k, v = op_inputs(T, requires_grad=True)
         runs = {"default": forward_backward(q, k, v, False), "checkpointed": forward_backward(q, k, v, True)}
-        times = best_times(runs, repeats)
         N = T // CHUNK
         row = {"T": T, "chunks": N, "kept_states_checkpointed": math.ceil(N / (math.isqrt(N - 1) + 1))}
-        for name, fn in runs.items():
-            peak, _ = memory(fn)
-            row[f"{name}_peak_MiB"] = peak / MiB
-            row[f"{name}_ms"], row[f"{name}_wall_ms"] = (x * 1e3 for x in times[name])
+        measure(row, runs, repeats)
         row["time_ratio"] = row["checkpointed_ms"] / row["default_ms"]
         rows.append(row)
         print(

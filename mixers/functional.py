@@ -10,8 +10,8 @@ plugin and distribution, rather than somewhere downstream.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -143,10 +143,6 @@ _CHECKED: set[Hashable] = set()
 _MAX_CHECKED = 4096
 
 
-def _checked(key: Hashable) -> bool:
-    return key in _CHECKED
-
-
 def _remember(key: Hashable) -> None:
     if len(_CHECKED) >= _MAX_CHECKED:
         _CHECKED.clear()
@@ -190,6 +186,37 @@ def check_backend_outputs(
             raise _backend_fault(impl, mode, inputs, f"{name} on device {t.device}; expected {device}")
 
 
+Spec = tuple[str, Sequence[int], str, torch.dtype]  # (name, shape, layout, dtype) of one output tensor
+
+
+def _verified(
+    impl: Backend,
+    mode: str,
+    key: Hashable,
+    result: object,
+    inputs: Callable[[], str],
+    o: Spec,
+    state: Sequence[Spec],
+    device: torch.device,
+) -> tuple[Tensor, Any]:
+    """The ``(o, final_state)`` a backend returned, checked on its first call of the shape class ``key``
+    against the specs of ``o`` and of the state (one tensor, or a pair for two specs); later calls of
+    the class cost one set lookup. ``inputs`` describes the call, for the message (built only if needed)."""
+    if key in _CHECKED:
+        return result  # type: ignore[return-value]
+    where = inputs()
+    out, final = _pair(impl, mode, where, result, "(o, final_state)")
+    parts = [out, final]
+    if len(state) == 2:
+        names = ", ".join(spec[0].rsplit(".", 1)[-1] for spec in state)
+        parts[1:] = _pair(impl, mode, where, final, f"({names}) as the final state")
+    specs = [o, *state]
+    expected = [(name, t, shape, layout, dtype) for (name, shape, layout, dtype), t in zip(specs, parts, strict=True)]
+    check_backend_outputs(impl, mode, where, expected, device)
+    _remember(key)
+    return result  # type: ignore[return-value]
+
+
 def retention(
     q: Tensor,
     k: Tensor,
@@ -225,16 +252,16 @@ def retention(
     impl = resolve_backend("retention", backend, device=q.device, dtype=q.dtype, mode=mode)
     result = impl.fn(q, k, v, g, mode=mode, chunk_size=chunk, initial_state=initial_state)
     key = ("retention", impl.name, impl.fn, mode, chunk, q.dtype, q.device, q.shape, Dv, initial_state is None)
-    if not _checked(key):
-        inputs = f"q {_shape(q)}, v {_shape(v)}"
-        o, final = _pair(impl, mode, inputs, result, "(o, final_state)")
-        expected = [
-            ("o", o, (B, T, H, Dv), "[B, T, H, Dv]", q.dtype),
-            ("final_state", final, (B, H, Dk, Dv), "[B, H, Dk, Dv]", state_dtype(q.dtype)),
-        ]
-        check_backend_outputs(impl, mode, inputs, expected, q.device)
-        _remember(key)
-    return result
+    return _verified(
+        impl,
+        mode,
+        key,
+        result,
+        lambda: f"q {_shape(q)}, v {_shape(v)}",
+        ("o", (B, T, H, Dv), "[B, T, H, Dv]", q.dtype),
+        [("final_state", (B, H, Dk, Dv), "[B, H, Dk, Dv]", state_dtype(q.dtype))],
+        q.device,
+    )
 
 
 class LinearState(NamedTuple):
@@ -328,20 +355,17 @@ def linear_attention(
     impl = resolve_backend("linear_attention", backend, device=q.device, dtype=q.dtype, mode=mode)
     result = impl.fn(q, k, v, mode=mode, chunk_size=chunk, initial_state=state, normalize=normalize, eps=eps)
     key = ("linear_attention", impl.name, impl.fn, mode, chunk, q.dtype, q.device, q.shape, Dv, state is None)
-    if _checked(key):
-        o, (kv, z) = result
-        return o, LinearState(kv, z)
-    inputs = f"q {_shape(q)}, v {_shape(v)}"
-    o, final = _pair(impl, mode, inputs, result, "(o, (kv, z))")
-    kv, z = _pair(impl, mode, inputs, final, "(kv, z) as the final state")
     sd = state_dtype(q.dtype)
-    expected = [
-        ("o", o, (B, T, H, Dv), "[B, T, H, Dv]", q.dtype),
-        ("final_state.kv", kv, (B, H, Dk, Dv), "[B, H, Dk, Dv]", sd),
-        ("final_state.z", z, (B, H, Dk), "[B, H, Dk]", sd),
-    ]
-    check_backend_outputs(impl, mode, inputs, expected, q.device)
-    _remember(key)
+    o, (kv, z) = _verified(
+        impl,
+        mode,
+        key,
+        result,
+        lambda: f"q {_shape(q)}, v {_shape(v)}",
+        ("o", (B, T, H, Dv), "[B, T, H, Dv]", q.dtype),
+        [("final_state.kv", (B, H, Dk, Dv), "[B, H, Dk, Dv]", sd), ("final_state.z", (B, H, Dk), "[B, H, Dk]", sd)],
+        q.device,
+    )
     return o, LinearState(kv, z)
 
 
@@ -427,18 +451,19 @@ def softmax_attention(
     impl = resolve_backend("softmax_attention", backend, device=q.device, dtype=q.dtype, mode=mode)
     result = impl.fn(q, k, v, mode=mode, chunk_size=chunk, initial_state=cache)
     Tc = 0 if cache is None else cache.k.shape[1]
-    key = ("softmax_attention", impl.name, impl.fn, mode, chunk, q.dtype, q.device, q.shape, Hkv, Dv, Tc)
-    if _checked(key):
-        o, (k_cache, v_cache) = result
-        return o, KVCache(k_cache, v_cache)
-    inputs = f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}, a cache of {Tc} tokens"
-    o, final = _pair(impl, mode, inputs, result, "(o, (k_cache, v_cache))")
-    k_cache, v_cache = _pair(impl, mode, inputs, final, "(k_cache, v_cache) as the final state")
-    expected = [
-        ("o", o, (B, T, H, Dv), "[B, T, H, Dv]", q.dtype),
-        ("final_state.k", k_cache, (B, Tc + T, Hkv, Dk), "[B, Tc + T, Hkv, Dk]", q.dtype),
-        ("final_state.v", v_cache, (B, Tc + T, Hkv, Dv), "[B, Tc + T, Hkv, Dv]", q.dtype),
-    ]
-    check_backend_outputs(impl, mode, inputs, expected, q.device)
-    _remember(key)
+    # The cache grows by a token per decoding step: its length is not part of the shape class (with or without).
+    key = ("softmax_attention", impl.name, impl.fn, mode, chunk, q.dtype, q.device, q.shape, Hkv, Dv, Tc > 0)
+    o, (k_cache, v_cache) = _verified(
+        impl,
+        mode,
+        key,
+        result,
+        lambda: f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}, a cache of {Tc} tokens",
+        ("o", (B, T, H, Dv), "[B, T, H, Dv]", q.dtype),
+        [
+            ("final_state.k", (B, Tc + T, Hkv, Dk), "[B, Tc + T, Hkv, Dk]", q.dtype),
+            ("final_state.v", (B, Tc + T, Hkv, Dv), "[B, Tc + T, Hkv, Dv]", q.dtype),
+        ],
+        q.device,
+    )
     return o, KVCache(k_cache, v_cache)

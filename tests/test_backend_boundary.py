@@ -105,6 +105,18 @@ def test_outputs_are_checked_on_the_first_call_of_each_shape_class(reg):
     fails(lambda: functional.retention(q, k, v, 0.9, mode="recurrent", backend="right_once"), "o of shape [2, 1, 2, 4]")
 
 
+def test_decoding_into_a_growing_kv_cache_is_checked_once_not_per_token(reg):
+    """The cache gains a token per step, so its length must not be part of the shape class: otherwise every
+    decoded token would run the full check and add an entry to the set of checked classes."""
+    q, k, v = qkv(T=1)
+    _, cache = functional.softmax_attention(q, k, v, mode="recurrent")
+    _, cache = functional.softmax_attention(q, k, v, mode="recurrent", initial_state=cache)
+    before = len(functional._CHECKED)
+    for _ in range(5):
+        _, cache = functional.softmax_attention(q, k, v, mode="recurrent", initial_state=cache)
+    assert cache.k.shape[1] == 7 and len(functional._CHECKED) == before
+
+
 def test_builtin_backends_pass_the_boundary_check(reg):
     for dtype in (torch.float64, torch.bfloat16):
         q, k, v = qkv(dtype=dtype)
