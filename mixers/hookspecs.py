@@ -18,13 +18,24 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     import argparse
     from collections.abc import Callable
 
-    from mixers.registry import BackendRegistrar, FeatureMapRegistrar, MixerRegistrar
+    from mixers.registry import BackendRegistrar, FeatureMapRegistrar, MixerRegistrar, OpRegistrar
 
     CommandRegistrar = Callable[..., argparse.ArgumentParser]  # register(name, run, *, help="", **options)
 
 PROJECT = "seqmixers"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_ops(register: OpRegistrar) -> None:
+    """Register ops: call ``register(mixers.ops.Op(...))`` once per op.
+
+    An ``Op`` is the op's name, its backends' signature (a ``Protocol``), its validation (``prepare``), its state
+    type, and where its float64 reference and conformance spec live. Calling it validates, dispatches to a
+    registered backend and checks what the backend returned: a plugin op gets that for free (see
+    ``docs/plugins.md``). Called before the plugin's other hooks; a name that is taken is refused.
+    """
 
 
 @hookspec

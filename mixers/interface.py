@@ -1,4 +1,10 @@
-"""The token-mixer interface every mixer implements, and the self-describing state it hands over."""
+"""The token-mixer interface every mixer implements, and the one state type every mixer hands over.
+
+A mixer's state is its op's state (a tensor, a ``LinearState``, a ``KVCache``: whatever the op returns and
+takes back) plus a per-row position tensor ``pos [B]``, so the rows of a batch may be at different positions
+(packed or ragged batches) and a compiled decode step sees positions as data, not as Python ints that would
+recompile it at every token.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import abc
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -14,24 +20,59 @@ from torch import Tensor, nn
 S = TypeVar("S", bound="MixerState")
 
 
+def map_structure(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it (tensors, tuples and NamedTuples of them, ``None``)."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        items = [map_structure(v, fn) for v in value]
+        return type(value)._make(items) if hasattr(type(value), "_make") else tuple(items)
+    return value
+
+
+def tensors_in(value: Any) -> list[Tensor]:
+    """Every tensor in ``value`` (as ``map_structure`` walks it)."""
+    found: list[Tensor] = []
+    map_structure(value, lambda t: found.append(t) or t)
+    return found
+
+
 @dataclass
 class MixerState:
     """What a mixer carries from one call to the next.
 
-    ``offset`` is the number of tokens already consumed, so positions (rotations) continue where the
-    previous call stopped: ``mixer(x[:, :t])`` then ``mixer(x[:, t:], state)`` equals ``mixer(x)``.
-    Subclasses add tensor fields whose first dimension is the batch.
+    ``pos``: int64 ``[B]``, the tokens each row has consumed, which is the position its next token is at:
+    positions (rotations) continue where the previous call stopped, so ``mixer(x[:, :t])`` then
+    ``mixer(x[:, t:], state)`` equals ``mixer(x)``. ``op``: the op's state, exactly as the op returns and
+    takes it (``None`` for a mixer without one). ``conv``: a short convolution's window, if the mixer has one.
+    A plugin mixer may subclass this to add fields (tensors whose first dimension is the batch).
     """
 
-    offset: int
+    pos: Tensor
+    op: Any = None
+    conv: Tensor | None = None
+
+    @classmethod
+    def start(
+        cls: type[S], op: Any, batch_size: int, *, device: torch.device | str | None = None, offset: int = 0, **fields
+    ) -> S:
+        """A state whose rows are all at position ``offset`` (0: before any token)."""
+        pos = torch.full((batch_size,), offset, dtype=torch.int64, device=device)
+        return cls(pos=pos, op=op, **fields)
+
+    @property
+    def offset(self) -> int:
+        """The position of every row, when all rows are at one (a device sync); ``ValueError`` otherwise."""
+        if self.pos.numel() == 0:
+            return 0
+        lo, hi = int(self.pos.min()), int(self.pos.max())
+        if lo != hi:
+            raise ValueError(f"the rows of this state are at different positions ({lo} to {hi}); read state.pos")
+        return lo
 
     def map_tensors(self: S, fn: Callable[[Tensor], Tensor]) -> S:
-        """A copy with ``fn`` applied to every tensor field."""
-        changes = {
-            f.name: fn(getattr(self, f.name))
-            for f in dataclasses.fields(self)
-            if isinstance(getattr(self, f.name), Tensor)
-        }
+        """A copy with ``fn`` applied to every tensor, ``pos`` and those inside ``op`` included."""
+        changes = {f.name: map_structure(getattr(self, f.name), fn) for f in dataclasses.fields(self)}
         return dataclasses.replace(self, **changes)
 
     def detach(self: S) -> S:
@@ -47,20 +88,28 @@ class MixerState:
 
     @property
     def batch_size(self) -> int:
-        """The batch size the state was built for (the first dimension of its tensors)."""
-        for f in dataclasses.fields(self):
-            if isinstance(t := getattr(self, f.name), Tensor):
-                return t.shape[0]
-        raise TypeError(f"{type(self).__name__} has no tensor field to tell its batch size")
+        """The batch size the state was built for."""
+        return self.pos.shape[0]
 
     @property
     def nbytes(self) -> int:
         """Memory held by the state's tensors."""
         return sum(
-            t.numel() * t.element_size()
-            for f in dataclasses.fields(self)
-            if isinstance(t := getattr(self, f.name), Tensor)
+            t.numel() * t.element_size() for f in dataclasses.fields(self) for t in tensors_in(getattr(self, f.name))
         )
+
+
+def check_positions(pos: object, batch_size: int, device: torch.device) -> Tensor:
+    """``pos`` must be an int64 tensor ``[batch_size]`` on ``device``."""
+    if not isinstance(pos, Tensor):
+        raise TypeError(f"state.pos must be an int64 tensor [B] of positions, got {type(pos).__name__}")
+    if pos.dtype != torch.int64 or tuple(pos.shape) != (batch_size,):
+        raise ValueError(
+            f"state.pos must be an int64 tensor [B] = [{batch_size}], got {pos.dtype} of shape {list(pos.shape)}"
+        )
+    if pos.device != device:
+        raise ValueError(f"state.pos must be on the device of x, {device}, got {pos.device}")
+    return pos
 
 
 class TokenMixer(nn.Module, abc.ABC):
@@ -69,10 +118,17 @@ class TokenMixer(nn.Module, abc.ABC):
     ``mode="parallel"`` processes the whole sequence at once (training), ``"chunkwise"`` in chunks of
     ``chunk_size`` tokens (long sequences), ``"recurrent"`` token by token (decoding). All modes give
     the same output, and the returned state continues the sequence in any mode.
+
+    ``ops`` names the registered ops the mixer computes with and ``backend`` the backend it runs them on
+    (``"auto"``: the best available for the inputs); ``set_backend`` switches it, checked against the registry.
+    ``op_state_type`` is the type of ``state.op`` (for messages when a state from another mixer comes in).
     """
 
     d_model: int
-    state_type: type[MixerState] = MixerState  # the state class a subclass hands over
+    backend: str = "auto"
+    ops: ClassVar[tuple[str, ...]] = ()
+    op_state_type: ClassVar[type | tuple[type, ...] | None] = None
+    state_type: ClassVar[type[MixerState]] = MixerState
 
     @abc.abstractmethod
     def forward(
@@ -82,9 +138,34 @@ class TokenMixer(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def init_state(
-        self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+        self,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        max_len: int | None = None,
     ) -> MixerState:
-        """The state before any token (for inputs of ``dtype`` on ``device``)."""
+        """The state before any token (for inputs of ``dtype`` on ``device``). ``max_len``: the most tokens the
+        state will see, for a state that grows with them (a KV cache) to preallocate; fixed-size states ignore it."""
+
+    def set_backend(self, backend: str) -> None:
+        """Run this mixer's ops on ``backend`` (``"auto"`` or a backend registered for each of ``ops``).
+
+        Checked here, so a typo fails when the model is built or switched, not at the first forward pass."""
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str ('auto' or a backend name), got {type(backend).__name__}")
+        if backend != "auto" and self.ops:
+            from mixers.registry import current_registry
+
+            registry = current_registry()
+            for op in self.ops:
+                names = sorted(registry.backends.get(op, {}))
+                if backend not in names:
+                    raise ValueError(
+                        f"unknown backend {backend!r} for {type(self).__name__} (op {op!r}); expected 'auto' or "
+                        f"one of {names}"
+                    )
+        self.backend = backend
 
     def check_input(self, x: Tensor) -> tuple[int, int]:
         """Check ``x`` is ``[B, T, d_model]`` floating point; return ``(B, T)``."""
@@ -96,15 +177,35 @@ class TokenMixer(nn.Module, abc.ABC):
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         return x.shape[0], x.shape[1]
 
-    def check_state(self, state: MixerState | None, batch_size: int) -> MixerState | None:
-        """Check that ``state`` is ``None`` or this mixer's kind of state, built for ``batch_size``."""
+    def check_state(self, state: MixerState | None, batch_size: int, device: torch.device | None = None) -> Any:
+        """Check that ``state`` is ``None`` or this mixer's kind of state, built for ``batch_size`` rows on
+        ``device``; return it."""
         if state is None:
             return None
         if not isinstance(state, self.state_type):
             raise TypeError(f"state must be a {self.state_type.__name__} (from this mixer), got {type(state).__name__}")
-        if state.batch_size != batch_size:
+        if isinstance(state.pos, Tensor) and state.pos.dim() == 1 and state.pos.shape[0] != batch_size:
             raise ValueError(
-                f"state ({type(state).__name__}) is for batch size {state.batch_size}, "
+                f"state ({type(state).__name__}) is for batch size {state.pos.shape[0]}, "
                 f"but x has batch size {batch_size}"
             )
+        check_positions(state.pos, batch_size, state.pos.device if device is None else device)
+        kind = self.op_state_type
+        if kind is not None and not isinstance(state.op, kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise TypeError(
+                f"state.op must be a {names} (the state of {type(self).__name__}'s op), got {type(state.op).__name__}:"
+                f" was the state made by another mixer?"
+            )
         return state
+
+    def positions(self, state: MixerState | None) -> Tensor | None:
+        """``state.pos``, or ``None`` for a fresh sequence (every row at 0, which mixers may take a faster path for)."""
+        return None if state is None else state.pos
+
+    def next_state(self, state: MixerState | None, x: Tensor, op: Any, **fields: Any) -> MixerState:
+        """The state after ``x [B, T, ...]``: positions advanced by T, the op's new state, other fields."""
+        B, T = x.shape[0], x.shape[1]
+        if state is None:
+            return self.state_type.start(op, B, device=x.device, offset=T, **fields)
+        return self.state_type(pos=state.pos + T, op=op, **fields)

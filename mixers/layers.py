@@ -1,12 +1,52 @@
-"""Small parameterised pieces that several mixers share."""
+"""The pieces the built-in mixers share: head arithmetic, the per-head norm, the short convolution, the
+rotary module, and ``ProjectedMixer``, the frame of projections around an op that each mixer fills in.
+
+Each mixer keeps only what makes it different (its op, its feature map or decays, how q and k are
+positioned); parameter names (``in_proj``, ``out_proj``, ``head_norm``, ``conv``) are the same in every
+mixer, which is also what saved checkpoints hold.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mixers import rotary as rope
+from mixers.interface import MixerState, TokenMixer
+
 HEAD_NORMS = ("groupnorm", "rmsnorm")
+
+
+def resolve_heads(d_model: int, num_heads: int | None, head_dim: int | None, default_head_dim: int) -> tuple[int, int]:
+    """``(num_heads, head_dim)`` from whichever of the two is given (the other must divide d_model)."""
+    for name, value in (("d_model", d_model), ("num_heads", num_heads), ("head_dim", head_dim)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if num_heads is None and head_dim is None:
+        num_heads = max(1, d_model // default_head_dim)
+    if head_dim is None:
+        if d_model % num_heads:
+            raise ValueError(
+                f"d_model={d_model} is not divisible by num_heads={num_heads}; pick a divisor or set head_dim"
+            )
+        head_dim = d_model // num_heads
+    if num_heads is None:
+        if d_model % head_dim:
+            raise ValueError(
+                f"d_model={d_model} is not divisible by head_dim={head_dim}; pick a divisor or set num_heads"
+            )
+        num_heads = d_model // head_dim
+    return num_heads, head_dim
+
+
+def check_value_dim(value_dim: int, num_heads: int) -> int:
+    """``value_dim`` (the total value width) if it splits evenly over the heads."""
+    if isinstance(value_dim, bool) or not isinstance(value_dim, int) or value_dim < 1 or value_dim % num_heads:
+        raise ValueError(f"value_dim must be a positive multiple of num_heads={num_heads}, got {value_dim!r}")
+    return value_dim
 
 
 class HeadNorm(nn.Module):
@@ -102,3 +142,149 @@ def conv_window(conv: ShortConv | None, state: object | None) -> Tensor | None:
         held = "a conv window" if window is not None else "no conv window"
         raise ValueError(f"the state holds {held}, but this mixer has {have}: was it made by another mixer's settings?")
     return window
+
+
+class Rotary(nn.Module):
+    """Rotates q and k by position; owns its angles and caches its phases.
+
+    The angles are float64 and kept outside the module's buffers, so ``model.to(bfloat16)`` cannot round
+    them. For a fresh sequence (positions ``0..T-1``, the training case) the phases come from a table
+    cached per device and dtype, grown to the next power of two when a longer sequence comes; rows at
+    their own positions (``pos [B]``, a hand-over or a decode step) compute theirs from ``pos`` directly,
+    without a device sync, and so does a compiled graph (where the phases fold into constants).
+    Table and direct phases are computed the same way (float64, then rounded), so both give the same bits.
+    """
+
+    def __init__(self, head_dim: int, *, layout: str = "interleaved", schedule: str = "rope", base: float = 1e4):
+        super().__init__()
+        if layout not in rope.LAYOUTS:
+            raise ValueError(f"rope_layout must be one of {rope.LAYOUTS}, got {layout!r}")
+        self.head_dim, self.layout, self.schedule, self.base = head_dim, layout, schedule, base
+        self.theta = rope.angles(head_dim, schedule=schedule, base=base)  # float64 on the CPU
+        self._theta_on: dict[torch.device, Tensor] = {}
+        self._tables: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def _angles(self, device: torch.device) -> Tensor:
+        theta = self._theta_on.get(device)
+        if theta is None:
+            theta = self._theta_on[device] = self.theta.to(device)
+        return theta
+
+    def phases(self, pos: Tensor | None, T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """``e^{i p theta}`` in the complex ``dtype``: ``[T, D/2]`` for positions ``0..T-1`` (``pos=None``),
+        else ``[B, T, D/2]`` for positions ``pos[b] + t``."""
+        if pos is None and not torch.compiler.is_compiling():
+            key = (device, dtype)
+            table = self._tables.get(key)
+            if table is None or table.shape[0] < T:
+                n = 1 << max(T - 1, 1).bit_length()
+                table = self._tables[key] = rope.phases(self._angles(device), 0, n).to(dtype)
+            return table[:T]
+        if pos is not None and T == 1:  # a decode step: no arange
+            p = pos.to(torch.float64)[:, None]
+        else:
+            t = torch.arange(T, device=device, dtype=torch.float64)
+            p = t if pos is None else pos.to(torch.float64)[:, None] + t  # (T) or (B, T)
+        one = torch.ones((), dtype=torch.float64, device=device)
+        return torch.polar(one, p[..., None] * self._angles(device)).to(dtype)
+
+    def forward(self, x: Tensor, pos: Tensor | None, factor: Tensor | None = None) -> Tensor:
+        """Rotate ``x [B, T, ..., D]`` (``..``: head dimensions) at positions ``pos`` (``None``: ``0..T-1``);
+        ``factor`` (real, broadcasting against ``[..., D/2]``) scales the rotation in the same pass."""
+        return self.rotate_all([x], pos, factor)[0]
+
+    def rotate_all(self, xs: list[Tensor], pos: Tensor | None, factor: Tensor | None = None) -> list[Tensor]:
+        """``forward`` for several tensors of one rank, dtype and length (q and k), with the phases made once."""
+        x = xs[0]
+        heads = x.dim() - 3  # the dimensions between T and D
+        if torch.compiler.is_compiling():  # real arithmetic: inductor generates no code for complex tensors
+            t = torch.arange(x.shape[1], device=x.device, dtype=torch.float64)
+            p = t if pos is None else pos.to(torch.float64)[:, None] + t  # (T) or (B, T)
+            angle = p[..., None] * self._angles(x.device)
+            angle = angle.view(*angle.shape[:-1], *([1] * heads), angle.shape[-1])
+            cos, sin = angle.cos(), angle.sin()
+            if factor is not None:
+                cos, sin = cos * factor, sin * factor
+            return [rope.rotate_real(y, cos, sin, layout=self.layout) for y in xs]
+        complex_dtype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
+        phase = self.phases(pos, x.shape[1], x.device, complex_dtype)
+        phase = phase.view(*phase.shape[:-1], *([1] * heads), phase.shape[-1])
+        if factor is not None:
+            phase = phase * factor
+        return [rope.rotate(y, phase, layout=self.layout) for y in xs]
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, layout={self.layout!r}, schedule={self.schedule!r}, base={self.base}"
+
+
+class ProjectedMixer(TokenMixer):
+    """The frame of the built-in mixers: ``in_proj`` to q, k, v (and a gate), an optional short convolution on
+    q, k, v, the op (the subclass's ``forward``), an optional per-head norm and swish gate, and ``out_proj``.
+
+    A subclass sets up its modules with ``init_frame`` and calls ``project`` and ``output`` around its op.
+    """
+
+    widths: list[int]  # of in_proj's output blocks: q, k, v, then the gate if there is one
+    in_proj: nn.Linear
+    out_proj: nn.Linear
+    head_norm: HeadNorm | None
+    conv: ShortConv | None
+    gate: bool
+
+    @property
+    def rotary(self) -> bool:
+        """Whether q and k are rotated (a mixer that rotates sets ``self.rope`` to a ``Rotary``)."""
+        return getattr(self, "rope", None) is not None
+
+    @property
+    def rope_layout(self) -> str | None:
+        return self.rope.layout if self.rotary else None
+
+    def init_frame(
+        self,
+        d_model: int,
+        widths: list[int],
+        out_width: int,
+        *,
+        gate: bool = False,
+        head_norm: HeadNorm | None = None,
+        conv_size: int | None = None,
+        bias: bool = False,
+        backend: str = "auto",
+        chunk_size: int | None = None,
+    ) -> None:
+        """Build the projections (``widths``: q, k, v; a gate of ``out_width`` is appended when ``gate``), the
+        norm and convolution, and check and set the backend and default chunk size."""
+        from mixers.functional import check_mode
+
+        check_mode("chunkwise", chunk_size)
+        self.d_model, self.gate, self.chunk_size = d_model, gate, chunk_size
+        self.widths = [*widths, *([out_width] if gate else [])]
+        self.in_proj = nn.Linear(d_model, sum(self.widths), bias=bias)  # q, k, v (and g) in one matmul
+        self.out_proj = nn.Linear(out_width, d_model, bias=bias)
+        self.head_norm = head_norm
+        self.conv = None if conv_size is None else ShortConv(sum(widths), conv_size)
+        self.set_backend(backend)
+
+    def project(self, x: Tensor, state: MixerState | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(qkv [B, T, q+k+v widths], gate input or None, the convolution's new window or None)``."""
+        qkv_width = sum(self.widths[:3])
+        qkv, *g = self.in_proj(x).split([qkv_width, *self.widths[3:]], dim=-1)
+        window = conv_window(self.conv, state)
+        if self.conv is not None:
+            qkv, window = self.conv(qkv, window)
+        return qkv, (g[0] if g else None), window
+
+    def output(self, o: Tensor, g: Tensor | None) -> Tensor:
+        """``out_proj(gate * norm(o))`` for the op's output ``o [B, T, H, Dv]``."""
+        B, T, H, Dv = o.shape
+        y = o if self.head_norm is None else self.head_norm(o)  # keeps the op's layout: the gate transposes
+        if g is not None:
+            y = F.silu(g).view(B, T, H, Dv) * y  # written in the gate's (B, T, H, Dv) layout
+        return self.out_proj(y.reshape(B, T, H * Dv))
+
+    def chunk(self, chunk_size: int | None) -> int | None:
+        return chunk_size if chunk_size is not None else self.chunk_size
+
+    def frame_repr(self) -> Any:
+        return f"conv_size={self.conv and self.conv.kernel_size}, backend={self.backend!r}"

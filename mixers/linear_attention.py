@@ -12,18 +12,16 @@ applied. Without it, q is scaled by ``D'^-0.5`` (``D'`` the feature dimension), 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mixers import functional
+from mixers.functional import LinearState
 from mixers.hookspecs import hookimpl
-from mixers.interface import MixerState, TokenMixer
-from mixers.layers import HEAD_NORMS, HeadNorm, ShortConv, conv_window
+from mixers.interface import MixerState
+from mixers.layers import HEAD_NORMS, HeadNorm, ProjectedMixer, check_value_dim, resolve_heads
 from mixers.registry import FeatureMapRegistrar, MixerRegistrar, get_registry
-from mixers.retention import check_value_dim, resolve_heads
 
 NORMS = (None, *HEAD_NORMS)
 
@@ -43,17 +41,7 @@ def identity(x: Tensor) -> Tensor:
     return x
 
 
-@dataclass
-class LinearAttentionState(MixerState):
-    """``kv = sum_s phi(k_s)^T v_s`` ``[B, H, D', Dv]`` and ``z = sum_s phi(k_s)`` ``[B, H, D']``
-    (float32, or float64 for float64 inputs). Its size does not depend on the number of tokens."""
-
-    kv: Tensor
-    z: Tensor
-    conv: Tensor | None = None  # with conv_size K: the last K-1 projected q, k, v inputs [B, K-1, C] (input dtype)
-
-
-class LinearAttention(TokenMixer):
+class LinearAttention(ProjectedMixer):
     """Causal linear attention with a registered feature map.
 
     Arguments:
@@ -68,9 +56,14 @@ class LinearAttention(TokenMixer):
             fla's and Zoology's recurrent models have; ``None`` (default): none, the paper's layer.
         backend: the linear-attention op's backend (``"auto"`` picks the best available).
         chunk_size: default chunk size for ``mode="chunkwise"``.
+
+    The state's ``op`` is a ``LinearState``: ``kv = sum_s phi(k_s)^T v_s`` ``[B, H, D', Dv]`` and
+    ``z = sum_s phi(k_s)`` ``[B, H, D']`` (float32, or float64 for float64 inputs), whatever the number of
+    tokens; its ``conv``, with ``conv_size`` K, the last K-1 projected q, k, v inputs.
     """
 
-    state_type = LinearAttentionState
+    ops = ("linear_attention",)
+    op_state_type = LinearState
 
     def __init__(
         self,
@@ -97,21 +90,18 @@ class LinearAttention(TokenMixer):
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if not isinstance(normalize, bool):
             raise TypeError(f"normalize must be a bool, got {normalize!r}")
-        functional.check_mode("chunkwise", chunk_size)
         self.eps = functional.check_eps(eps)
         self.phi = get_registry().get_feature_map(feature_map).fn
         self.feature_map = feature_map
         self.feature_dim = self._probe_feature_dim(H, Dk)
-        self.d_model, self.num_heads, self.head_dim, self.value_head_dim = d_model, H, Dk, value_dim // H
-        self.normalize, self.gate, self.norm = normalize, gate, norm
-        self.backend, self.chunk_size = backend, chunk_size
+        self.num_heads, self.head_dim, self.value_head_dim = H, Dk, value_dim // H
+        self.normalize, self.norm = normalize, norm
         self.scaling = 1.0 if normalize else self.feature_dim**-0.5
-
-        self.widths = [H * Dk, H * Dk, value_dim] + ([value_dim] if gate else [])
-        self.in_proj = nn.Linear(d_model, sum(self.widths), bias=False)  # q, k, v, g in one matmul
-        self.out_proj = nn.Linear(value_dim, d_model, bias=False)
-        self.head_norm = None if norm is None else HeadNorm(H, value_dim // H, norm, affine=norm_affine, eps=norm_eps)
-        self.conv = None if conv_size is None else ShortConv(sum(self.widths[:3]), conv_size)
+        head_norm = None if norm is None else HeadNorm(H, value_dim // H, norm, affine=norm_affine, eps=norm_eps)
+        self.init_frame(
+            d_model, [H * Dk, H * Dk, value_dim], value_dim, gate=gate, head_norm=head_norm, conv_size=conv_size,
+            backend=backend, chunk_size=chunk_size,
+        )  # fmt: skip
 
     def _probe_feature_dim(self, H: int, Dk: int) -> int:
         """Run the feature map once on a dummy ``[1, 2, H, Dk]`` to learn (and check) its output width."""
@@ -126,52 +116,49 @@ class LinearAttention(TokenMixer):
         return y.shape[-1]
 
     def init_state(
-        self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
-    ) -> LinearAttentionState:
+        self,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        max_len: int | None = None,  # the state has a fixed size: nothing to preallocate
+    ) -> MixerState:
         sd = functional.state_dtype(dtype)
         H, D, Dv = self.num_heads, self.feature_dim, self.value_head_dim
-        return LinearAttentionState(
-            offset=0,
+        op = LinearState(
             kv=torch.zeros(batch_size, H, D, Dv, device=device, dtype=sd),
             z=torch.zeros(batch_size, H, D, device=device, dtype=sd),
-            conv=None if self.conv is None else self.conv.init_window(batch_size, device=device, dtype=dtype),
         )
+        conv = None if self.conv is None else self.conv.init_window(batch_size, device=device, dtype=dtype)
+        return MixerState.start(op, batch_size, device=device, conv=conv)
 
     def forward(
         self, x: Tensor, state: MixerState | None = None, *, mode: str = "parallel", chunk_size: int | None = None
-    ) -> tuple[Tensor, LinearAttentionState]:
+    ) -> tuple[Tensor, MixerState]:
         B, T = self.check_input(x)
-        state = self.check_state(state, B)
-        offset = 0 if state is None else state.offset
+        state = self.check_state(state, B, x.device)
         H, Dk, Dv = self.num_heads, self.head_dim, self.value_head_dim
-        qkv, *g = self.in_proj(x).split([sum(self.widths[:3]), *self.widths[3:]], dim=-1)
-        window = conv_window(self.conv, state)
-        if self.conv is not None:
-            qkv, window = self.conv(qkv, window)
+        qkv, g, window = self.project(x, state)
         q, k, v = qkv.split(self.widths[:3], dim=-1)
         q, k = self.phi(q.view(B, T, H, Dk)), self.phi(k.view(B, T, H, Dk))  # (B, T, H, D')
-        o, (kv, z) = functional.linear_attention(
+        o, op_state = functional.linear_attention(
             q * self.scaling if self.scaling != 1.0 else q,
             k,
             v.view(B, T, H, Dv),
             mode=mode,
-            chunk_size=chunk_size if chunk_size is not None else self.chunk_size,
-            initial_state=None if state is None else (state.kv, state.z),
+            chunk_size=self.chunk(chunk_size),
+            initial_state=None if state is None else state.op,
             normalize=self.normalize,
             eps=self.eps,
             backend=self.backend,
         )  # (B, T, H, Dv)
-        y = o if self.head_norm is None else self.head_norm(o)
-        if self.gate:
-            y = F.silu(g[0]).view(B, T, H, Dv) * y
-        return self.out_proj(y.reshape(B, T, H * Dv)), LinearAttentionState(offset=offset + T, kv=kv, z=z, conv=window)
+        return self.output(o, g), self.next_state(state, x, op_state, conv=window)
 
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
             f"value_head_dim={self.value_head_dim}, feature_map={self.feature_map!r}, normalize={self.normalize}, "
-            f"gate={self.gate}, norm={self.norm!r}, conv_size={self.conv and self.conv.kernel_size}, "
-            f"backend={self.backend!r}"
+            f"gate={self.gate}, norm={self.norm!r}, {self.frame_repr()}"
         )
 
 

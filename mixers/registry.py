@@ -22,6 +22,7 @@ A plugin that raises while it is imported or its hooks run, ``SystemExit`` inclu
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import difflib
 import importlib
@@ -39,6 +40,7 @@ from mixers import hookspecs
 
 ENTRY_POINT_GROUP = "seqmixers"
 DEFAULT_PLUGINS: tuple[str, ...] = (
+    "mixers.ops",
     "mixers.backends.torch_backend",
     "mixers.backends.cupy",
     "mixers.retention",
@@ -104,6 +106,10 @@ class Backend:
     ``"auto"`` picks the highest ``priority`` among available backends that support the inputs, of those
     it may pick: for an op with a built-in backend, the built-ins and the plugins allowed by
     ``allow_plugin_backends`` / ``SEQMIXERS_AUTO_PLUGINS``; for a plugin's own op, that plugin's backends.
+    ``traceable=False`` says that dynamo cannot trace ``fn`` (CuPy, ctypes, numpy...): so that a model
+    using it still compiles with ``fullgraph=True``, the registry replaces ``fn`` by a wrapper that calls
+    it directly in eager mode and through an opaque ``torch.library`` custom op under ``torch.compile``
+    (``mixers.backends.opaque``; the three built-in ops only, see docs/compile.md).
     """
 
     op: str
@@ -116,6 +122,7 @@ class Backend:
     check_available: Callable[[], str | None] | None = None
     description: str = ""
     plugin: str = ""  # filled in by the registry: the plugin that registered it
+    traceable: bool = True
 
     def unsupported_reason(self, device: torch.device, dtype: torch.dtype, mode: str) -> str | None:
         """Why this backend cannot take these inputs, or ``None`` if it can."""
@@ -180,7 +187,17 @@ def _checked_backend(backend: Backend, plugin: str) -> Backend:
         )
     if backend.check_available is not None and not callable(backend.check_available):
         raise RegistrationError(f"Backend {backend.op}/{backend.name}: check_available must be callable")
-    return backend if backend.plugin == plugin else dataclasses.replace(backend, plugin=plugin)
+    if not isinstance(backend.traceable, bool):
+        raise RegistrationError(
+            f"Backend {backend.op}/{backend.name}: traceable must be a bool, got {backend.traceable!r}"
+        )
+    changes: dict[str, Any] = {} if backend.plugin == plugin else {"plugin": plugin}
+    if not backend.traceable:
+        from mixers.backends import opaque  # imports mixers.functional, which imports this module
+
+        if not opaque.is_wrapped(backend.fn):
+            changes["fn"] = opaque.wrap(backend.op, backend.name, backend.fn)
+    return dataclasses.replace(backend, **changes) if changes else backend
 
 
 class _Staging:
@@ -188,12 +205,24 @@ class _Staging:
 
     def __init__(self, plugin: str) -> None:
         self.plugin = plugin
+        self.ops: list[Any] = []
         self.backends: list[Backend] = []
         self.mixers: list[MixerSpec] = []
         self.feature_maps: list[FeatureMap] = []
 
     def backend(self, backend: Backend) -> None:
         self.backends.append(_checked_backend(backend, self.plugin))
+
+    def op(self, op: Any) -> None:
+        from mixers.ops.base import Op  # the ops import the registry: import them on use
+
+        if not isinstance(op, Op):
+            raise RegistrationError(f"register() expected a mixers.ops.Op, got {type(op).__name__}")
+        if not isinstance(op.name, str) or not op.name or op.name == "auto":
+            raise RegistrationError(f"Op.name must be a non-empty name other than 'auto', got {op.name!r}")
+        if not callable(op.prepare):
+            raise RegistrationError(f"Op {op.name!r}: prepare must be callable, got {op.prepare!r}")
+        self.ops.append(dataclasses.replace(op, plugin=self.plugin))
 
     def mixer(self, name: str, factory: Callable[..., Any], *, ops: Iterable[str] = (), description: str = "") -> None:
         if not isinstance(name, str) or not name:
@@ -214,6 +243,7 @@ class _Staging:
 
 
 BackendRegistrar = Callable[[Backend], None]
+OpRegistrar = Callable[[Any], None]  # register(mixers.ops.Op(...))
 MixerRegistrar = Callable[..., None]
 FeatureMapRegistrar = Callable[..., None]
 
@@ -224,6 +254,7 @@ class Registry:
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
+        self.ops: dict[str, Any] = {}  # name -> mixers.ops.Op
         self.backends: dict[str, dict[str, Backend]] = {}
         self.mixers: dict[str, MixerSpec] = {}
         self.feature_maps: dict[str, FeatureMap] = {}
@@ -317,6 +348,7 @@ class Registry:
         self._take_name(info)
         staging = _Staging(info.name)
         hooks = (
+            ("register_ops", staging.op),
             ("register_backends", staging.backend),
             ("register_mixers", staging.mixer),
             ("register_feature_maps", staging.feature_map),
@@ -360,6 +392,12 @@ class Registry:
                 f"this one (from plugin {self.describe_plugin(info.name)}) is ignored",
             )
 
+        for op in staging.ops:
+            existing_op = self.ops.get(op.name)
+            if existing_op is not None:
+                duplicate(f"op {op.name!r}", existing_op.plugin)
+                continue
+            self.ops[op.name] = op
         for b in staging.backends:
             existing = self.backends.get(b.op, {}).get(b.name)
             if existing is not None:
@@ -667,10 +705,20 @@ class Registry:
                     )
         if "backend" in options:
             self.check_mixer_backend(name, options["backend"])
-        return self.mixers[name].factory(d_model, **options)
+        token = _BUILDING.set(self)  # the mixer checks its backend against this registry, not the process's
+        try:
+            return self.mixers[name].factory(d_model, **options)
+        finally:
+            _BUILDING.reset(token)
 
 
 _REGISTRY: Registry | None = None
+_BUILDING: contextvars.ContextVar[Registry | None] = contextvars.ContextVar("seqmixers_building", default=None)
+
+
+def current_registry() -> Registry:
+    """The registry building a mixer right now (``Registry.build``), else the process-wide one."""
+    return _BUILDING.get() or get_registry()
 
 
 def get_registry() -> Registry:

@@ -41,6 +41,20 @@ def phases(theta: Tensor, offset: int, length: int) -> Tensor:
     return torch.polar(torch.ones((), dtype=torch.float64, device=theta.device), pos[:, None] * theta[None, :])
 
 
+def rotate_real(x: Tensor, cos: Tensor, sin: Tensor, *, layout: str) -> Tensor:
+    """``rotate`` with the phase as its real and imaginary parts (broadcast to ``[..., D/2]``), in real
+    arithmetic: what a compiled graph uses, as inductor generates no code for complex tensors."""
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    cos, sin = cos.to(work.dtype), sin.to(work.dtype)
+    if layout == "interleaved":
+        a, b = work.unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).to(x.dtype)
+    if layout == "half":
+        a, b = work.chunk(2, dim=-1)
+        return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).to(x.dtype)
+    raise ValueError(f"rotation layout must be one of {LAYOUTS}, got {layout!r}")
+
+
 def rotate(x: Tensor, phase: Tensor, *, layout: str) -> Tensor:
     """Rotate pairs of dimensions of ``x [..., D]`` by the complex ``phase`` (broadcast to ``[..., D/2]``).
 

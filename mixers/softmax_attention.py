@@ -12,28 +12,18 @@ tokens are rotated from ``state.offset`` on and a hand-over continues positions 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mixers import functional
-from mixers import rotary as rope
+from mixers.functional import KVCache
 from mixers.hookspecs import hookimpl
-from mixers.interface import MixerState, TokenMixer
+from mixers.interface import MixerState
+from mixers.layers import ProjectedMixer, Rotary, resolve_heads
 from mixers.registry import MixerRegistrar
-from mixers.retention import resolve_heads
 
 
-@dataclass
-class SoftmaxAttentionState(MixerState):
-    """The KV cache: rotated keys ``k [B, Tc, Hkv, Dk]`` and values ``v [B, Tc, Hkv, Dk]`` in the input dtype."""
-
-    k: Tensor
-    v: Tensor
-
-
-class SoftmaxAttention(TokenMixer):
+class SoftmaxAttention(ProjectedMixer):
     """Causal softmax attention with rotary positions and optional grouped-query heads.
 
     Arguments:
@@ -47,9 +37,14 @@ class SoftmaxAttention(TokenMixer):
         bias: biases on the projections.
         backend: the softmax-attention op's backend (``"auto"`` picks the best available).
         chunk_size: default key-block size for ``mode="chunkwise"``.
+
+    The state's ``op`` is the ``KVCache``: rotated keys ``k [B, C, Hkv, Dk]`` and values ``v [B, C, Hkv, Dk]``
+    in the input dtype. From ``init_state(B, max_len=C)`` it is preallocated for ``C`` tokens and written in
+    place (the static decode path); from a call without a state it holds the tokens seen and grows when needed.
     """
 
-    state_type = SoftmaxAttentionState
+    ops = ("softmax_attention",)
+    op_state_type = KVCache
 
     def __init__(
         self,
@@ -71,54 +66,48 @@ class SoftmaxAttention(TokenMixer):
         Hkv = H if num_kv_heads is None else num_kv_heads
         if isinstance(Hkv, bool) or not isinstance(Hkv, int) or Hkv < 1 or H % Hkv:
             raise ValueError(f"num_kv_heads must be a positive divisor of num_heads={H}, got {num_kv_heads!r}")
-        if rope_layout not in rope.LAYOUTS:
-            raise ValueError(f"rope_layout must be one of {rope.LAYOUTS}, got {rope_layout!r}")
-        functional.check_mode("chunkwise", chunk_size)
-        self.d_model, self.num_heads, self.num_kv_heads, self.head_dim = d_model, H, Hkv, Dk
-        self.rotary, self.rope_layout = rotary, rope_layout
-        self.backend, self.chunk_size = backend, chunk_size
-        # float64 angles outside the buffers, so that model.to(bf16) cannot round them (as in retention)
-        self._theta = rope.angles(Dk, schedule=rope_schedule, base=rope_base) if rotary else None
-
-        self.widths = [H * Dk, Hkv * Dk, Hkv * Dk]
-        self.in_proj = nn.Linear(d_model, sum(self.widths), bias=bias)  # q, k, v in one matmul
-        self.out_proj = nn.Linear(H * Dk, d_model, bias=bias)
+        self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, Dk
+        self.rope = Rotary(Dk, layout=rope_layout, schedule=rope_schedule, base=rope_base) if rotary else None
+        self.init_frame(
+            d_model, [H * Dk, Hkv * Dk, Hkv * Dk], H * Dk, bias=bias, backend=backend, chunk_size=chunk_size
+        )
 
     def init_state(
-        self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
-    ) -> SoftmaxAttentionState:
-        shape = (batch_size, 0, self.num_kv_heads, self.head_dim)
-        return SoftmaxAttentionState(
-            offset=0,
-            k=torch.zeros(shape, device=device, dtype=dtype),
-            v=torch.zeros(shape, device=device, dtype=dtype),
-        )
+        self,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        max_len: int | None = None,
+    ) -> MixerState:
+        """An empty cache: of no tokens (it grows as tokens come), or preallocated for ``max_len`` tokens, which
+        the static decode path writes in place and a compiled decode step needs (its shapes never change)."""
+        shape = (batch_size, 0 if max_len is None else max_len, self.num_kv_heads, self.head_dim)
+        k, v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        length = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        return MixerState.start(KVCache(k, v, length), batch_size, device=device)
 
     def forward(
         self, x: Tensor, state: MixerState | None = None, *, mode: str = "parallel", chunk_size: int | None = None
-    ) -> tuple[Tensor, SoftmaxAttentionState]:
+    ) -> tuple[Tensor, MixerState]:
         B, T = self.check_input(x)
-        state = self.check_state(state, B)
-        offset = 0 if state is None else state.offset
+        state = self.check_state(state, B, x.device)
         H, Hkv, Dk = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.in_proj(x).split(self.widths, dim=-1)
+        qkv, _, _ = self.project(x, state)
+        q, k, v = qkv.split(self.widths, dim=-1)
         q, k, v = q.view(B, T, H, Dk), k.view(B, T, Hkv, Dk), v.view(B, T, Hkv, Dk)
-        if self.rotary:
-            self._theta = self._theta.to(x.device)  # float64 angles follow the input, moved once not per call
-            phase = rope.phases(self._theta, offset, T)[:, None]  # (T, 1, Dk/2), complex
-            q = rope.rotate(q, phase, layout=self.rope_layout)
-            k = rope.rotate(k, phase, layout=self.rope_layout)
-        o, (k_cache, v_cache) = functional.softmax_attention(
+        if self.rope is not None:
+            q, k = self.rope.rotate_all([q, k], self.positions(state))
+        o, cache = functional.softmax_attention(
             q,
             k,
             v,
             mode=mode,
-            chunk_size=chunk_size if chunk_size is not None else self.chunk_size,
-            initial_state=None if state is None else (state.k, state.v),
+            chunk_size=self.chunk(chunk_size),
+            initial_state=None if state is None else state.op,
             backend=self.backend,
         )  # (B, T, H, Dk)
-        y = self.out_proj(o.reshape(B, T, H * Dk))
-        return y, SoftmaxAttentionState(offset=offset + T, k=k_cache, v=v_cache)
+        return self.output(o, None), self.next_state(state, x, cache)
 
     def extra_repr(self) -> str:
         return (

@@ -105,6 +105,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
         progress=True,  # a bar on a terminal while a long prompt is prefilled
+        compile=args.compile,
     )
     first = next(tokens, None)  # the prefill: its bar is gone before the prompt is echoed
     sys.stdout.write(args.prompt)
@@ -329,6 +330,11 @@ def parser(*, plugin_commands: bool = False) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--seed", type=_seed, default=0, metavar="N", help="the same seed gives the same text (default: %(default)s)"
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step with torch.compile (once, on the first token; pays off for long outputs)",
     )
     g.add_argument("--device", default="cpu", type=_device, help=DEVICE_HELP)
     g.add_argument("--threads", type=_int_at_least(1), metavar="N", help="torch CPU threads (default: torch's choice)")

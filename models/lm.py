@@ -3,13 +3,16 @@
 The model state is a list with one ``MixerState`` per layer, so a hybrid carries retention states (fixed
 size) and KV caches (growing) side by side. ``generate`` prefills the prompt in chunkwise (or parallel)
 mode and then decodes token by token in recurrent mode: constant time and memory per token for the
-recurrent layers.
+recurrent layers. Attention layers decode against a KV cache preallocated for the whole generation and
+written in place (the static decode path, as gpt-fast has it): every decode step has the same shapes, with
+positions as tensors, so ``generate(compile=True)`` compiles the step once and reuses it.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +79,31 @@ class LanguageModel(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.tok_emb.weight.numel()
 
-    def init_states(self, batch_size: int) -> States:
-        """The empty state of every layer (what ``states=None`` means)."""
-        return [b.mixer.init_state(batch_size, device=self.device, dtype=self.dtype) for b in self.blocks]
+    def init_states(self, batch_size: int, *, max_len: int | None = None) -> States:
+        """The empty state of every layer (what ``states=None`` means); with ``max_len``, KV caches are
+        preallocated for that many tokens (the static decode path: nothing is reallocated while decoding)."""
+        states = []
+        for block in self.blocks:
+            init = block.mixer.init_state
+            extra = {"max_len": max_len} if max_len is not None and _takes(init, "max_len") else {}
+            states.append(init(batch_size, device=self.device, dtype=self.dtype, **extra))
+        return states
+
+    def set_backend(self, backend: str, *, layers: Sequence[int] | None = None) -> None:
+        """Run the mixers of ``layers`` (default: all) on ``backend`` (``"auto"`` or a registered backend name,
+        checked for each mixer's ops before any layer changes). The config keeps the backends it was built with."""
+        chosen = range(len(self.blocks)) if layers is None else list(layers)
+        for i in chosen:
+            if isinstance(i, bool) or not isinstance(i, int) or not -len(self.blocks) <= i < len(self.blocks):
+                raise ValueError(f"layers must hold layer indices in [0, {len(self.blocks)}), got {i!r}")
+        previous = [(i, self.blocks[i].mixer.backend) for i in chosen]
+        try:
+            for i in chosen:
+                self.blocks[i].mixer.set_backend(backend)
+        except (TypeError, ValueError):
+            for i, name in previous:  # all or nothing
+                self.blocks[i].mixer.backend = name
+            raise
 
     def _check_tokens(self, tokens: Tensor) -> tuple[int, int]:
         if not isinstance(tokens, Tensor):
@@ -88,7 +113,8 @@ class LanguageModel(nn.Module):
         if tokens.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
             raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
         V = self.config.vocab_size
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
+        # The range check reads the ids (a device sync, and data a compiled graph cannot branch on): eager only.
+        if tokens.numel() and not torch.compiler.is_compiling() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
             raise ValueError(
                 f"token ids must be in [0, vocab_size={V}), got values in [{int(tokens.min())}, {int(tokens.max())}]"
             )
@@ -121,6 +147,12 @@ class LanguageModel(nn.Module):
             states = [None] * len(self.blocks)
         elif len(states) != len(self.blocks):
             raise ValueError(f"states must hold one state per layer ({len(self.blocks)}), got {len(states)}")
+        return self._forward(tokens, states, mode, chunk_size, last_only)
+
+    def _forward(
+        self, tokens: Tensor, states: Sequence[MixerState | None], mode: str, chunk_size: int | None, last_only: bool
+    ) -> tuple[Tensor, States]:
+        """``forward`` after its checks (the token check reads the ids: a device sync a decode step avoids)."""
         chunk_size = self.config.chunk_size if chunk_size is None else chunk_size
         x = self.tok_emb(tokens.long())  # (B, T, D)
         if (scale := self.config.embedding_scale) != 1.0:
@@ -144,6 +176,7 @@ class LanguageModel(nn.Module):
         prefill_mode: str = "chunkwise",
         chunk_size: int | None = None,
         progress: bool = False,
+        compile: bool | str = False,
     ) -> Iterator[Tensor]:
         """Yield the generated tokens one step at a time, each ``[B, 1]``; see ``generate``."""
         tokens = as_token_batch(prompt, self.device)
@@ -153,7 +186,25 @@ class LanguageModel(nn.Module):
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         check_sampling(temperature, top_k)
         check_seed(seed)
-        return self._stream(tokens, max_new_tokens, temperature, top_k, seed, prefill_mode, chunk_size, progress)
+        if not isinstance(compile, (bool, str)):
+            raise TypeError(f"compile must be a bool or a torch.compile mode name, got {compile!r}")
+        step = self._compiled_step(compile) if compile else self._decode_step
+        return self._stream(tokens, max_new_tokens, temperature, top_k, seed, prefill_mode, chunk_size, progress, step)
+
+    def _decode_step(self, token: Tensor, states: States) -> tuple[Tensor, States]:
+        """One decode step: logits ``[B, 1, V]`` for ``token [B, 1]`` and the states after it. Shapes never change
+        between steps (preallocated caches, positions in tensors), so a compiled step is compiled once."""
+        return self._forward(token, states, "recurrent", None, True)
+
+    def _compiled_step(self, mode: bool | str) -> Callable[[Tensor, States], tuple[Tensor, States]]:
+        """``_decode_step`` compiled (``mode``: ``True`` for torch.compile's default, or a mode name such as
+        ``"reduce-overhead"``), made once per model and mode and reused by later calls."""
+        compiled = self.__dict__.setdefault("_compiled_steps", {})
+        key = "default" if mode is True else mode
+        if key not in compiled:
+            options = {} if mode is True else {"mode": mode}
+            compiled[key] = torch.compile(self._decode_step, fullgraph=True, dynamic=False, **options)
+        return compiled[key]
 
     def _stream(
         self,
@@ -165,6 +216,7 @@ class LanguageModel(nn.Module):
         prefill_mode: str,
         chunk_size: int | None,
         progress: bool,
+        step: Callable[[Tensor, States], tuple[Tensor, States]],
     ) -> Iterator[Tensor]:
         generator = None
         if seed is not None:
@@ -175,25 +227,28 @@ class LanguageModel(nn.Module):
             with torch.no_grad():
                 if max_new_tokens == 0:
                     return
-                logits, states = self._prefill(tokens, prefill_mode, chunk_size, progress)
+                # KV caches preallocated for the whole generation: each decode step writes in place.
+                states = self.init_states(tokens.shape[0], max_len=tokens.shape[1] + max_new_tokens)
+                logits, states = self._prefill(tokens, states, prefill_mode, chunk_size, progress)
                 for i in range(max_new_tokens):
                     token = sample(logits[:, -1], temperature, top_k, generator)  # (B, 1)
                     yield token
                     if i + 1 < max_new_tokens:
-                        logits, states = self(token, states, mode="recurrent")  # (B, 1, V)
+                        logits, states = step(token, states)  # (B, 1, V)
         finally:
             self.train(was_training)
 
-    def _prefill(self, tokens: Tensor, mode: str, chunk_size: int | None, progress: bool) -> tuple[Tensor, States]:
-        """The last position's logits and the states after ``tokens``; with ``progress``, a prompt longer than
-        ``PREFILL_PIECE`` goes in pieces (the states carry over, so the result is the same up to rounding),
-        under a progress bar on stderr (drawn on a terminal only)."""
+    def _prefill(
+        self, tokens: Tensor, states: States, mode: str, chunk_size: int | None, progress: bool
+    ) -> tuple[Tensor, States]:
+        """The last position's logits and the states after ``tokens``, from ``states``; with ``progress``, a
+        prompt longer than ``PREFILL_PIECE`` goes in pieces (the states carry over, so the result is the same up
+        to rounding), under a progress bar on stderr (drawn on a terminal only)."""
         T = tokens.shape[1]
         if not progress or T <= PREFILL_PIECE:
-            return self(tokens, mode=mode, chunk_size=chunk_size, last_only=True)
+            return self(tokens, states, mode=mode, chunk_size=chunk_size, last_only=True)
         from models.progress import Progress
 
-        states = None
         with Progress(T, "prefill ", unit="tok", leave=False) as bar:
             for start in range(0, T, PREFILL_PIECE):
                 piece = tokens[:, start : start + PREFILL_PIECE]
@@ -212,6 +267,7 @@ class LanguageModel(nn.Module):
         prefill_mode: str = "chunkwise",
         chunk_size: int | None = None,
         progress: bool = False,
+        compile: bool | str = False,
     ) -> Tensor:
         """The prompt followed by ``max_new_tokens`` sampled tokens.
 
@@ -225,6 +281,11 @@ class LanguageModel(nn.Module):
 
         ``progress=True`` shows a progress bar on stderr (on a terminal) while a prompt longer than
         ``PREFILL_PIECE`` tokens is prefilled.
+
+        Attention layers decode against KV caches preallocated for ``T + max_new_tokens`` tokens. ``compile=True``
+        (or a ``torch.compile`` mode name, such as ``"reduce-overhead"`` for CUDA graphs) compiles the decode
+        step, once per model: the first call pays the compilation, later ones reuse it. The tokens are the same
+        as without it, up to rounding of the logits.
 
         Returns:
             ``[B, T + max_new_tokens]`` (``[T + max_new_tokens]`` for a 1-D prompt).
@@ -240,6 +301,7 @@ class LanguageModel(nn.Module):
                 prefill_mode=prefill_mode,
                 chunk_size=chunk_size,
                 progress=progress,
+                compile=compile,
             )
         )
         out = torch.cat([tokens, *new], dim=1)
@@ -251,6 +313,15 @@ class LanguageModel(nn.Module):
         from models.checkpoint import save
 
         return save(self, path, metadata=metadata)
+
+
+def _takes(fn: Callable[..., object], name: str) -> bool:
+    """Whether ``fn`` takes a keyword argument ``name`` (plugin mixers' ``init_state`` may predate ``max_len``)."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def as_token_batch(prompt: Tensor | Sequence[int], device: torch.device) -> Tensor:

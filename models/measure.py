@@ -7,6 +7,7 @@ recurrent step is timed repeatedly from the same states (so the prefix length st
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from mixers.interface import tensors_in
 from models.lm import LanguageModel
 
 
@@ -61,7 +63,7 @@ def decode_profile(
                 model(token, states, mode="recurrent")
                 times.append(time.perf_counter() - t0)
             medians.append(statistics.median(times))
-        layer_bytes = [s.nbytes for s in states]
+        layer_bytes = [held_nbytes(s) for s in states]
         rows.append(
             {
                 "T": T,
@@ -74,6 +76,17 @@ def decode_profile(
             on_length(rows[-1])
     model.train(was_training)
     return rows
+
+
+def held_nbytes(state: object) -> int:
+    """Bytes of what a state holds about the sequence: its floating-point tensors, a KV cache counted by its
+    tokens, not the free slots it keeps for later ones (a cache grows by doubling, so its allocation would
+    overstate the tokens' bytes by up to 2x); positions and lengths (8 bytes a row) are bookkeeping, left out."""
+    op = getattr(state, "op", None)
+    if hasattr(op, "held"):
+        state = dataclasses.replace(state, op=op.held())
+    fields = [getattr(state, f.name) for f in dataclasses.fields(state)]
+    return sum(t.numel() * t.element_size() for t in tensors_in(tuple(fields)) if t.is_floating_point())
 
 
 def split_state_bytes(profile: list[dict]) -> list[dict]:

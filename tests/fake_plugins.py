@@ -283,7 +283,7 @@ OUTPUT_PLUGIN = (
     def softmax_stale_cache(q, k, v, *, mode, chunk_size, initial_state):
         o, cache = torch_softmax_attention.softmax_attention(q, k, v, mode=mode, chunk_size=chunk_size,
                                                              initial_state=initial_state)
-        return o, (k, v)  # forgets the cached tokens
+        return o, (k, v, cache.length)  # forgets the cached tokens
 
     def own_op(x, *, mode):
         return x

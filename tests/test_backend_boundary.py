@@ -89,8 +89,8 @@ def test_wrong_attention_states_fail_at_the_op(reg):
     fails(
         lambda: functional.softmax_attention(q, k, v, mode="recurrent", initial_state=cache, backend="stale_cache"),
         f"backend 'stale_cache' of op 'softmax_attention' ({PLUGIN})",
-        "final_state.k of shape [2, 5, 3, 4]; expected [2, 10, 3, 4] ([B, Tc + T, Hkv, Dk])",
-        "a cache of 5 tokens",
+        "final_state.k of shape [2, 5, 3, 4]; expected [2, 10, 3, 4] ([B, C, Hkv, Dk])",
+        "a cache of capacity 10",
     )
 
 
@@ -114,7 +114,8 @@ def test_decoding_into_a_growing_kv_cache_is_checked_once_not_per_token(reg):
     before = len(functional._CHECKED)
     for _ in range(5):
         _, cache = functional.softmax_attention(q, k, v, mode="recurrent", initial_state=cache)
-    assert cache.k.shape[1] == 7 and len(functional._CHECKED) == before
+    assert cache.length.tolist() == [7, 7] and cache.k.shape[1] == 8  # capacity doubled: 1, 2, 4, 8
+    assert len(functional._CHECKED) == before
 
 
 def test_builtin_backends_pass_the_boundary_check(reg):

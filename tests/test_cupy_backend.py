@@ -60,7 +60,7 @@ def test_registered_for_cuda_below_the_torch_backend():
     assert cupy.priority < backends["torch"].priority
     assert cupy.devices == frozenset({"cuda"})
     assert cupy.dtypes == frozenset(DTYPES)
-    assert cupy.modes is None and cupy.fn is _retention.retention
+    assert cupy.modes is None and cupy.fn.__wrapped__ is _retention.retention
 
 
 def test_auto_never_picks_cupy():

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 import mixers
 from mixers import functional
 from mixers.__main__ import format_listing
-from mixers.linear_attention import LinearAttention, LinearAttentionState
+from mixers.functional import LinearState
+from mixers.linear_attention import LinearAttention
 from mixers.registry import DEFAULT_PLUGINS, Registry
 from mixers.testing.reference import linear_attention_reference, short_conv_reference
 
@@ -286,7 +287,7 @@ def test_mixer_computes_the_formula(feature_map, normalize):
     o, _, _ = reference(q, k, v, normalize=normalize)
     y, state = mixer(x)
     torch.testing.assert_close(y, o.reshape(2, 7, 12) @ mixer.out_proj.weight.T, rtol=1e-9, atol=1e-9)
-    assert isinstance(state, LinearAttentionState) and state.offset == 7
+    assert isinstance(state.op, LinearState) and state.offset == 7
 
 
 @pytest.mark.parametrize("conv_size", [1, 4])
@@ -330,9 +331,9 @@ def test_mixer_state_size_does_not_grow_with_the_sequence():
     x = torch.randn(1, 40, 16)
     _, short = mixer(x[:, :4], mode="recurrent")
     _, long = mixer(x, mode="chunkwise", chunk_size=8)
-    assert short.nbytes == long.nbytes == mixer.init_state(1).nbytes == 4 * (2 * 8 * 8 + 2 * 8)
+    assert short.nbytes == long.nbytes == mixer.init_state(1).nbytes == 4 * (2 * 8 * 8 + 2 * 8) + 8  # and pos
     empty = mixer.init_state(3, dtype=torch.float64)
-    assert empty.kv.shape == (3, 2, 8, 8) and empty.z.shape == (3, 2, 8) and empty.kv.dtype == torch.float64
+    assert empty.op.kv.shape == (3, 2, 8, 8) and empty.op.z.shape == (3, 2, 8) and empty.op.kv.dtype == torch.float64
 
 
 @pytest.mark.parametrize(
@@ -353,9 +354,9 @@ def test_mixer_rejects_bad_options(kwargs, error, match):
 def test_mixer_rejects_a_state_from_another_mixer_or_batch():
     mixer = LinearAttention(8, num_heads=2)
     x = torch.randn(2, 3, 8)
-    with pytest.raises(TypeError, match="state must be a LinearAttentionState"):
-        mixer(x, mixers.MixerState(offset=0))
-    with pytest.raises(ValueError, match=r"state \(LinearAttentionState\) is for batch size 3, but x has batch size 2"):
+    with pytest.raises(TypeError, match="state.op must be a LinearState"):
+        mixer(x, mixers.MixerState.start(None, 2))
+    with pytest.raises(ValueError, match=r"state \(MixerState\) is for batch size 3, but x has batch size 2"):
         mixer(x, mixer.init_state(3))
 
 
@@ -398,7 +399,7 @@ def test_a_plugin_feature_map_is_listed_and_used(registry_with_plugin):
     assert mixer.feature_dim == 8
     x = torch.randn(2, 9, 8)
     y, state = mixer(x, mode="parallel")
-    assert state.kv.shape == (2, 2, 8, 4) and state.z.shape == (2, 2, 8)
+    assert state.op.kv.shape == (2, 2, 8, 4) and state.op.z.shape == (2, 2, 8)
     y_rec, _ = mixer(x, mode="recurrent")
     torch.testing.assert_close(y_rec, y, rtol=1e-5, atol=1e-6)
 

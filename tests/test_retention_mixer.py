@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import mixers
-from mixers.retention import MultiScaleRetention, RetentionState
+from mixers.interface import MixerState
+from mixers.retention import MultiScaleRetention
 from mixers.testing import assert_rel_close, norm_rel_error
 from mixers.testing.reference import short_conv_reference
 from mixers.testing.strategies import MODES
@@ -149,7 +150,7 @@ def test_three_modes_agree(options):
     ]:
         y, s = mixer(x, mode=mode, chunk_size=chunk_size)
         assert_rel_close(y, y_par, 1e-10, f"{mode} {chunk_size} output")
-        assert_rel_close(s.kv, s_par.kv, 1e-10, f"{mode} {chunk_size} state")
+        assert_rel_close(s.op, s_par.op, 1e-10, f"{mode} {chunk_size} state")
 
 
 @pytest.mark.parametrize("first", MODES)
@@ -164,7 +165,7 @@ def test_handover_continues_positions(first, second, cut):
     y2, s2 = mixer(x[:, cut:], s1, mode=second, chunk_size=4)
     assert s2.offset == x.shape[1]
     assert_rel_close(torch.cat([y1, y2], dim=1), expected, 1e-10, "outputs")
-    assert_rel_close(s2.kv, whole.kv, 1e-10, "state")
+    assert_rel_close(s2.op, whole.op, 1e-10, "state")
 
 
 @pytest.mark.parametrize("cut", [0, 1, 2, 11])
@@ -207,7 +208,7 @@ def test_offset_is_what_continues_the_rotation(rotary):
     x = inputs()
     expected, _ = mixer(x)
     _, s1 = mixer(x[:, :10])
-    y2, _ = mixer(x[:, 10:], RetentionState(offset=0, kv=s1.kv))
+    y2, _ = mixer(x[:, 10:], MixerState.start(s1.op, x.shape[0]))
     err = (y2 - expected[:, 10:]).abs().max().item()
     assert (err > 1e-3) if rotary else (err < 1e-10)
 
@@ -238,8 +239,8 @@ def test_init_state_is_the_empty_history():
     mixer = make()
     x = inputs()
     state = mixer.init_state(2, dtype=torch.float64)
-    assert state.offset == 0 and state.kv.dtype == torch.float64 and not state.kv.any()
-    assert state.kv.shape == (2, mixer.num_heads, mixer.head_dim, mixer.value_head_dim)
+    assert state.offset == 0 and state.op.dtype == torch.float64 and not state.op.any()
+    assert state.op.shape == (2, mixer.num_heads, mixer.head_dim, mixer.value_head_dim)
     torch.testing.assert_close(mixer(x, state)[0], mixer(x)[0], rtol=0, atol=0)
 
 
@@ -250,7 +251,7 @@ def test_bfloat16_module_within_2e_2_of_float64(mode):
     assert mixer.gammas == tuple(1 - 2.0 ** (-5 - h) for h in range(3))
     x = inputs(T=64, dtype=torch.bfloat16)
     y, state = mixer(x, mode=mode, chunk_size=16)
-    assert y.dtype == torch.bfloat16 and state.kv.dtype == torch.float32
+    assert y.dtype == torch.bfloat16 and state.op.dtype == torch.float32
     expected = msr_reference(mixer, x)  # the bf16 weights and inputs, computed in float64
     assert norm_rel_error(y, expected) < 2e-2
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import mixers
 from mixers import functional
-from mixers.softmax_attention import SoftmaxAttention, SoftmaxAttentionState
+from mixers.softmax_attention import SoftmaxAttention
 from mixers.testing.reference import softmax_attention_reference
 
 MODES = functional.MODES
@@ -87,11 +87,13 @@ def test_op_matches_both_references_across_modes_and_a_split(p):
     assert o.dtype == q.dtype and o.shape == (*q.shape[:3], v.shape[-1])
     torch.testing.assert_close(o.double(), formula_reference(q, k, v, *cache), rtol=rtol, atol=atol)
     torch.testing.assert_close(o.double(), matrix_reference(q, k, v, *cache), rtol=rtol, atol=atol)
-    # the cache is every key and value so far, exactly, in the input dtype
+    # the cache holds every key and value so far, exactly, in the input dtype (and may have free slots after them)
     assert isinstance(c2, functional.KVCache) and c2.k.dtype == q.dtype
     want_k = k if cache[0] is None else torch.cat([cache[0], k], dim=1)
     want_v = v if cache[1] is None else torch.cat([cache[1], v], dim=1)
-    assert torch.equal(c2.k, want_k) and torch.equal(c2.v, want_v)
+    held = c2.held()
+    assert torch.equal(held.k, want_k) and torch.equal(held.v, want_v)
+    assert c2.length.tolist() == [want_k.shape[1]] * want_k.shape[0]
 
 
 @pytest.mark.parametrize("mode,chunk", [("parallel", None), ("chunkwise", 1), ("chunkwise", 4), ("recurrent", None)])
@@ -181,7 +183,7 @@ def _qkv(B=2, T=3, H=4, Hkv=2, Dk=8, Dv=6):
 @pytest.mark.parametrize(
     "cache,error,match",
     [
-        (torch.zeros(2, 5, 2, 8), TypeError, r"initial_state must be None or a pair \(k \[B, Tc, Hkv, Dk\], v"),
+        (torch.zeros(2, 5, 2, 8), TypeError, r"initial_state must be None, a KVCache\(k \[B, C, Hkv, Dk\], v"),
         ((torch.zeros(3, 5, 2, 8), torch.zeros(3, 5, 2, 6)), ValueError,
          r"initial_state.k \(the key cache\) was built for batch size 3, but q has batch size 2"),
         ((torch.zeros(2, 5, 4, 8), torch.zeros(2, 5, 4, 6)), ValueError,
@@ -194,7 +196,7 @@ def _qkv(B=2, T=3, H=4, Hkv=2, Dk=8, Dv=6):
          "k and v caches must hold as many tokens, got 5 and 4"),
         ((torch.zeros(2, 5, 2, 8).double(), torch.zeros(2, 5, 2, 6)), TypeError,
          "must have the dtype of q, torch.float32, got torch.float64"),
-        ((torch.zeros(2, 5, 16), torch.zeros(2, 5, 2, 6)), ValueError, r"must have rank 4 \[B, Tc, Hkv, KD\]"),
+        ((torch.zeros(2, 5, 16), torch.zeros(2, 5, 2, 6)), ValueError, r"must have rank 4 \[B, C, Hkv, KD\]"),
         ((torch.zeros(2, 5, 2, 8), "cache"), TypeError, r"initial_state.v \(the value cache\) must be a torch.Tensor"),
     ],
 )  # fmt: skip
@@ -241,7 +243,7 @@ def test_mixer_without_rotation_computes_the_formula():
     o = formula_reference(q.view(2, 7, 3, 4), k.view(2, 7, 1, 4), v.view(2, 7, 1, 4))
     y, state = mixer(x)
     torch.testing.assert_close(y, o.reshape(2, 7, 12) @ mixer.out_proj.weight.T, rtol=1e-10, atol=1e-10)
-    assert state.offset == 7 and state.k.shape == (2, 7, 1, 4)
+    assert state.offset == 7 and state.op.k.shape == (2, 7, 1, 4) and state.op.length.tolist() == [7, 7]
 
 
 def test_rotary_positions_continue_across_a_hand_over():
@@ -254,8 +256,8 @@ def test_rotary_positions_continue_across_a_hand_over():
     y1, s1 = mixer(x[:, :5], mode="chunkwise", chunk_size=2)
     y2, s2 = mixer(x[:, 5:], s1, mode="recurrent")
     torch.testing.assert_close(torch.cat([y1, y2], dim=1), y, rtol=1e-10, atol=1e-10)
-    assert s2.offset == 12 and s2.k.shape[1] == 12
-    y2_restarted, _ = mixer(x[:, 5:], dataclasses.replace(s1, offset=0), mode="recurrent")
+    assert s2.offset == 12 and s2.op.length.tolist() == [12, 12]
+    y2_restarted, _ = mixer(x[:, 5:], dataclasses.replace(s1, pos=torch.zeros_like(s1.pos)), mode="recurrent")
     assert (y2_restarted - y2).abs().max() > 1e-3
 
 
@@ -265,7 +267,7 @@ def test_rotary_attention_depends_on_relative_positions_only():
     mixer = SoftmaxAttention(16, num_heads=2).double()
     x = torch.randn(1, 9, 16, dtype=torch.float64)
     y, _ = mixer(x)
-    shifted = dataclasses.replace(mixer.init_state(1, dtype=torch.float64), offset=1000)
+    shifted = dataclasses.replace(mixer.init_state(1, dtype=torch.float64), pos=torch.tensor([1000]))
     y_shifted, state = mixer(x, shifted, mode="chunkwise", chunk_size=4)
     torch.testing.assert_close(y_shifted, y, rtol=1e-9, atol=1e-9)
     assert state.offset == 1009
@@ -290,17 +292,69 @@ def test_grouped_query_mixer_equals_multi_head_with_shared_key_heads(num_kv_head
     y_gqa, s_gqa = gqa(x, mode="chunkwise", chunk_size=3)
     y_mha, s_mha = mha(x)
     torch.testing.assert_close(y_gqa, y_mha, rtol=1e-10, atol=1e-10)
-    assert s_gqa.k.shape == (2, 10, num_kv_heads, D)
-    assert s_gqa.nbytes * (H // num_kv_heads) == s_mha.nbytes
+    assert s_gqa.op.k.shape == (2, 10, num_kv_heads, D)
+    assert s_gqa.op.k.nbytes * (H // num_kv_heads) == s_mha.op.k.nbytes
 
 
-def test_the_state_grows_with_the_sequence():
+def test_the_cache_grows_when_the_tokens_do_not_fit():
+    """Without preallocation the cache grows to what is needed, at least doubling, so a token-by-token loop
+    reallocates O(log n) times, not at every token."""
     mixer = SoftmaxAttention(16, num_heads=4, num_kv_heads=2)
     state = mixer.init_state(3)
-    assert state.nbytes == 0 and state.k.shape == (3, 0, 2, 4)
-    for n in (1, 7):
+    assert state.op.k.shape == (3, 0, 2, 4)
+    capacities = []
+    for n in (1, 7, 1, 1, 1):
         _, state = mixer(torch.randn(3, n, 16), state, mode="recurrent")
-    assert state.offset == 8 and state.nbytes == 2 * 3 * 8 * 2 * 4 * 4  # k and v, B * Tc * Hkv * D * 4 bytes
+        capacities.append(state.op.k.shape[1])
+    assert capacities == [1, 8, 16, 16, 16]
+    assert state.offset == 11 and state.op.length.tolist() == [11] * 3
+    # k and v (B * C * Hkv * D * 4 bytes each), the lengths and the positions (B * 8 bytes each)
+    assert state.nbytes == 2 * 3 * 16 * 2 * 4 * 4 + 2 * 3 * 8
+
+
+def test_a_preallocated_cache_is_written_in_place_and_equals_one_pass():
+    """``init_state(B, max_len=C)`` is the static decode path: the same buffers at every step (written in place
+    when no gradient is recorded), and the outputs of one pass."""
+    torch.manual_seed(0)
+    mixer = SoftmaxAttention(16, num_heads=4, num_kv_heads=2).double()
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    y, _ = mixer(x)
+    state = mixer.init_state(2, dtype=torch.float64, max_len=12)
+    buffer = state.op.k.data_ptr()
+    outs = []
+    with torch.no_grad():
+        y_prefix, state = mixer(x[:, :4], state, mode="chunkwise", chunk_size=3)
+        outs.append(y_prefix)
+        for t in range(4, 9):
+            y_t, state = mixer(x[:, t : t + 1], state, mode="recurrent")
+            outs.append(y_t)
+    torch.testing.assert_close(torch.cat(outs, dim=1), y, rtol=1e-10, atol=1e-10)
+    assert state.op.k.data_ptr() == buffer and state.op.k.shape == (2, 12, 2, 4)
+    assert state.op.length.tolist() == [9, 9] and state.pos.tolist() == [9, 9]
+
+
+def test_rows_at_different_positions_equal_each_row_on_its_own():
+    """Per-row positions: a batch whose rows hold different numbers of tokens gives each row what it gives
+    alone (its own rotation positions and its own cache length), in every mode."""
+    torch.manual_seed(0)
+    mixer = SoftmaxAttention(16, num_heads=2).double()
+    x = torch.randn(2, 10, 16, dtype=torch.float64)
+    cuts = [3, 6]
+    rows = []
+    for b, cut in enumerate(cuts):  # each row alone: a prefix, then 4 more tokens
+        _, s = mixer(x[b : b + 1, :cut], mixer.init_state(1, dtype=torch.float64, max_len=12))
+        y_b, _ = mixer(x[b : b + 1, cut : cut + 4], s)
+        rows.append((s, y_b))
+    batched = dataclasses.replace(
+        rows[0][0],
+        pos=torch.cat([s.pos for s, _ in rows]),
+        op=functional.KVCache(*(torch.cat([getattr(s.op, f) for s, _ in rows]) for f in ("k", "v", "length"))),
+    )
+    x_next = torch.stack([x[b, cut : cut + 4] for b, cut in enumerate(cuts)])
+    for mode in ("parallel", "chunkwise", "recurrent"):
+        y, after = mixer(x_next, batched, mode=mode, chunk_size=3)
+        torch.testing.assert_close(y, torch.cat([y_b for _, y_b in rows]), rtol=1e-10, atol=1e-10)
+        assert after.pos.tolist() == [7, 10] and after.op.length.tolist() == [7, 10]
 
 
 def test_reordering_the_cache_follows_the_batch():
@@ -334,11 +388,11 @@ def test_mixer_rejects_bad_options(kwargs, match):
 def test_mixer_rejects_a_state_from_another_mixer_or_batch():
     mixer = mixers.build("softmax_attention", 8, num_heads=2)
     x = torch.randn(2, 3, 8)
-    with pytest.raises(TypeError, match="state must be a SoftmaxAttentionState"):
+    with pytest.raises(TypeError, match="state.op must be a KVCache"):
         mixer(x, mixers.build("retention", 8, num_heads=2).init_state(2))
     with pytest.raises(ValueError, match="is for batch size 1, but x has batch size 2"):
         mixer(x, mixer.init_state(1))
     other = mixers.build("softmax_attention", 8, num_heads=2, num_kv_heads=1)
     with pytest.raises(ValueError, match="holds 1 heads, but k and v have 2 heads"):
         mixer(x, other.init_state(2))
-    assert isinstance(mixer.init_state(2), SoftmaxAttentionState)
+    assert isinstance(mixer.init_state(2).op, functional.KVCache)

@@ -10,7 +10,7 @@ import torch
 
 import mixers
 from mixers import functional
-from mixers.retention import RetentionState
+from mixers.interface import MixerState
 
 B, T, H, DK, DV = 2, 5, 3, 4, 6
 
@@ -230,12 +230,12 @@ def test_mixer_rejects_bad_forward_input(mixer):
         (lambda: mixer(torch.ones(2, 5, 24, dtype=torch.int64)), TypeError, ["floating", "int64"]),
         (lambda: mixer(x.tolist()), TypeError, ["torch.Tensor", "list"]),
         (lambda: mixer(torch.randn(3, 5, 24), state), ValueError, ["batch size 2", "batch size 3"]),
-        (lambda: mixer(x, state.kv), TypeError, ["RetentionState", "Tensor"]),
+        (lambda: mixer(x, state.op), TypeError, ["MixerState", "Tensor"]),
         (lambda: mixer(x, mode="fast"), ValueError, ["'parallel'", "'fast'"]),
         (lambda: mixer(x, mode="chunkwise", chunk_size=0), ValueError, ["chunk_size", "got 0"]),
-        (lambda: mixer(x, RetentionState(offset=5, kv=state.kv.double())), TypeError, ["float32", "float64"]),
+        (lambda: mixer(x, MixerState.start(state.op.double(), 2, offset=5)), TypeError, ["float32", "float64"]),
         (
-            lambda: mixer(x, RetentionState(offset=5, kv=state.kv[:, :2])),
+            lambda: mixer(x, MixerState.start(state.op[:, :2], 2, offset=5)),
             ValueError,
             ["[2, 3, 8, 16]", "[2, 2, 8, 16]"],
         ),

@@ -58,9 +58,16 @@ def checkpoint_states(every: int | None = None) -> Iterator[None]:
         _CHECKPOINT_EVERY.reset(token)
 
 
+@torch._dynamo.assume_constant_result
+def _checkpoint_setting() -> int | None:
+    """The ``checkpoint_states`` setting; a compiled graph reads it once, when it is traced (dynamo cannot
+    trace a ContextVar), so a graph compiled outside ``checkpoint_states()`` keeps every state."""
+    return _CHECKPOINT_EVERY.get()
+
+
 def _checkpoint_every(N: int) -> int | None:
     """Chunks between kept states in a chunkwise pass over N chunks with gradients; ``None``: keep all."""
-    every = _CHECKPOINT_EVERY.get()
+    every = _checkpoint_setting()
     if every == _OFF:
         return None
     return max(1, math.isqrt(N - 1) + 1) if every is None else every
@@ -117,8 +124,9 @@ def _scores(a: Tensor, b: Tensor, intra: Tensor) -> Tensor:
 
 def may_be_nonfinite(*tensors: Tensor) -> bool:
     """Whether the tensors may hold a NaN or inf: always on a GPU, where asking would make the host wait for
-    the device; on the CPU, whether their sum is not finite (it is not whenever an entry is not)."""
-    if any(t.device.type != "cpu" for t in tensors):
+    the device, and while compiling, where asking would break the graph; on the CPU, whether their sum is not
+    finite (it is not whenever an entry is not)."""
+    if torch.compiler.is_compiling() or any(t.device.type != "cpu" for t in tensors):
         return True
     return not all(bool(torch.isfinite(t.sum())) for t in tensors)
 

@@ -9,6 +9,11 @@
   loop would save.
 - recurrent: token by token, each query against the cache up to and including its own token.
 
+With a cache, the new keys and values are written after each row's ``length`` tokens (in place when no
+gradient is recorded), and every mode attends over the cache's whole capacity with a per-row mask: rows may
+hold different numbers of tokens, and a preallocated cache keeps every shape fixed for a compiled decode step.
+Free slots are zeros (``init_state`` and growth make them so) and masked out.
+
 Grouped-query attention is computed without copying keys: the ``G = H / Hkv`` query heads that share a
 key head are folded into the query rows (``[B, Hkv, T * G, Dk]``; row ``r`` is token ``r // G``).
 Chunkwise and recurrent run in float32 (float64 for float64 inputs); the cache keeps the input dtype.
@@ -35,31 +40,43 @@ from mixers.backends.torch_retention import may_be_nonfinite
 from mixers.functional import KVCache, state_dtype
 
 
-def _visible(a: int, b: int, offset: int, r0: int, R: int, group: int, device: torch.device) -> Tensor | None:
-    """Mask ``[R - r0, b - a]`` of keys ``a..b-1`` that rows ``r0..R-1`` may see, or ``None`` if they see all."""
+def _visible(a: int, b: int, offset: int | Tensor, r0: int, R: int, group: int, device: torch.device) -> Tensor | None:
+    """Mask of keys ``a..b-1`` that rows ``r0..R-1`` may see (row r at ``offset + r // group``), or ``None`` if
+    they see all: ``[R - r0, b - a]`` for an int offset, ``[B, 1, R - r0, b - a]`` for per-row offsets ``[B]``."""
+    rows = torch.arange(r0, R, device=device) // group
+    if isinstance(offset, Tensor):
+        pos = offset[:, None, None] + rows[None, :, None]  # (B, R - r0, 1)
+        return (torch.arange(a, b, device=device) <= pos)[:, None]
     if b - 1 <= offset + r0 // group:  # the block ends at or before the earliest row's position
         return None
-    pos = offset + torch.arange(r0, R, device=device) // group
-    return torch.arange(a, b, device=device)[None, :] <= pos[:, None]
+    return torch.arange(a, b, device=device)[None, :] <= (offset + rows)[:, None]
+
+
+def _start_row(a: int, offset: int | Tensor, group: int) -> int:
+    """The first row that may see key ``a``: rows before it sit before the key (0 for per-row offsets)."""
+    return 0 if isinstance(offset, Tensor) else max(0, a - offset) * group
 
 
 class _BlockwiseAttention(torch.autograd.Function):
-    """``q [B, Hkv, R, Dk]`` (row r at position ``offset + r // group``) against ``k, v [B, Hkv, L, D]``."""
+    """``q [B, Hkv, R, Dk]`` (row r at position ``offset + r // group``; ``offset`` an int or per batch row
+    ``[B]``) against ``k, v [B, Hkv, L, D]``."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, offset: int, group: int, block: int, scale: float) -> Tensor:  # type: ignore[override]
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, offset: int | Tensor, group: int, block: int, scale: float
+    ) -> Tensor:  # type: ignore[override]
         R, L = q.shape[2], k.shape[2]
         m = q.new_full(q.shape[:3], -math.inf)  # running max of the scores, (B, Hkv, R)
         total = q.new_zeros(q.shape[:3])  # running sum of exp(score - m)
         acc = q.new_zeros(*q.shape[:3], v.shape[-1])  # running sum of exp(score - m) v
         for a in range(0, L, block):
             b = min(a + block, L)
-            r0 = max(0, a - offset) * group  # rows before r0 sit before key a and see none of this block
+            r0 = _start_row(a, offset, group)  # rows before r0 sit before key a and see none of this block
             s = q[:, :, r0:] @ k[:, :, a:b].transpose(-1, -2) * scale  # (B, Hkv, R - r0, b - a)
             visible = _visible(a, b, offset, r0, R, group, q.device)
             if visible is not None:
                 s = s.masked_fill(~visible, -math.inf)
-            # Every row from r0 on sees key a, so the block max and m_new are finite.
+            # Every row sees key 0 (in the first block), so m_new is finite from there on.
             m_new = torch.maximum(m[:, :, r0:], s.amax(dim=-1))
             p = torch.exp(s - m_new[..., None])
             alpha = torch.exp(m[:, :, r0:] - m_new)  # rescales what was summed under the old max
@@ -67,22 +84,27 @@ class _BlockwiseAttention(torch.autograd.Function):
             acc[:, :, r0:] = alpha[..., None] * acc[:, :, r0:] + p @ v[:, :, a:b]
             m[:, :, r0:] = m_new
         o = acc / total[..., None]  # every row sees at least its own key, so total >= 1
-        ctx.save_for_backward(q, k, v, o, m + total.log())
-        ctx.args = (offset, group, block, scale)
+        if isinstance(offset, Tensor):
+            ctx.save_for_backward(q, k, v, o, m + total.log(), offset)
+            ctx.args = (None, group, block, scale)
+        else:
+            ctx.save_for_backward(q, k, v, o, m + total.log())
+            ctx.args = (offset, group, block, scale)
         return o
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, *per_row = ctx.saved_tensors
         offset, group, block, scale = ctx.args
+        offset = per_row[0] if per_row else offset
         R, L = q.shape[2], k.shape[2]
         do = do.to(q.dtype)
         delta = (do * o).sum(dim=-1)  # sum_j p_j dp_j per row, (B, Hkv, R)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for a in range(0, L, block):
             b = min(a + block, L)
-            r0 = max(0, a - offset) * group
+            r0 = _start_row(a, offset, group)
             s = q[:, :, r0:] @ k[:, :, a:b].transpose(-1, -2) * scale
             visible = _visible(a, b, offset, r0, R, group, q.device)
             if visible is not None:
@@ -96,16 +118,11 @@ class _BlockwiseAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def _parallel(q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
-    """SDPA over ``q [B, T, H, Dk]`` and the full keys ``k, v [B, offset + T, Hkv, D]``."""
-    T, H, L, Hkv = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
-    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T or L, D)
-    if offset == 0:
-        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=H != Hkv)
-    else:  # SDPA's is_causal aligns the mask top-left; with a cache, query t sits at position offset + t
-        mask = torch.arange(L, device=q.device)[None, :] <= offset + torch.arange(T, device=q.device)[:, None]
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=H != Hkv)
-    return o.transpose(1, 2)
+def _parallel(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal SDPA over ``q [B, T, H, Dk]`` and ``k, v [B, T, Hkv, D]`` (no cache)."""
+    H, Hkv = q.shape[2], k.shape[2]
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
+    return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=H != Hkv).transpose(1, 2)
 
 
 def _excluded(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -121,14 +138,40 @@ def _excluded(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return k_fin, v_fin, lacking.cumsum_(1)
 
 
-def _recurrent(q5: Tensor, k: Tensor, v: Tensor, offset: int, scale: float) -> Tensor:
-    """Token by token: ``q5 [B, Hkv, T, G, Dk]`` against ``k, v [B, Hkv, L, D]``; returns ``[B, Hkv, T, G, Dv]``."""
+def _recurrent(q5: Tensor, k: Tensor, v: Tensor, offset: int | Tensor, scale: float) -> Tensor:
+    """Token by token: ``q5 [B, Hkv, T, G, Dk]`` against ``k, v [B, Hkv, L, D]``; returns ``[B, Hkv, T, G, Dv]``.
+    With an int ``offset`` each query reads the keys up to its own; with per-row offsets ``[B]``, all ``L``
+    under a mask."""
     outs = []
     for t in range(q5.shape[2]):
+        if isinstance(offset, Tensor):
+            s = q5[:, :, t] @ k.transpose(-1, -2) * scale  # (B, Hkv, G, L)
+            visible = torch.arange(k.shape[2], device=k.device) <= (offset + t)[:, None, None, None]
+            outs.append(torch.softmax(torch.where(visible, s, -math.inf), dim=-1) @ v)
+            continue
         end = offset + t + 1  # the cache plus this token
         s = q5[:, :, t] @ k[:, :, :end].transpose(-1, -2) * scale  # (B, Hkv, G, end)
         outs.append(torch.softmax(s, dim=-1) @ v[:, :, :end])
     return torch.stack(outs, dim=2)
+
+
+def _write(cache: Tensor, new: Tensor, index: Tensor, in_place: bool) -> Tensor:
+    """``cache [B, C, Hkv, D]`` with ``new [B, T, Hkv, D]`` written at rows' slots ``index [B, T]``.
+
+    An ``index_put`` (``cache[rows, index] = new``), as gpt-fast writes its cache: a compiled graph does it in
+    place on the input buffer instead of copying the whole cache back."""
+    rows = torch.arange(cache.shape[0], device=cache.device)[:, None]
+    return cache.index_put_((rows, index), new) if in_place else cache.index_put((rows, index), new)
+
+
+def _parallel_per_row(q: Tensor, k: Tensor, v: Tensor, length: Tensor) -> Tensor:
+    """SDPA of ``q [B, T, H, Dk]`` over a cache's whole capacity ``k, v [B, C, Hkv, D]``, query t of row b
+    seeing slots up to ``length[b] + t``."""
+    T, H, C, Hkv = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+    pos = length[:, None] + torch.arange(T, device=q.device)  # (B, T)
+    mask = (torch.arange(C, device=q.device) <= pos[:, :, None])[:, None]  # (B, 1, T, C)
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=H != Hkv).transpose(1, 2)
 
 
 def softmax_attention(
@@ -140,28 +183,36 @@ def softmax_attention(
     chunk_size: int | None,
     initial_state: KVCache | None,
 ) -> tuple[Tensor, KVCache]:
-    """The torch backend of ``mixers.functional.softmax_attention`` (inputs already validated)."""
+    """The torch backend of ``mixers.functional.softmax_attention`` (inputs already validated; a cache has room
+    for the new tokens and its ``length``)."""
     B, T, H, Dk = q.shape
     Hkv, Dv = k.shape[2], v.shape[-1]
     G = H // Hkv
-    offset = 0 if initial_state is None else initial_state.k.shape[1]
-
-    def with_cache(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if initial_state is None:
-            return k, v
-        return torch.cat([initial_state.k, k], dim=1), torch.cat([initial_state.v, v], dim=1)  # (B, L, Hkv, D)
-
-    cache = KVCache(*with_cache(k, v))
+    if initial_state is None:
+        cache = KVCache(k, v, torch.full((B,), T, dtype=torch.int64, device=q.device))
+        offset: int | Tensor = 0
+    else:
+        offset = initial_state.length
+        index = offset[:, None] + torch.arange(T, device=q.device)  # (B, T): where each row's new tokens go
+        recording = torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, initial_state.k, initial_state.v))
+        write = [_write(c, n, index, in_place=not recording) for c, n in ((initial_state.k, k), (initial_state.v, v))]
+        cache = KVCache(*write, offset + T)
     if T == 0:
         return q.new_empty(B, 0, H, Dv), cache
     lacking = None
-    if mode != "recurrent" and may_be_nonfinite(k, v):  # (token by token, each query sees only what it may)
+    # Without a cache, token by token slices each query's keys, so it sees only what it may; with one, every mode
+    # reads the whole capacity, so later new tokens must be excluded (a single new token is seen only by itself).
+    exclude = T > 1 if initial_state is not None else mode != "recurrent"
+    if exclude and may_be_nonfinite(k, v):
         k_fin, v_fin, lacking = _excluded(k, v)
-        k, v = with_cache(k_fin, v_fin)
+        if initial_state is None:
+            k, v = k_fin, v_fin
+        else:  # compute on copies holding the zeroed tokens; the returned cache keeps them as given
+            k, v = (_write(c, n, index, in_place=False) for c, n in ((cache.k, k_fin), (cache.v, v_fin)))
     else:
-        k, v = cache
+        k, v = cache.k, cache.v
     if mode == "parallel":
-        o = _parallel(q, k, v, offset)
+        o = _parallel(q, k, v) if initial_state is None else _parallel_per_row(q, k, v, offset)
         if lacking is None:
             return o, cache
         return (o.unflatten(2, (Hkv, G)) + lacking[:, :, :, None]).flatten(2, 3), cache  # (SDPA saved o: not in place)

@@ -46,17 +46,31 @@ def assert_rel_close(
     assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.1e}"
 
 
+def _assert_parts_close(a: Any, b: Any, rtol: float, what: str) -> None:
+    if hasattr(b, "held") and hasattr(a, "held"):  # a cache: compare what it holds, not its free slots
+        a, b = a.held(), b.held()
+    if isinstance(b, Tensor):
+        assert isinstance(a, Tensor), f"{what}: {type(a).__name__} is not a tensor"
+        assert a.dtype == b.dtype, f"{what}: dtype {a.dtype} != {b.dtype}"
+        if b.is_floating_point():
+            assert_rel_close(a, b, rtol, what)
+        else:  # positions, lengths: exact
+            assert torch.equal(a, b), f"{what}: {a.tolist()} != {b.tolist()}"
+    elif isinstance(b, tuple):
+        assert isinstance(a, tuple) and len(a) == len(b), f"{what}: {type(a).__name__} != {type(b).__name__}"
+        names = getattr(type(b), "_fields", range(len(b)))
+        for name, x, y in zip(names, a, b, strict=True):
+            _assert_parts_close(x, y, rtol, f"{what}.{name}")
+    else:
+        assert a == b, f"{what}: {a!r} != {b!r}"
+
+
 def assert_states_close(got: Any, want: Any, rtol: float, what: str = "state") -> None:
-    """Mixer states (dataclasses): same type; tensor fields close with the same dtype, other fields equal."""
+    """Mixer states (dataclasses): same type; tensor fields (and the tensors of an op's state) close with the
+    same dtype, integer tensors (positions) equal, other fields equal; a cache compared by what it holds."""
     assert type(got) is type(want), f"{what}: {type(got).__name__} != {type(want).__name__}"
     for f in dataclasses.fields(want):
-        a, b = getattr(got, f.name), getattr(want, f.name)
-        if isinstance(b, Tensor):
-            assert isinstance(a, Tensor), f"{what}.{f.name}: {type(a).__name__} is not a tensor"
-            assert a.dtype == b.dtype, f"{what}.{f.name}: dtype {a.dtype} != {b.dtype}"
-            assert_rel_close(a, b, rtol, f"{what}.{f.name}")
-        else:
-            assert a == b, f"{what}.{f.name}: {a!r} != {b!r}"
+        _assert_parts_close(getattr(got, f.name), getattr(want, f.name), rtol, f"{what}.{f.name}")
 
 
 def assert_raises_mentioning(

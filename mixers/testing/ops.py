@@ -1,8 +1,9 @@
 """What the kit needs to know about an op to check a backend of it: ``OpSpec``.
 
-The three core ops have specs here (``OP_SPECS``). A plugin that brings an op of its own describes it
-with an ``OpSpec`` of its own (cases, how to call the op, a float64 reference) and passes that to
-``mixers.testing.check_op_backend``; see ``docs/plugins.md``.
+Each op's spec lives in its folder (``mixers/ops/<op>/testing.py``) and is found through the registered ``Op``
+(``Op.testing``); ``OP_SPECS`` maps every registered op that has one to it. A plugin that brings an op of its own
+writes an ``OpSpec`` (cases, how to call the op, a float64 reference) and names it in its ``Op``, or passes it
+to ``mixers.testing.check_op_backend``; see ``docs/plugins.md``.
 
 An op's validation is checked with ``BadInput`` cases: each is one invalid call and the fragments its error
 message must contain (what was expected and what was given), so a vague message fails. ``standard_bad_inputs``
@@ -20,17 +21,27 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from mixers import functional
-from mixers.testing.reference import linear_attention_reference, retention_reference, softmax_attention_reference
-from mixers.testing.strategies import OpInputs, linear_attention_cases, retention_cases, softmax_attention_cases
+from mixers.testing.strategies import OpInputs
 
 
-def state_tensors(state: Any) -> tuple[Tensor, ...]:
-    """An op's state as a tuple of tensors: ``None`` -> ``()``, a tensor -> ``(t,)``, a tuple -> itself."""
+def raw_state_tensors(state: Any) -> tuple[Tensor, ...]:
+    """An op's state as a tuple of tensors, as held: ``None`` -> ``()``, a tensor -> ``(t,)``, a tuple -> its
+    tensors (``None`` fields left out)."""
     if state is None:
         return ()
     if isinstance(state, Tensor):
         return (state,)
-    return tuple(state)
+    return tuple(t for t in state if t is not None)
+
+
+def state_tensors(state: Any) -> tuple[Tensor, ...]:
+    """An op's state as the tensors to compare: ``raw_state_tensors`` of what it holds (a state with a ``held()``
+    method, such as a ``KVCache``, without its free slots). Integer fields (a cache's lengths) come in the
+    dtype of the first tensor, so that they compare (exactly: they are small whole numbers) like the others."""
+    if hasattr(state, "held"):
+        state = state.held()
+    tensors = raw_state_tensors(state)
+    return tuple(t if t.is_floating_point() else t.to(tensors[0].dtype) for t in tensors)
 
 
 @dataclass(frozen=True)
@@ -110,7 +121,7 @@ def bad_ranks(inputs: OpInputs, layout: str | None = None) -> list[BadInput]:
 
 def _each_state_tensor(state: Any, change: Callable[[Tensor], Tensor]) -> list[tuple[int, Tensor, Tensor, Any]]:
     """``(i, tensor, changed, state with only tensor i changed)`` for each tensor of ``state``."""
-    tensors = state_tensors(state)
+    tensors = raw_state_tensors(state)
     out = []
     for i, t in enumerate(tensors):
         changed = change(t)
@@ -154,144 +165,55 @@ def standard_bad_inputs(inputs: OpInputs, state: Any, layout: str | None = None)
     ]
 
 
-def _core_bad_inputs(inputs: OpInputs, state: Any) -> list[BadInput]:
+def core_bad_inputs(inputs: OpInputs, state: Any) -> list[BadInput]:
+    """``standard_bad_inputs`` with the ``[B, T, H, D]`` layout the core ops name in their messages."""
     return standard_bad_inputs(inputs, state, layout="[B, T, H, D]")
 
 
 def replace_state_tensors(state: Any, tensors: list[Tensor]) -> Any:
-    """A state of the same structure as ``state`` (a tensor, a NamedTuple or a tuple) holding ``tensors``."""
+    """A state of the same structure as ``state`` (a tensor, a NamedTuple or a tuple) holding ``tensors`` in
+    place of its ``raw_state_tensors`` (its ``None`` fields stay ``None``)."""
     if isinstance(state, Tensor):
         return tensors[0]
-    return type(state)._make(tensors) if hasattr(type(state), "_make") else tuple(tensors)
+    remaining = iter(tensors)
+    items = [None if t is None else next(remaining) for t in state]
+    return type(state)._make(items) if hasattr(type(state), "_make") else tuple(items)
 
 
 def _abs(state: Any) -> Any:
     """The state with every tensor replaced by its absolute value."""
-    return None if state is None else replace_state_tensors(state, [t.abs() for t in state_tensors(state)])
+    return None if state is None else replace_state_tensors(state, [t.abs() for t in raw_state_tensors(state)])
 
 
-# -- retention ---------------------------------------------------------------------------------------
-def _retention_call(seq, const, state, *, mode, chunk_size, backend):
-    return functional.retention(
-        seq["q"], seq["k"], seq["v"], const["gamma"], mode=mode, chunk_size=chunk_size, initial_state=state,
-        backend=backend,
-    )  # fmt: skip
+def _registered_specs() -> dict[str, OpSpec]:
+    """The spec of every registered op that names one (``Op.testing``), built-in or a plugin's."""
+    from mixers.registry import get_registry
+
+    specs = {}
+    for name, op in sorted(get_registry().ops.items()):
+        if op.testing is not None:
+            specs[name] = op.load_testing()
+    return specs
 
 
-def _gammas(x: OpInputs) -> Tensor:
-    return torch.tensor(x.const["gamma"], dtype=torch.float64)
-
-
-def _retention_reference(x: OpInputs) -> tuple[Tensor, Tensor]:
-    return retention_reference(x.seq["q"], x.seq["k"], x.seq["v"], _gammas(x), x.state)
-
-
-def _retention_magnitude(x: OpInputs) -> tuple[Tensor, Tensor]:
-    q, k, v = (x.seq[n].abs() for n in "qkv")
-    return retention_reference(q, k, v, _gammas(x), None if x.state is None else x.state.abs())
-
-
-def _retention_cases(*, dtypes=(torch.float64,), max_T: int = 64, max_D: int = 16) -> st.SearchStrategy[Any]:
-    return retention_cases(dtypes=dtypes, max_T=max_T, max_D=max_D)
-
-
-# -- linear attention --------------------------------------------------------------------------------
-def _linear_call(seq, const, state, *, mode, chunk_size, backend):
-    return functional.linear_attention(
-        seq["q"], seq["k"], seq["v"], mode=mode, chunk_size=chunk_size, initial_state=state,
-        normalize=const["normalize"], backend=backend,
-    )  # fmt: skip
-
-
-def _linear_reference(x: OpInputs):
-    return linear_attention_reference(x.seq["q"], x.seq["k"], x.seq["v"], x.state, normalize=x.const["normalize"])
-
-
-def _linear_magnitude(x: OpInputs):
-    q, k, v = x.seq["q"], x.seq["k"], x.seq["v"]
-    if x.const["normalize"]:  # a weighted mean of values with positive weights: errors scale with |v|
-        return linear_attention_reference(q, k, v.abs(), _abs(x.state), normalize=True)
-    return linear_attention_reference(q.abs(), k.abs(), v.abs(), _abs(x.state), normalize=False)
-
-
-def _linear_cases(*, dtypes=(torch.float64,), max_T: int = 40, max_D: int = 8) -> st.SearchStrategy[Any]:
-    return linear_attention_cases(dtypes=dtypes, max_T=max_T, max_D=max_D)
-
-
-# -- softmax attention -------------------------------------------------------------------------------
-def _softmax_call(seq, const, state, *, mode, chunk_size, backend):
-    return functional.softmax_attention(
-        seq["q"], seq["k"], seq["v"], mode=mode, chunk_size=chunk_size, initial_state=state, backend=backend
-    )
-
-
-def _softmax_reference(x: OpInputs):
-    return softmax_attention_reference(x.seq["q"], x.seq["k"], x.seq["v"], x.state)
-
-
-def _softmax_magnitude(x: OpInputs):  # softmax weights are positive: errors scale with |v|
-    state = None if x.state is None else (x.state[0], x.state[1].abs())
-    return softmax_attention_reference(x.seq["q"], x.seq["k"], x.seq["v"].abs(), state)
-
-
-def _softmax_bad_inputs(inputs: OpInputs, state: Any) -> list[BadInput]:
-    """The standard cases, but a KV cache of another batch size is reported by batch size, not by shape."""
-    B = inputs.seq["q"].shape[0]
-    cache_batches = [
-        BadInput(
-            f"state[{i}] for another batch size", ("initial_state", f"batch size {B + 1}", f"batch size {B}"), state=bad
-        )
-        for i, _, _, bad in _each_state_tensor(state, lambda t: torch.cat([t, t[:1]]))
-    ]
-    return [
-        *bad_modes(),
-        *bad_chunk_sizes(),
-        *bad_ranks(inputs, "[B, T, H, D]"),
-        *cache_batches,
-        *bad_state_dtypes(state),
-    ]
-
-
-def _softmax_cases(*, dtypes=(torch.float64,), max_T: int = 24, max_D: int = 8) -> st.SearchStrategy[Any]:
-    return softmax_attention_cases(dtypes=dtypes, max_T=max_T, max_D=max_D)
-
-
-OP_SPECS: dict[str, OpSpec] = {
-    "retention": OpSpec(
-        "retention",
-        _retention_cases,
-        _retention_call,
-        _retention_reference,
-        _retention_magnitude,
-        bad_inputs=_core_bad_inputs,
-    ),
-    "linear_attention": OpSpec(
-        "linear_attention",
-        _linear_cases,
-        _linear_call,
-        _linear_reference,
-        _linear_magnitude,
-        bad_inputs=_core_bad_inputs,
-    ),
-    "softmax_attention": OpSpec(
-        "softmax_attention",
-        _softmax_cases,
-        _softmax_call,
-        _softmax_reference,
-        _softmax_magnitude,
-        state_dtype=lambda dtype: dtype,  # the cache stores keys and values as they came
-        bad_inputs=_softmax_bad_inputs,
-    ),
-}
+def __getattr__(name: str) -> Any:
+    if name == "OP_SPECS":  # built when asked for: it imports every op's hypothesis cases
+        return _registered_specs()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_op_spec(op: str | OpSpec) -> OpSpec:
-    """``op`` itself if it is an ``OpSpec``, else the core op's spec; an unknown name lists the known ones."""
+    """``op`` itself if it is an ``OpSpec``, else the registered op's spec (``Op.testing``); an unknown name
+    lists the known ones."""
     if isinstance(op, OpSpec):
         return op
-    if op not in OP_SPECS:
+    from mixers.registry import get_registry
+
+    registered = get_registry().ops.get(op)
+    if registered is None or registered.testing is None:
+        known = sorted(name for name, o in get_registry().ops.items() if o.testing is not None)
         raise ValueError(
-            f"the kit has no spec for op {op!r} (it knows {sorted(OP_SPECS)}); for an op of your own, "
-            f"pass a mixers.testing.OpSpec instead of its name"
+            f"the kit has no spec for op {op!r} (it knows {known}); for an op of your own, register an "
+            f"mixers.ops.Op with testing='module:SPEC', or pass a mixers.testing.OpSpec instead of its name"
         )
-    return OP_SPECS[op]
+    return registered.load_testing()

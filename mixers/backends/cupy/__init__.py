@@ -53,5 +53,6 @@ def register_backends(register: BackendRegistrar) -> None:
             dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
             check_available=check_available,
             description="hand-written CUDA kernels compiled by CuPy; not yet verified on a GPU, so ranks below torch",
+            traceable=False,  # dynamo cannot trace CuPy launches: torch.compile sees an opaque custom op instead
         )
     )

@@ -6,8 +6,8 @@ registered through the ``seqmixers`` entry-point group by ``seqmixers_conv.plugi
 name it as a layer.
 """
 
-from seqmixers_conv.mixer import ShortConvolution, ShortConvState
+from seqmixers_conv.mixer import ShortConvolution
 from seqmixers_conv.op import short_conv
 
-__all__ = ["ShortConvState", "ShortConvolution", "short_conv"]
+__all__ = ["ShortConvolution", "short_conv"]
 __version__ = "0.1.0"

@@ -8,8 +8,6 @@ Its state is the last K-1 projected inputs, whatever the sequence length.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from mixers.interface import MixerState, TokenMixer
@@ -18,13 +16,6 @@ from torch import Tensor, nn
 from seqmixers_conv.op import short_conv
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "identity": lambda x: x}
-
-
-@dataclass
-class ShortConvState(MixerState):
-    """``window``: the last K-1 projected inputs ``[B, K-1, d_model]``, in the module's dtype."""
-
-    window: Tensor
 
 
 class ShortConvolution(TokenMixer):
@@ -38,9 +29,12 @@ class ShortConvolution(TokenMixer):
         bias: a bias in the convolution.
         backend: the ``short_conv`` op's backend (``"auto"`` picks the best available).
         chunk_size: default chunk size for ``mode="chunkwise"``.
+
+    The state's ``op`` is the ``short_conv`` op's: the last K-1 projected inputs ``[B, K-1, d_model]``.
     """
 
-    state_type = ShortConvState
+    ops = ("short_conv",)
+    op_state_type = Tensor
 
     def __init__(
         self,
@@ -60,7 +54,8 @@ class ShortConvolution(TokenMixer):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.d_model, self.kernel_size, self.activation, self.gate = d_model, kernel_size, activation, gate
-        self.backend, self.chunk_size = backend, chunk_size
+        self.chunk_size = chunk_size
+        self.set_backend(backend)
         self.in_proj = nn.Linear(d_model, 2 * d_model if gate else d_model, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(d_model, kernel_size))
         self.conv_bias = nn.Parameter(torch.zeros(d_model)) if bias else None
@@ -76,15 +71,15 @@ class ShortConvolution(TokenMixer):
 
     def init_state(
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
-    ) -> ShortConvState:
+    ) -> MixerState:
         window = torch.zeros(batch_size, self.kernel_size - 1, self.d_model, device=device, dtype=dtype)
-        return ShortConvState(offset=0, window=window)
+        return MixerState.start(window, batch_size, device=device)
 
     def forward(
         self, x: Tensor, state: MixerState | None = None, *, mode: str = "parallel", chunk_size: int | None = None
-    ) -> tuple[Tensor, ShortConvState]:
+    ) -> tuple[Tensor, MixerState]:
         B, T = self.check_input(x)
-        state = self.check_state(state, B)
+        state = self.check_state(state, B, x.device)
         u, *g = self.in_proj(x).chunk(2 if self.gate else 1, dim=-1)  # (B, T, d_model) each
         y, window = short_conv(
             u,
@@ -92,13 +87,13 @@ class ShortConvolution(TokenMixer):
             self.conv_bias,
             mode=mode,
             chunk_size=chunk_size if chunk_size is not None else self.chunk_size,
-            initial_state=None if state is None else state.window,
+            initial_state=None if state is None else state.op,
             backend=self.backend,
         )
         y = ACTIVATIONS[self.activation](y)
         if self.gate:
             y = y * F.silu(g[0])
-        return self.out_proj(y), ShortConvState(offset=(0 if state is None else state.offset) + T, window=window)
+        return self.out_proj(y), self.next_state(state, x, window)
 
     def extra_repr(self) -> str:
         return (

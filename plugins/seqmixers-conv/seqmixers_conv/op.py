@@ -1,4 +1,4 @@
-"""The short causal convolution op: validation, dispatch through the seqmixers registry, torch backend.
+"""The short causal convolution op: its ``Op`` (validation; seqmixers does dispatch and output checks), torch backend.
 
 ``y_t[c] = bias[c] + sum_{j<K} weight[c, j] * x_{t-K+1+j}[c]``: each channel is convolved with its own
 K taps over the current and the K-1 previous inputs; ``weight[:, K-1]`` multiplies the current one.
@@ -9,13 +9,77 @@ one pass exactly: this op has no accumulated state at all, only a window.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
-from mixers.functional import check_mode, check_state
-from mixers.registry import resolve_backend
+from mixers.ops import Op, OpCall
+from mixers.ops.checks import check_mode, check_state
 from torch import Tensor
 
 OP = "short_conv"
+
+
+class ShortConvBackend(Protocol):
+    """What a backend of the op is called with (validated) and returns: ``(y, final_state)``."""
+
+    def __call__(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        *,
+        mode: str,
+        chunk_size: int | None,
+        initial_state: Tensor | None,
+    ) -> tuple[Tensor, Tensor]: ...
+
+
+def prepare(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    mode: str,
+    chunk_size: int | None = None,
+    initial_state: Tensor | None = None,
+) -> OpCall:
+    """The op's validation: all the plugin writes to get dispatch and output checks from seqmixers."""
+    if not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point():
+        shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must be a floating-point tensor [B, T, C], got {shape}")
+    B, T, C = x.shape
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[0] != C or weight.shape[1] < 1:
+        shape = list(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be [C, K] with C = {C} channels as in x and K >= 1 taps, got {shape}")
+    K = weight.shape[1]
+    for name, t, shape in (("weight", weight, (C, K)), ("bias", bias, (C,))):
+        if t is not None:
+            check_state(t, name, shape, x.dtype, x.device)
+    chunk = check_mode(mode, chunk_size)
+    check_state(initial_state, "initial_state", (B, K - 1, C), x.dtype, x.device)
+    return OpCall(
+        args=(x, weight, bias),
+        kwargs={"mode": mode, "chunk_size": chunk, "initial_state": initial_state},
+        device=x.device,
+        dtype=x.dtype,
+        mode=mode,
+        o=("y", (B, T, C), "[B, T, C]", x.dtype),
+        state=[("final_state", (B, K - 1, C), "[B, K-1, C]", x.dtype)],
+        key=(mode, chunk, x.dtype, x.device, x.shape, K, bias is None, initial_state is None),
+        describe=lambda: f"x {list(x.shape)}, weight {list(weight.shape)}",
+    )
+
+
+SHORT_CONV = Op(
+    OP,
+    prepare,
+    ShortConvBackend,
+    state_type=Tensor,
+    reference="seqmixers_conv.testing:short_conv_reference",
+    testing="seqmixers_conv.testing:SHORT_CONV_SPEC",
+    description="short causal depthwise convolution (state: the last K-1 inputs)",
+)
 
 
 def short_conv(
@@ -44,21 +108,7 @@ def short_conv(
         ``(y, final_state)``: ``y`` is ``[B, T, C]`` in the dtype of ``x``; ``final_state`` is the last K-1
         inputs, ``[B, K-1, C]`` in the dtype of ``x``, ready to be passed back as ``initial_state``.
     """
-    if not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point():
-        shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must be a floating-point tensor [B, T, C], got {shape}")
-    B, C = x.shape[0], x.shape[2]
-    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[0] != C or weight.shape[1] < 1:
-        shape = list(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(f"weight must be [C, K] with C = {C} channels as in x and K >= 1 taps, got {shape}")
-    K = weight.shape[1]
-    for name, t, shape in (("weight", weight, (C, K)), ("bias", bias, (C,))):
-        if t is not None:
-            check_state(t, name, shape, x.dtype, x.device)
-    chunk = check_mode(mode, chunk_size)
-    check_state(initial_state, "initial_state", (B, K - 1, C), x.dtype, x.device)
-    impl = resolve_backend(OP, backend, device=x.device, dtype=x.dtype, mode=mode)
-    return impl.fn(x, weight, bias, mode=mode, chunk_size=chunk, initial_state=initial_state)
+    return SHORT_CONV(x, weight, bias, mode=mode, chunk_size=chunk_size, initial_state=initial_state, backend=backend)
 
 
 # -- the torch backend ---------------------------------------------------------------------------------

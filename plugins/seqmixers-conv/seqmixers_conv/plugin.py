@@ -1,4 +1,4 @@
-"""The plugin module named by the ``seqmixers`` entry point: it registers the op's backend and the mixer.
+"""The plugin module named by the ``seqmixers`` entry point: it registers the op, its backend and the mixer.
 
 This is the whole integration with seqmixers; the same hooks register the core's own pieces.
 """
@@ -6,10 +6,15 @@ This is the whole integration with seqmixers; the same hooks register the core's
 from __future__ import annotations
 
 from mixers import Backend, hookimpl
-from mixers.registry import BackendRegistrar, MixerRegistrar
+from mixers.registry import BackendRegistrar, MixerRegistrar, OpRegistrar
 
 from seqmixers_conv.mixer import ShortConvolution
-from seqmixers_conv.op import OP, torch_short_conv
+from seqmixers_conv.op import OP, SHORT_CONV, torch_short_conv
+
+
+@hookimpl
+def register_ops(register: OpRegistrar) -> None:
+    register(SHORT_CONV)
 
 
 @hookimpl

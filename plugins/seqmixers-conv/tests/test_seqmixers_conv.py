@@ -14,7 +14,9 @@ from mixers.testing import assert_rel_close, check_op_backend, mixer_conformance
 if "short_conv" not in mixers.get_registry().mixers:  # the entry point is read from installed metadata
     pytest.skip("seqmixers-conv is not installed: pip install -e plugins/seqmixers-conv", allow_module_level=True)
 
-from seqmixers_conv import ShortConvolution, ShortConvState, short_conv  # noqa: E402
+from mixers import MixerState  # noqa: E402
+
+from seqmixers_conv import ShortConvolution, short_conv  # noqa: E402
 from seqmixers_conv.testing import SHORT_CONV_SPEC, ShortConvCase, short_conv_reference  # noqa: E402
 
 test_short_conv_mixer = mixer_conformance_tests("short_conv")
@@ -66,7 +68,7 @@ def test_bad_arguments_are_rejected_clearly():
         (lambda: short_conv(x, w, mode="parallel", backend="nope"), "unknown backend 'nope'"),
         (lambda: ShortConvolution(8, kernel_size=0), "kernel_size must be a positive int"),
         (lambda: ShortConvolution(8, activation="tanh"), "activation must be one of"),
-        (lambda: ShortConvolution(8)(torch.randn(1, 3, 8), ShortConvState(0, torch.zeros(2, 3, 8))), "batch size 2"),
+        (lambda: ShortConvolution(8)(torch.randn(1, 3, 8), MixerState.start(torch.zeros(2, 3, 8), 2)), "batch size 2"),
     ]
     for call, fragment in cases:
         with pytest.raises((ValueError, TypeError)) as info:
@@ -109,5 +111,15 @@ def test_usable_by_name_in_a_hybrid_model_config():
     logits, _ = model(tokens, mode="parallel")
     first, states = model(tokens[:, :4], mode="chunkwise", chunk_size=2)
     rest, _ = model(tokens[:, 4:], states, mode="recurrent")
-    assert isinstance(states[0], ShortConvState) and states[0].offset == 4
+    assert isinstance(states[0].op, torch.Tensor) and states[0].offset == 4
     assert_rel_close(torch.cat([first, rest], dim=1), logits, 1e-10, "split hybrid logits")
+
+
+def test_the_op_is_registered_and_the_kit_finds_its_spec_by_name():
+    """The plugin's ``Op`` is in the registry, so ``op_conformance_tests("short_conv")`` works like a core op's."""
+    from mixers.testing.ops import get_op_spec
+
+    from seqmixers_conv.op import SHORT_CONV
+
+    assert mixers.get_registry().ops["short_conv"].prepare is SHORT_CONV.prepare
+    assert get_op_spec("short_conv") is SHORT_CONV_SPEC

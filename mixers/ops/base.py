@@ -1,0 +1,177 @@
+"""What every op is made of: ``Op``, one registered object per op, and the checks of what backends return.
+
+An op is its name, the typed signature its backends implement (a ``typing.Protocol``), its validation
+(``prepare``: the public arguments in, an ``OpCall`` out: the backend's arguments and the specs of what it must
+return), its state type, and where its float64 reference and its conformance spec (hypothesis cases) live.
+Calling the ``Op`` validates, picks the backend from the registry, runs it and checks its outputs, so a plugin
+that brings an op of its own gets all of that by writing ``prepare``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mixers.ops.checks import _shape
+from mixers.registry import Backend, BackendOutputError, get_registry, resolve_backend
+
+# Shape classes whose outputs were checked, per backend: a backend is checked on its first call with each
+# (mode, chunk size, dtype, device, input shapes, state or not), then trusted, so the per-token cost of
+# decoding stays one set lookup. Bounded: forgotten wholesale when full (the checks are cheap to redo).
+_CHECKED: set[Hashable] = set()
+_MAX_CHECKED = 4096
+
+
+def _remember(key: Hashable) -> None:
+    if len(_CHECKED) >= _MAX_CHECKED:
+        _CHECKED.clear()
+    _CHECKED.add(key)
+
+
+def _backend_fault(impl: Backend, mode: str, inputs: str, problem: str) -> BackendOutputError:
+    alternatives = [name for name in sorted(get_registry().backends.get(impl.op, {})) if name != impl.name]
+    return BackendOutputError(
+        f"{get_registry().describe_backend(impl)} returned {problem}, for {inputs} in mode {mode!r}. The backend "
+        f"is at fault, not the inputs: report it to the plugin's authors, or pick another backend with backend= "
+        f"(installed: {alternatives})"
+    )
+
+
+def _pair(impl: Backend, mode: str, inputs: str, result: object, what: str, n: int = 2) -> tuple[object, ...]:
+    if not isinstance(result, (tuple, list)) or len(result) != n:
+        got = f"a {type(result).__name__}" + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else "")
+        raise _backend_fault(impl, mode, inputs, f"{got}; expected {'a pair' if n == 2 else f'{n} items'} {what}")
+    return tuple(result)
+
+
+def check_backend_outputs(
+    impl: Backend,
+    mode: str,
+    inputs: str,
+    expected: Sequence[tuple[str, object, Sequence[int], str, torch.dtype]],
+    device: torch.device,
+) -> None:
+    """Check each ``(name, tensor, shape, layout, dtype)`` a backend returned, all on ``device``; raise a
+    ``BackendOutputError`` naming the backend, its plugin and distribution. Public for plugins' own ops."""
+    for name, t, shape, layout, dtype in expected:
+        if not isinstance(t, Tensor):
+            raise _backend_fault(impl, mode, inputs, f"{name} as a {type(t).__name__}; expected a torch.Tensor")
+        if tuple(t.shape) != tuple(shape):
+            problem = f"{name} of shape {_shape(t)}; expected {list(shape)} ({layout})"
+            raise _backend_fault(impl, mode, inputs, problem)
+        if t.dtype != dtype:
+            raise _backend_fault(impl, mode, inputs, f"{name} of dtype {t.dtype}; expected {dtype}")
+        if t.device != device:
+            raise _backend_fault(impl, mode, inputs, f"{name} on device {t.device}; expected {device}")
+
+
+Spec = tuple[str, Sequence[int], str, torch.dtype]  # (name, shape, layout, dtype) of one output tensor
+
+
+def _verified(
+    impl: Backend,
+    mode: str,
+    key: Hashable,
+    result: object,
+    inputs: Callable[[], str],
+    o: Spec,
+    state: Sequence[Spec],
+    device: torch.device,
+) -> tuple[Tensor, Any]:
+    """The ``(o, final_state)`` a backend returned, checked on its first call of the shape class ``key``
+    against the specs of ``o`` and of the state (one tensor, or a tuple for several specs); later calls of
+    the class cost one set lookup. ``inputs`` describes the call, for the message (built only if needed).
+    While compiling, every call is checked, at trace time only (nothing of it runs in the compiled graph)."""
+    compiling = torch.compiler.is_compiling()
+    if not compiling and key in _CHECKED:
+        return result  # type: ignore[return-value]
+    where = inputs()
+    out, final = _pair(impl, mode, where, result, "(o, final_state)")
+    parts = [out, final]
+    if len(state) > 1:
+        names = ", ".join(spec[0].rsplit(".", 1)[-1] for spec in state)
+        parts[1:] = _pair(impl, mode, where, final, f"({names}) as the final state", len(state))
+    specs = [o, *state]
+    expected = [(name, t, shape, layout, dtype) for (name, shape, layout, dtype), t in zip(specs, parts, strict=True)]
+    check_backend_outputs(impl, mode, where, expected, device)
+    if not compiling:
+        _remember(key)
+    return result  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class OpCall:
+    """One validated call of an op, ready for a backend.
+
+    ``args``/``kwargs`` go to the backend's ``fn``; ``device``, ``dtype`` and ``mode`` choose it. ``o`` and
+    ``state`` are the specs ``(name, shape, layout, dtype)`` of what it must return (one spec: the state is one
+    tensor; several: a tuple of them). ``key`` is the call's shape class (what is checked once); ``describe``
+    says what the inputs were, for messages; ``make_state`` turns the backend's state into the op's state type.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+    mode: str
+    o: Spec
+    state: Sequence[Spec]
+    key: Hashable
+    describe: Callable[[], str]
+    make_state: Callable[[Any], Any] = lambda state: state
+
+
+def _load(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op, registered through the ``register_ops`` hook.
+
+    Arguments:
+        name: the registry name (``Backend.op`` of its backends).
+        prepare: ``prepare(*args, **kwargs) -> OpCall``: the op's validation, on its public arguments
+            (everything but ``backend``).
+        backend_signature: the ``typing.Protocol`` its backends' ``fn`` follows (documentation, and what a
+            type checker holds a backend to).
+        state_type: the type of the state it returns and takes back (``Tensor``, a NamedTuple), for messages.
+        reference: ``"module:function"``, its float64 reference written from the formula (imported on use).
+        testing: ``"module:ATTRIBUTE"``, its ``mixers.testing.OpSpec`` for the conformance kit (imported on use:
+            it needs hypothesis).
+        description: one line for ``seqmixers list``.
+    """
+
+    name: str
+    prepare: Callable[..., OpCall]
+    backend_signature: type
+    state_type: type | tuple[type, ...] | None = None
+    reference: str | None = None
+    testing: str | None = None
+    description: str = ""
+    plugin: str = field(default="", compare=False)  # filled in by the registry
+
+    def __call__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> tuple[Tensor, Any]:
+        """Validate, dispatch to ``backend`` (``"auto"``: the best available), check what it returned."""
+        call = self.prepare(*args, **kwargs)
+        impl = resolve_backend(self.name, backend, device=call.device, dtype=call.dtype, mode=call.mode)
+        result = impl.fn(*call.args, **call.kwargs)
+        key = (self.name, impl.name, impl.fn, call.key)
+        o, state = _verified(impl, call.mode, key, result, call.describe, call.o, call.state, call.device)
+        return o, call.make_state(state)
+
+    def load_reference(self) -> Callable[..., Any]:
+        if self.reference is None:
+            raise ValueError(f"op {self.name!r} names no float64 reference")
+        return _load(self.reference)
+
+    def load_testing(self) -> Any:
+        if self.testing is None:
+            raise ValueError(f"op {self.name!r} names no conformance spec (Op.testing)")
+        return _load(self.testing)

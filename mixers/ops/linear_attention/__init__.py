@@ -1,0 +1,118 @@
+"""The ``linear_attention`` op: causal linear attention (Katharopoulos et al. 2020) on feature-mapped q, k.
+
+Its state is a ``LinearState(kv, z)``. Its float64 reference is in ``reference.py``, its conformance spec in
+``testing.py``; the torch backend is ``mixers/backends/torch_linear_attention.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from mixers.ops.base import Op, OpCall
+from mixers.ops.checks import _shape, check_mode, check_qkv, check_state, state_dtype
+
+
+class LinearState(NamedTuple):
+    """Linear attention's state after ``t`` tokens: ``kv = sum_s k_s^T v_s`` ``[B, H, Dk, Dv]`` and the
+    normaliser ``z = sum_s k_s`` ``[B, H, Dk]`` (float32, or float64 for float64 inputs)."""
+
+    kv: Tensor
+    z: Tensor
+
+
+def _check_pair(state: object, name: str, fields: str) -> tuple[object, object] | None:
+    if state is None:
+        return None
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise TypeError(f"{name} must be None or a pair {fields}, got {type(state).__name__}")
+    return state[0], state[1]
+
+
+def check_linear_state(
+    state: object, B: int, H: int, Dk: int, Dv: int, dtype: torch.dtype, device: torch.device
+) -> LinearState | None:
+    """Check a linear-attention state ``(kv [B, H, Dk, Dv], z [B, H, Dk])``; return it as a ``LinearState``."""
+    pair = _check_pair(state, "initial_state", "(kv [B, H, Dk, Dv], z [B, H, Dk]) such as a LinearState")
+    if pair is None:
+        return None
+    kv, z = pair
+    if kv is None or z is None:
+        raise TypeError("initial_state must hold two tensors (kv, z), got None in it")
+    check_state(kv, "initial_state.kv", (B, H, Dk, Dv), state_dtype(dtype), device)
+    check_state(z, "initial_state.z", (B, H, Dk), state_dtype(dtype), device)
+    return LinearState(kv, z)
+
+
+def check_eps(eps: float) -> float:
+    """Check a denominator guard: a finite float > 0."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < math.inf):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    return float(eps)
+
+
+class LinearAttentionBackend(Protocol):
+    """What a linear-attention backend's ``fn`` is called with (validated) and returns: ``(o, (kv, z))``."""
+
+    def __call__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        mode: str,
+        chunk_size: int | None,
+        initial_state: LinearState | None,
+        normalize: bool,
+        eps: float,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]: ...
+
+
+def prepare(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mode: str,
+    chunk_size: int | None = None,
+    initial_state: LinearState | tuple[Tensor, Tensor] | None = None,
+    normalize: bool = True,
+    eps: float = 1e-6,
+) -> OpCall:
+    """Validate a linear-attention call (see ``mixers.functional.linear_attention``)."""
+    B, T, H, Dk, Dv = check_qkv(q, k, v)
+    chunk = check_mode(mode, chunk_size)
+    state = check_linear_state(initial_state, B, H, Dk, Dv, q.dtype, q.device)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__} {normalize!r}")
+    eps = check_eps(eps)
+    sd = state_dtype(q.dtype)
+    return OpCall(
+        args=(q, k, v),
+        kwargs={"mode": mode, "chunk_size": chunk, "initial_state": state, "normalize": normalize, "eps": eps},
+        device=q.device,
+        dtype=q.dtype,
+        mode=mode,
+        o=("o", (B, T, H, Dv), "[B, T, H, Dv]", q.dtype),
+        state=[
+            ("final_state.kv", (B, H, Dk, Dv), "[B, H, Dk, Dv]", sd),
+            ("final_state.z", (B, H, Dk), "[B, H, Dk]", sd),
+        ],
+        key=(mode, chunk, q.dtype, q.device, q.shape, Dv, state is None),
+        describe=lambda: f"q {_shape(q)}, v {_shape(v)}",
+        make_state=lambda state: LinearState(*state),
+    )
+
+
+LINEAR_ATTENTION = Op(
+    "linear_attention",
+    prepare,
+    LinearAttentionBackend,
+    state_type=LinearState,
+    reference="mixers.ops.linear_attention.reference:linear_attention_reference",
+    testing="mixers.ops.linear_attention.testing:SPEC",
+    description="causal linear attention on feature-mapped q, k, with an optional guarded normaliser",
+)
