@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from mixers import rotary as rope
@@ -281,7 +282,7 @@ class ProjectedMixer(TokenMixer):
         y = o if self.head_norm is None else self.head_norm(o)  # keeps the op's layout: the gate transposes
         if g is not None:
             y = F.silu(g).view(B, T, H, Dv) * y  # written in the gate's (B, T, H, Dv) layout
-        return self.out_proj(y.reshape(B, T, H * Dv))
+        return self.out_proj(rearrange(y, "b t h d -> b t (h d)"))
 
     def chunk(self, chunk_size: int | None) -> int | None:
         return chunk_size if chunk_size is not None else self.chunk_size

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from mixers import functional
@@ -142,7 +143,7 @@ class MultiScaleRetention(ProjectedMixer):
         H, Dk, Dv = self.num_heads, self.head_dim, self.value_head_dim
         qkv, g, window = self.project(x, state)
         qk, v = qkv.split([2 * H * Dk, self.widths[2]], dim=-1)
-        qk = qk.unflatten(-1, (2, H, Dk))  # (B, T, 2, H, Dk): q and k, rotated and scaled in one pass
+        qk = rearrange(qk, "b t (two h d) -> b t two h d", two=2, h=H)  # q and k, rotated and scaled in one pass
         if self.rope is not None:
             qk = self.rope(qk, self.positions(state), self._qk_scales(x.device, x.dtype))
         else:

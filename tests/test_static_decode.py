@@ -128,25 +128,26 @@ def test_generate_decodes_against_preallocated_caches_with_the_tokens_of_a_plain
 
 
 def test_the_decode_step_compiles_into_one_graph_reused_for_every_token():
-    """Positions are tensors and the caches preallocated: 20 steps, one compilation, no graph break."""
+    """Positions are tensors and the caches preallocated: 100 steps, one compilation, no graph break (the issue
+    allows two)."""
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
     model = _model(HYBRID)
     prompt = torch.randint(0, 32, (2, 5))
     with torch.no_grad():
-        want = _plain_loop(model, prompt, 20)
+        want = _plain_loop(model, prompt, 100)
         counter = CompileCounter()
         step = torch.compile(model._decode_step, backend=counter, fullgraph=True, dynamic=False)
-        states = model.init_states(2, max_len=25)
+        states = model.init_states(2, max_len=105)
         logits, states = model(prompt, states, mode="chunkwise")
         got = []
-        for _ in range(20):
+        for _ in range(100):
             token = logits[:, -1].argmax(-1, keepdim=True)
             got.append(token)
             logits, states = step(token, states)
     assert torch.equal(torch.cat(got, dim=1), want)
-    assert counter.frame_count == 1, f"compiled {counter.frame_count} times for 20 tokens"
+    assert counter.frame_count == 1, f"compiled {counter.frame_count} times for 100 tokens"
     torch._dynamo.reset()
 
 

@@ -33,6 +33,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -219,15 +220,16 @@ def softmax_attention(
 
     acc = state_dtype(q.dtype)
     scale = Dk**-0.5
-    q5 = q.to(acc).view(B, T, Hkv, G, Dk).permute(0, 2, 1, 3, 4)  # (B, Hkv, T, G, Dk)
-    kh, vh = k.to(acc).transpose(1, 2), v.to(acc).transpose(1, 2)  # (B, Hkv, L, D)
+    # Layout changes once per call (einops reads as what it does; none runs inside the loops).
+    q5 = rearrange(q.to(acc), "b t (h g) d -> b h t g d", g=G)  # the G query heads sharing key head h
+    kh, vh = (rearrange(x.to(acc), "b l h d -> b h l d") for x in (k, v))
     if mode == "recurrent":
         o5 = _recurrent(q5, kh, vh, offset, scale)
     else:
-        rows = q5.reshape(B, Hkv, T * G, Dk)
+        rows = rearrange(q5, "b h t g d -> b h (t g) d")  # row r is token r // G
         o = _BlockwiseAttention.apply(rows, kh, vh, offset, G, chunk_size, scale)
-        o5 = o.view(B, Hkv, T, G, Dv)
-    o = o5.permute(0, 2, 1, 3, 4)  # (B, T, Hkv, G, Dv)
+        o5 = rearrange(o, "b h (t g) d -> b h t g d", g=G)
+    o = rearrange(o5, "b h t g d -> b t h g d")
     if lacking is not None:
         o = o + lacking[:, :, :, None].to(acc)
-    return o.reshape(B, T, H, Dv).to(q.dtype), cache
+    return rearrange(o, "b t h g d -> b t (h g) d").to(q.dtype), cache
