@@ -147,7 +147,7 @@ def softmax_attention(
             (blockwise over keys with an online softmax, memory ``O(T * chunk_size)`` also in the
             backward pass; any ``chunk_size``, default 64) or ``"recurrent"`` (token by token against
             the cache). All three compute the same function up to rounding.
-        initial_state: a ``KVCache(k [B, C, Hkv, Dk], v [B, C, Hkv, Dv], length [B])`` from an earlier call or
+        initial_state: a ``KVCache(k [B, Hkv, C, Dk], v [B, Hkv, C, Dv], length [B])`` from an earlier call or
             ``init_state``, in the dtype of ``q`` (a pair ``(k, v)``: every row holds all ``C`` tokens), or
             ``None`` for an empty one.
         backend: a backend name, or ``"auto"``.

@@ -38,7 +38,7 @@ class SoftmaxAttention(ProjectedMixer):
         backend: the softmax-attention op's backend (``"auto"`` picks the best available).
         chunk_size: default key-block size for ``mode="chunkwise"``.
 
-    The state's ``op`` is the ``KVCache``: rotated keys ``k [B, C, Hkv, Dk]`` and values ``v [B, C, Hkv, Dk]``
+    The state's ``op`` is the ``KVCache``: rotated keys ``k [B, Hkv, C, Dk]`` and values ``v [B, Hkv, C, Dk]``
     in the input dtype. From ``init_state(B, max_len=C)`` it is preallocated for ``C`` tokens and written in
     place (the static decode path); from a call without a state it holds the tokens seen and grows when needed.
     """
@@ -82,7 +82,7 @@ class SoftmaxAttention(ProjectedMixer):
     ) -> MixerState:
         """An empty cache: of no tokens (it grows as tokens come), or preallocated for ``max_len`` tokens, which
         the static decode path writes in place and a compiled decode step needs (its shapes never change)."""
-        shape = (batch_size, 0 if max_len is None else max_len, self.num_kv_heads, self.head_dim)
+        shape = (batch_size, self.num_kv_heads, 0 if max_len is None else max_len, self.head_dim)
         k, v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
         length = torch.zeros(batch_size, dtype=torch.int64, device=device)
         return MixerState.start(KVCache(k, v, length), batch_size, device=device)

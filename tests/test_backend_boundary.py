@@ -89,7 +89,7 @@ def test_wrong_attention_states_fail_at_the_op(reg):
     fails(
         lambda: functional.softmax_attention(q, k, v, mode="recurrent", initial_state=cache, backend="stale_cache"),
         f"backend 'stale_cache' of op 'softmax_attention' ({PLUGIN})",
-        "final_state.k of shape [2, 5, 3, 4]; expected [2, 10, 3, 4] ([B, C, Hkv, Dk])",
+        "final_state.k of shape [2, 5, 3, 4]; expected [2, 3, 10, 4] ([B, Hkv, C, Dk])",
         "a cache of capacity 10",
     )
 
@@ -114,7 +114,7 @@ def test_decoding_into_a_growing_kv_cache_is_checked_once_not_per_token(reg):
     before = len(functional._CHECKED)
     for _ in range(5):
         _, cache = functional.softmax_attention(q, k, v, mode="recurrent", initial_state=cache)
-    assert cache.length.tolist() == [7, 7] and cache.k.shape[1] == 8  # capacity doubled: 1, 2, 4, 8
+    assert cache.length.tolist() == [7, 7] and cache.k.shape[2] == 8  # capacity doubled: 1, 2, 4, 8
     assert len(functional._CHECKED) == before
 
 

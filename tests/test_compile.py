@@ -274,9 +274,9 @@ def dense_softmax_kernel(q, k, v, *, mode, chunk_size, initial_state):
     """A kernel for caches without ``length`` (every row holds all its tokens), as a plugin might keep them: the
     new tokens are appended, through the torch backend with room made for them."""
     if initial_state is not None and getattr(initial_state, "length", None) is None:
-        kc, vc = initial_state[0], initial_state[1]
-        B, Tc = kc.shape[:2]
-        room = (torch.cat([c, c.new_zeros(B, q.shape[1], *c.shape[2:])], dim=1) for c in (kc, vc))
+        kc, vc = initial_state[0], initial_state[1]  # head-major: [B, Hkv, Tc, D]
+        B, Tc = kc.shape[0], kc.shape[2]
+        room = (torch.cat([c, c.new_zeros(B, c.shape[1], q.shape[1], c.shape[3])], dim=2) for c in (kc, vc))
         filled = torch.full((B,), Tc, dtype=torch.int64)
         initial_state = functional.KVCache(*room, filled)
     return torch_softmax_attention.softmax_attention(
@@ -304,7 +304,7 @@ def op_cases() -> list[tuple[str, object, tuple, object]]:
     dense = kernel_key("softmax_attention", dense_softmax_kernel)
     q, k, v = rand(B, 5, HEADS, Dk), rand(B, 5, HEADS, Dk), rand(B, 5, HEADS, Dv)
     kg, vg = rand(B, 5, Hkv, Dk), rand(B, 5, Hkv, Dv)  # grouped: one key/value head for two query heads
-    kc, vc = rand(B, 9, Hkv, Dk), rand(B, 9, Hkv, Dv)
+    kc, vc = rand(B, Hkv, 9, Dk), rand(B, Hkv, 9, Dv)  # caches are head-major
     length = torch.tensor([2, 4])  # rows hold 2 and 4 of 9 slots; 5 new tokens fit
     ops = torch.ops.seqmixers
     return [

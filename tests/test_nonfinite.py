@@ -33,7 +33,7 @@ def op_inputs(op: str, with_state: bool, dtype=torch.float64):
 
     if op == "softmax_attention":  # grouped-query heads, and a cache ahead of the new tokens
         q, k, v = randn(B, T, H, D), randn(B, T, Hkv, D), randn(B, T, Hkv, D)
-        state = (randn(B, 3, Hkv, D), randn(B, 3, Hkv, D)) if with_state else None
+        state = (randn(B, Hkv, 3, D), randn(B, Hkv, 3, D)) if with_state else None  # head-major caches
         return q, k, v, state
     q, k, v = randn(B, T, H, D), randn(B, T, H, D) * D**-0.5, randn(B, T, H, D + 1)
     if op == "linear_attention":

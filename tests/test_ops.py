@@ -142,3 +142,14 @@ def test_a_malformed_or_duplicate_op_breaks_only_its_plugin(monkeypatch):
         reg.plugins["fake_dup_op_plugin"].errors
     )
     assert reg.ops["retention"].plugin == "mixers.ops"
+
+
+def test_every_name_the_kit_exports_resolves():
+    """``mixers.testing`` exports lazily; each name in its ``__all__`` (the kit's public API, including what a
+    plugin needs to describe an op of its own) must import."""
+    import mixers.testing as kit
+
+    for name in kit.__all__:
+        assert getattr(kit, name) is not None, name
+    for name in ("BadInput", "standard_bad_inputs", "check_cases", "builtin_registry", "using_registry"):
+        assert name in kit.__all__

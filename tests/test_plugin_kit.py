@@ -220,6 +220,24 @@ def test_pytest_plugin_runs_the_suite_from_the_command_line(tmp_path):
     assert counts == {"passed": 11, "failed": 2}, out
 
 
+def test_naming_a_backend_keeps_the_op_level_checks():
+    """``--seqmixers-conformance=retention:other`` checks that backend only, so the op's own checks
+    (``rejects_bad_input``) run on it, though another backend (torch) would represent the op otherwise."""
+    from mixers.backends import torch_retention
+    from mixers.testing.pytest_plugin import _cases, _option_targets
+
+    with mixers.get_registry().temporary_backend("retention", "other", torch_retention.retention, plugin="tests"):
+        names = {}
+        for spec in ("retention:other", "retention"):
+            found = [(ident, target, checks) for ident, _, target, checks in _option_targets(spec)]
+            op_other = [(i, t, c) for i, t, c in found if i == "op-retention-other"]
+            assert op_other, found
+            ident, target, checks = op_other[0]
+            names[spec] = {check.name for _, check, _ in _cases(target, checks, None, named=":" in spec)}
+    assert "rejects_bad_input" in names["retention:other"]
+    assert "rejects_bad_input" not in names["retention"]  # all backends: it runs once, on torch
+
+
 def test_pytest_plugin_rejects_an_unknown_name(tmp_path):
     from mixers.testing.pytest_plugin import _option_targets
 

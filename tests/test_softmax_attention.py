@@ -35,10 +35,12 @@ def formula_reference(q, k, v, k_cache=None, v_cache=None):
 
 
 def matrix_reference(q, k, v, k_cache=None, v_cache=None):
-    """``softmax(Q K^T / sqrt(d) + M) V`` with ``M`` = 0 on and below the (cache-shifted) diagonal, -inf above."""
+    """``softmax(Q K^T / sqrt(d) + M) V`` with ``M`` = 0 on and below the (cache-shifted) diagonal, -inf above.
+    The caches are head-major, ``[B, Hkv, Tc, D]``."""
     q, k, v = q.double(), k.double(), v.double()
     if k_cache is not None:
-        k, v = torch.cat([k_cache.double(), k], dim=1), torch.cat([v_cache.double(), v], dim=1)
+        k = torch.cat([k_cache.double().transpose(1, 2), k], dim=1)
+        v = torch.cat([v_cache.double().transpose(1, 2), v], dim=1)
     T, H, L = q.shape[1], q.shape[2], k.shape[1]
     G = H // k.shape[2]
     k, v = k.repeat_interleave(G, dim=2), v.repeat_interleave(G, dim=2)
@@ -60,7 +62,7 @@ def problems(draw, dtypes=(torch.float32, torch.float64)):
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
 
-    cache = (randn(B, Tc, Hkv, Dk), randn(B, Tc, Hkv, Dv)) if draw(st.booleans()) else None
+    cache = (randn(B, Hkv, Tc, Dk), randn(B, Hkv, Tc, Dv)) if draw(st.booleans()) else None  # head-major
     return dict(
         q=randn(B, T, Hkv * G, Dk),
         k=randn(B, T, Hkv, Dk),
@@ -89,11 +91,11 @@ def test_op_matches_both_references_across_modes_and_a_split(p):
     torch.testing.assert_close(o.double(), matrix_reference(q, k, v, *cache), rtol=rtol, atol=atol)
     # the cache holds every key and value so far, exactly, in the input dtype (and may have free slots after them)
     assert isinstance(c2, functional.KVCache) and c2.k.dtype == q.dtype
-    want_k = k if cache[0] is None else torch.cat([cache[0], k], dim=1)
-    want_v = v if cache[1] is None else torch.cat([cache[1], v], dim=1)
+    want_k = k.transpose(1, 2) if cache[0] is None else torch.cat([cache[0], k.transpose(1, 2)], dim=2)
+    want_v = v.transpose(1, 2) if cache[1] is None else torch.cat([cache[1], v.transpose(1, 2)], dim=2)
     held = c2.held()
     assert torch.equal(held.k, want_k) and torch.equal(held.v, want_v)
-    assert c2.length.tolist() == [want_k.shape[1]] * want_k.shape[0]
+    assert c2.length.tolist() == [want_k.shape[2]] * want_k.shape[0]
 
 
 @pytest.mark.parametrize("mode,chunk", [("parallel", None), ("chunkwise", 1), ("chunkwise", 4), ("recurrent", None)])
@@ -106,8 +108,8 @@ def test_op_gradients_match_reference(mode, chunk, groups):
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
 
-    inputs = [randn(B, T, Hkv * groups, D), randn(B, T, Hkv, D), randn(B, T, Hkv, 3), randn(B, Tc, Hkv, D)]
-    inputs.append(randn(B, Tc, Hkv, 3))
+    inputs = [randn(B, T, Hkv * groups, D), randn(B, T, Hkv, D), randn(B, T, Hkv, 3), randn(B, Hkv, Tc, D)]
+    inputs.append(randn(B, Hkv, Tc, 3))
     w = torch.randn(B, T, Hkv * groups, 3, generator=gen, dtype=torch.float64)
     q, k, v, kc, vc = inputs
     o, _ = functional.softmax_attention(q, k, v, mode=mode, chunk_size=chunk, initial_state=(kc, vc))
@@ -124,7 +126,7 @@ def test_op_gradients_match_reference(mode, chunk, groups):
 def test_chunkwise_backward_passes_gradcheck(T, Tc, chunk, groups, seed):
     """The hand-written backward of the blockwise kernel against finite differences."""
     gen = torch.Generator().manual_seed(seed)
-    kc, vc = torch.randn(1, Tc, 1, 3, generator=gen).double(), torch.randn(1, Tc, 1, 2, generator=gen).double()
+    kc, vc = torch.randn(1, 1, Tc, 3, generator=gen).double(), torch.randn(1, 1, Tc, 2, generator=gen).double()
     q = torch.randn(1, T, groups, 3, generator=gen).double().requires_grad_()
     k = torch.randn(1, T, 1, 3, generator=gen).double().requires_grad_()
     v = torch.randn(1, T, 1, 2, generator=gen).double().requires_grad_()
@@ -183,21 +185,21 @@ def _qkv(B=2, T=3, H=4, Hkv=2, Dk=8, Dv=6):
 @pytest.mark.parametrize(
     "cache,error,match",
     [
-        (torch.zeros(2, 5, 2, 8), TypeError, r"initial_state must be None, a KVCache\(k \[B, C, Hkv, Dk\], v"),
-        ((torch.zeros(3, 5, 2, 8), torch.zeros(3, 5, 2, 6)), ValueError,
+        (torch.zeros(2, 2, 5, 8), TypeError, r"initial_state must be None, a KVCache\(k \[B, Hkv, C, Dk\], v"),
+        ((torch.zeros(3, 2, 5, 8), torch.zeros(3, 2, 5, 6)), ValueError,
          r"initial_state.k \(the key cache\) was built for batch size 3, but q has batch size 2"),
-        ((torch.zeros(2, 5, 4, 8), torch.zeros(2, 5, 4, 6)), ValueError,
+        ((torch.zeros(2, 4, 5, 8), torch.zeros(2, 4, 5, 6)), ValueError,
          r"initial_state.k \(the key cache\) holds 4 heads, but k and v have 2 heads"),
-        ((torch.zeros(2, 5, 2, 8), torch.zeros(2, 5, 1, 6)), ValueError,
+        ((torch.zeros(2, 2, 5, 8), torch.zeros(2, 1, 5, 6)), ValueError,
          r"initial_state.v \(the value cache\) holds 1 heads, but k and v have 2 heads"),
-        ((torch.zeros(2, 5, 2, 4), torch.zeros(2, 5, 2, 6)), ValueError,
+        ((torch.zeros(2, 2, 5, 4), torch.zeros(2, 2, 5, 6)), ValueError,
          r"initial_state.k \(the key cache\) has head dim 4, but k has head dim 8"),
-        ((torch.zeros(2, 5, 2, 8), torch.zeros(2, 4, 2, 6)), ValueError,
+        ((torch.zeros(2, 2, 5, 8), torch.zeros(2, 2, 4, 6)), ValueError,
          "k and v caches must hold as many tokens, got 5 and 4"),
-        ((torch.zeros(2, 5, 2, 8).double(), torch.zeros(2, 5, 2, 6)), TypeError,
+        ((torch.zeros(2, 2, 5, 8).double(), torch.zeros(2, 2, 5, 6)), TypeError,
          "must have the dtype of q, torch.float32, got torch.float64"),
-        ((torch.zeros(2, 5, 16), torch.zeros(2, 5, 2, 6)), ValueError, r"must have rank 4 \[B, C, Hkv, KD\]"),
-        ((torch.zeros(2, 5, 2, 8), "cache"), TypeError, r"initial_state.v \(the value cache\) must be a torch.Tensor"),
+        ((torch.zeros(2, 5, 16), torch.zeros(2, 2, 5, 6)), ValueError, r"must have rank 4 \[B, Hkv, C, KD\]"),
+        ((torch.zeros(2, 2, 5, 8), "cache"), TypeError, r"initial_state.v \(the value cache\) must be a torch.Tensor"),
     ],
 )  # fmt: skip
 def test_a_foreign_kv_cache_is_rejected_clearly(cache, error, match):
@@ -243,7 +245,7 @@ def test_mixer_without_rotation_computes_the_formula():
     o = formula_reference(q.view(2, 7, 3, 4), k.view(2, 7, 1, 4), v.view(2, 7, 1, 4))
     y, state = mixer(x)
     torch.testing.assert_close(y, o.reshape(2, 7, 12) @ mixer.out_proj.weight.T, rtol=1e-10, atol=1e-10)
-    assert state.offset == 7 and state.op.k.shape == (2, 7, 1, 4) and state.op.length.tolist() == [7, 7]
+    assert state.offset == 7 and state.op.k.shape == (2, 1, 7, 4) and state.op.length.tolist() == [7, 7]
 
 
 def test_rotary_positions_continue_across_a_hand_over():
@@ -292,7 +294,7 @@ def test_grouped_query_mixer_equals_multi_head_with_shared_key_heads(num_kv_head
     y_gqa, s_gqa = gqa(x, mode="chunkwise", chunk_size=3)
     y_mha, s_mha = mha(x)
     torch.testing.assert_close(y_gqa, y_mha, rtol=1e-10, atol=1e-10)
-    assert s_gqa.op.k.shape == (2, 10, num_kv_heads, D)
+    assert s_gqa.op.k.shape == (2, num_kv_heads, 10, D)
     assert s_gqa.op.k.nbytes * (H // num_kv_heads) == s_mha.op.k.nbytes
 
 
@@ -301,11 +303,11 @@ def test_the_cache_grows_when_the_tokens_do_not_fit():
     reallocates O(log n) times, not at every token."""
     mixer = SoftmaxAttention(16, num_heads=4, num_kv_heads=2)
     state = mixer.init_state(3)
-    assert state.op.k.shape == (3, 0, 2, 4)
+    assert state.op.k.shape == (3, 2, 0, 4)
     capacities = []
     for n in (1, 7, 1, 1, 1):
         _, state = mixer(torch.randn(3, n, 16), state, mode="recurrent")
-        capacities.append(state.op.k.shape[1])
+        capacities.append(state.op.k.shape[2])
     assert capacities == [1, 8, 16, 16, 16]
     assert state.offset == 11 and state.op.length.tolist() == [11] * 3
     # k and v (B * C * Hkv * D * 4 bytes each), the lengths and the positions (B * 8 bytes each)
@@ -329,7 +331,7 @@ def test_a_preallocated_cache_is_written_in_place_and_equals_one_pass():
             y_t, state = mixer(x[:, t : t + 1], state, mode="recurrent")
             outs.append(y_t)
     torch.testing.assert_close(torch.cat(outs, dim=1), y, rtol=1e-10, atol=1e-10)
-    assert state.op.k.data_ptr() == buffer and state.op.k.shape == (2, 12, 2, 4)
+    assert state.op.k.data_ptr() == buffer and state.op.k.shape == (2, 2, 12, 4)
     assert state.op.length.tolist() == [9, 9] and state.pos.tolist() == [9, 9]
 
 

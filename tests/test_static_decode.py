@@ -124,7 +124,7 @@ def test_generate_decodes_against_preallocated_caches_with_the_tokens_of_a_plain
         for _ in range(10):
             logits, states = model._decode_step(logits[:, -1].argmax(-1, keepdim=True), states)
     assert (states[1].op.k.data_ptr(), states[1].op.v.data_ptr()) == buffers, "the cache was reallocated"
-    assert states[1].op.k.shape[1] == 16 and states[1].op.length.tolist() == [16, 16]
+    assert states[1].op.k.shape[2] == 16 and states[1].op.length.tolist() == [16, 16]
 
 
 def test_the_decode_step_compiles_into_one_graph_reused_for_every_token():

@@ -275,7 +275,7 @@ def opaque_softmax_attention(
     kc, vc = final[0], final[1]
     new_length = getattr(final, "length", None) if len(final) != 3 else final[2]
     if new_length is None:  # a cache without lengths: every row holds all its tokens
-        new_length = torch.full((kc.shape[0],), kc.shape[1], dtype=torch.int64, device=kc.device)
+        new_length = torch.full((kc.shape[0],), kc.shape[2], dtype=torch.int64, device=kc.device)
     o, kc, vc, new_length = _fresh([o, kc, vc, new_length], [q, k, v, k_cache, v_cache, length])
     return o, kc, vc, new_length
 
@@ -287,11 +287,11 @@ def _(q, k, v, k_cache, v_cache, length, mode, chunk_size, kernel):
     if k_cache is None:
         L = T
     elif length is not None:  # a preallocated cache keeps its capacity; each row grows by T tokens
-        L = k_cache.shape[1]
+        L = k_cache.shape[2]
     else:  # a dense cache: the new tokens are appended
-        L = k_cache.shape[1] + T
-    new_length = q.new_empty(B, dtype=torch.int64)
-    return q.new_empty(B, T, H, Dv), q.new_empty(B, L, Hkv, Dk), q.new_empty(B, L, Hkv, Dv), new_length
+        L = k_cache.shape[2] + T
+    new_length = q.new_empty(B, dtype=torch.int64)  # caches are head-major: [B, Hkv, L, D]
+    return q.new_empty(B, T, H, Dv), q.new_empty(B, Hkv, L, Dk), q.new_empty(B, Hkv, L, Dv), new_length
 
 
 @torch.library.custom_op("seqmixers::opaque_softmax_attention_backward", mutates_args=())

@@ -157,22 +157,27 @@ def _recurrent(q5: Tensor, k: Tensor, v: Tensor, offset: int | Tensor, scale: fl
 
 
 def _write(cache: Tensor, new: Tensor, index: Tensor, in_place: bool) -> Tensor:
-    """``cache [B, C, Hkv, D]`` with ``new [B, T, Hkv, D]`` written at rows' slots ``index [B, T]``.
+    """``cache [B, Hkv, C, D]`` with ``new [B, T, Hkv, D]`` written at rows' slots ``index [B, T]``.
 
-    An ``index_put`` (``cache[rows, index] = new``), as gpt-fast writes its cache: a compiled graph does it in
-    place on the input buffer instead of copying the whole cache back."""
+    An ``index_put`` through the token-major view (``cache[rows, :, index] = new``), as gpt-fast writes its cache:
+    a compiled graph does it in place on the input buffer instead of copying the whole cache back. Out of place,
+    the copy keeps the cache's head-major memory layout."""
     rows = torch.arange(cache.shape[0], device=cache.device)[:, None]
-    return cache.index_put_((rows, index), new) if in_place else cache.index_put((rows, index), new)
+    by_token = cache.transpose(1, 2)  # (B, C, Hkv, D), a view
+    if in_place:
+        by_token.index_put_((rows, index), new)
+        return cache
+    return by_token.index_put((rows, index), new).transpose(1, 2)
 
 
 def _parallel_per_row(q: Tensor, k: Tensor, v: Tensor, length: Tensor) -> Tensor:
-    """SDPA of ``q [B, T, H, Dk]`` over a cache's whole capacity ``k, v [B, C, Hkv, D]``, query t of row b
+    """SDPA of ``q [B, T, H, Dk]`` over a cache's whole capacity ``k, v [B, Hkv, C, D]``, query t of row b
     seeing slots up to ``length[b] + t``."""
-    T, H, C, Hkv = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+    T, H, Hkv, C = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
     pos = length[:, None] + torch.arange(T, device=q.device)  # (B, T)
     mask = (torch.arange(C, device=q.device) <= pos[:, :, None])[:, None]  # (B, 1, T, C)
-    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-    return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=H != Hkv).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=H != Hkv)
+    return o.transpose(1, 2)
 
 
 def softmax_attention(
@@ -189,8 +194,8 @@ def softmax_attention(
     B, T, H, Dk = q.shape
     Hkv, Dv = k.shape[2], v.shape[-1]
     G = H // Hkv
-    if initial_state is None:
-        cache = KVCache(k, v, torch.full((B,), T, dtype=torch.int64, device=q.device))
+    if initial_state is None:  # the cache is the new keys and values, head-major views of them (no copy)
+        cache = KVCache(k.transpose(1, 2), v.transpose(1, 2), torch.full((B,), T, dtype=torch.int64, device=q.device))
         offset: int | Tensor = 0
     else:
         offset = initial_state.length
@@ -207,13 +212,16 @@ def softmax_attention(
     if exclude and may_be_nonfinite(k, v):
         k_fin, v_fin, lacking = _excluded(k, v)
         if initial_state is None:
-            k, v = k_fin, v_fin
+            kh, vh = k_fin.transpose(1, 2), v_fin.transpose(1, 2)
         else:  # compute on copies holding the zeroed tokens; the returned cache keeps them as given
-            k, v = (_write(c, n, index, in_place=False) for c, n in ((cache.k, k_fin), (cache.v, v_fin)))
+            kh, vh = (_write(c, n, index, in_place=False) for c, n in ((cache.k, k_fin), (cache.v, v_fin)))
     else:
-        k, v = cache.k, cache.v
+        kh, vh = cache.k, cache.v  # (B, Hkv, L, D)
     if mode == "parallel":
-        o = _parallel(q, k, v) if initial_state is None else _parallel_per_row(q, k, v, offset)
+        if initial_state is None:
+            o = _parallel(q, kh.transpose(1, 2), vh.transpose(1, 2))
+        else:
+            o = _parallel_per_row(q, kh, vh, offset)
         if lacking is None:
             return o, cache
         return (o.unflatten(2, (Hkv, G)) + lacking[:, :, :, None]).flatten(2, 3), cache  # (SDPA saved o: not in place)
@@ -222,7 +230,7 @@ def softmax_attention(
     scale = Dk**-0.5
     # Layout changes once per call (einops reads as what it does; none runs inside the loops).
     q5 = rearrange(q.to(acc), "b t (h g) d -> b h t g d", g=G)  # the G query heads sharing key head h
-    kh, vh = (rearrange(x.to(acc), "b l h d -> b h l d") for x in (k, v))
+    kh, vh = kh.to(acc), vh.to(acc)
     if mode == "recurrent":
         o5 = _recurrent(q5, kh, vh, offset, scale)
     else:

@@ -52,11 +52,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _cases(
-    target: MixerTarget | OpTarget, checks: tuple[Check, ...], names: Iterable[str] | None
+    target: MixerTarget | OpTarget, checks: tuple[Check, ...], names: Iterable[str] | None, *, named: bool = False
 ) -> Iterator[tuple[str, Check, str | None]]:
+    """The cases of ``checks`` that apply to ``target``. ``named``: the user named this op's backend, the only one
+    checked, so the op-level checks (``per_op``, such as ``rejects_bad_input``) run on it whichever backend
+    would represent the op otherwise."""
     wanted = set(names) if names is not None else None
     for check in checks:
-        if (wanted is None or check.name in wanted) and check.applies_to(target):
+        applies = check.applies_to(target) or (
+            named and check.per_op and (check.applies is None or check.applies(target))
+        )
+        if (wanted is None or check.name in wanted) and applies:
             for mode in target.modes if check.per_mode else (None,):
                 yield f"{target.id}-{check.name}{'-' + mode if mode else ''}", check, mode
 
@@ -162,7 +168,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
                 items.append(ConformanceItem.from_parent(session, name=name, nodeid=f"{spec}::{name}", run=skip))
                 continue
             prefix = "op-" if ident.startswith("op-") else ""
-            for case_id, check, mode in _cases(target, checks, None):
+            named = ident.startswith("op-") and ":" in spec
+            for case_id, check, mode in _cases(target, checks, None, named=named):
                 name = f"{MARKER}[{prefix}{case_id}]"
 
                 def run(check=check, target=target, mode=mode) -> None:

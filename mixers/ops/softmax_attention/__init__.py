@@ -17,9 +17,10 @@ from mixers.ops.checks import _check_each, _check_shared, _check_widths, _shape,
 
 
 class KVCache(NamedTuple):
-    """Softmax attention's state: keys ``k [B, C, Hkv, Dk]`` and values ``v [B, C, Hkv, Dv]`` in the dtype of the
+    """Softmax attention's state: keys ``k [B, Hkv, C, Dk]`` and values ``v [B, Hkv, C, Dv]`` in the dtype of the
     inputs (stored, not accumulated, so nothing is gained by widening), of which row ``b`` holds the first
-    ``length[b]`` tokens (int64 ``[B]``). The ``C - length[b]`` slots after them are free: the op writes new
+    ``length[b]`` tokens (int64 ``[B]``). Head-major, as gpt-fast keeps it: a decode step reads each head's keys
+    as one contiguous block. The ``C - length[b]`` slots after them are free: the op writes new
     tokens there, in place when no gradient is being recorded (the static decode path preallocates ``C``), and
     grows the cache (to at least twice its capacity) when a call brings more tokens than fit. ``length=None``
     (as from a plain ``(k, v)`` pair) means every row holds all ``C`` tokens."""
@@ -32,10 +33,10 @@ class KVCache(NamedTuple):
         """The tokens held, without free slots: ``max(length)`` tokens, zeros past a shorter row's length (a
         device sync; for comparing caches of different capacities, as tests do)."""
         if self.length is None:
-            return KVCache(self.k, self.v, torch.full(self.k.shape[:1], self.k.shape[1], device=self.k.device))
+            return KVCache(self.k, self.v, torch.full(self.k.shape[:1], self.k.shape[2], device=self.k.device))
         n = int(self.length.max()) if self.length.numel() else 0
-        keep = (torch.arange(self.k.shape[1], device=self.k.device) < self.length[:, None])[:, :n, None, None]
-        return KVCache(self.k[:, :n] * keep, self.v[:, :n] * keep, self.length)
+        keep = (torch.arange(self.k.shape[2], device=self.k.device) < self.length[:, None])[:, None, :n, None]
+        return KVCache(self.k[:, :, :n] * keep, self.v[:, :, :n] * keep, self.length)
 
 
 def check_qkv_grouped(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int, int]:
@@ -58,13 +59,13 @@ def check_qkv_grouped(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, i
 def check_kv_cache(
     cache: object, B: int, Hkv: int, Dk: int, Dv: int, dtype: torch.dtype, device: torch.device
 ) -> KVCache | None:
-    """Check a KV cache ``(k [B, C, Hkv, Dk], v [B, C, Hkv, Dv], length [B] or None)`` against the new keys;
+    """Check a KV cache ``(k [B, Hkv, C, Dk], v [B, Hkv, C, Dv], length [B] or None)`` against the new keys;
     return it as a ``KVCache`` with its ``length`` (a pair ``(k, v)`` holds all ``C`` tokens in every row)."""
     if cache is None:
         return None
     if not isinstance(cache, (tuple, list)) or len(cache) not in (2, 3):
         raise TypeError(
-            "initial_state must be None, a KVCache(k [B, C, Hkv, Dk], v [B, C, Hkv, Dv], length [B]) or a pair "
+            "initial_state must be None, a KVCache(k [B, Hkv, C, Dk], v [B, Hkv, C, Dv], length [B]) or a pair "
             f"(k, v), got {type(cache).__name__}"
             + (f" of length {len(cache)}" if isinstance(cache, (tuple, list)) else "")
         )
@@ -73,11 +74,11 @@ def check_kv_cache(
         if not isinstance(t, Tensor):
             raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{what} must have rank 4 [B, C, Hkv, {name.upper()}D], got shape {_shape(t)}")
+            raise ValueError(f"{what} must have rank 4 [B, Hkv, C, {name.upper()}D], got shape {_shape(t)}")
         if t.shape[0] != B:
             raise ValueError(f"{what} was built for batch size {t.shape[0]}, but q has batch size {B}")
-        if t.shape[2] != Hkv:
-            raise ValueError(f"{what} holds {t.shape[2]} heads, but k and v have {Hkv} heads")
+        if t.shape[1] != Hkv:
+            raise ValueError(f"{what} holds {t.shape[1]} heads, but k and v have {Hkv} heads")
         if t.shape[3] != D:
             raise ValueError(f"{what} has head dim {t.shape[3]}, but {name} has head dim {D}")
         if t.dtype != dtype:
@@ -85,11 +86,11 @@ def check_kv_cache(
         if t.device != device:
             raise ValueError(f"{what} must be on device {device}, got {t.device}")
     kc, vc = cache[0], cache[1]
-    if kc.shape[1] != vc.shape[1]:
-        raise ValueError(f"initial_state k and v caches must hold as many tokens, got {kc.shape[1]} and {vc.shape[1]}")
+    if kc.shape[2] != vc.shape[2]:
+        raise ValueError(f"initial_state k and v caches must hold as many tokens, got {kc.shape[2]} and {vc.shape[2]}")
     length = cache[2] if len(cache) == 3 else None
     if length is None:
-        return KVCache(kc, vc, torch.full((B,), kc.shape[1], dtype=torch.int64, device=device))
+        return KVCache(kc, vc, torch.full((B,), kc.shape[2], dtype=torch.int64, device=device))
     if not isinstance(length, Tensor):
         raise TypeError(f"initial_state.length must be an int64 tensor [B] or None, got {type(length).__name__}")
     if length.dim() != 1 or length.shape[0] != B:
@@ -109,7 +110,7 @@ def _room(cache: KVCache, T: int) -> KVCache:
     token-by-token loop copies O(1) per token on average) when a row would overflow. Checking costs a device
     sync, so a compiled graph skips it: there the capacity must have been preallocated (``init_state(max_len)``),
     and a write past it fails in the indexing kernel."""
-    C = cache.k.shape[1]
+    C = cache.k.shape[2]
     if T == 0 or torch.compiler.is_compiling():
         return cache
     needed = int(cache.length.max()) + T if cache.length.numel() else T
@@ -118,7 +119,7 @@ def _room(cache: KVCache, T: int) -> KVCache:
     new = max(needed, 2 * C)
 
     def grow(t: Tensor) -> Tensor:
-        return torch.cat([t, t.new_zeros(t.shape[0], new - C, *t.shape[2:])], dim=1)
+        return torch.cat([t, t.new_zeros(t.shape[0], t.shape[1], new - C, t.shape[3])], dim=2)
 
     return KVCache(grow(cache.k), grow(cache.v), cache.length)
 
@@ -149,7 +150,7 @@ def prepare(
     cache = check_kv_cache(initial_state, B, Hkv, Dk, Dv, q.dtype, q.device)
     if cache is not None:
         cache = _room(cache, T)
-    C = T if cache is None else cache.k.shape[1]
+    C = T if cache is None else cache.k.shape[2]
     return OpCall(
         args=(q, k, v),
         kwargs={"mode": mode, "chunk_size": chunk, "initial_state": cache},
@@ -158,8 +159,8 @@ def prepare(
         mode=mode,
         o=("o", (B, T, H, Dv), "[B, T, H, Dv]", q.dtype),
         state=[
-            ("final_state.k", (B, C, Hkv, Dk), "[B, C, Hkv, Dk]", q.dtype),
-            ("final_state.v", (B, C, Hkv, Dv), "[B, C, Hkv, Dv]", q.dtype),
+            ("final_state.k", (B, Hkv, C, Dk), "[B, Hkv, C, Dk]", q.dtype),
+            ("final_state.v", (B, Hkv, C, Dv), "[B, Hkv, C, Dv]", q.dtype),
             ("final_state.length", (B,), "[B]", torch.int64),
         ],
         # A cache's capacity and lengths are not part of the shape class (with a cache or without).

@@ -21,8 +21,8 @@ def softmax_attention_reference(
 
     A loop over rows, query tokens and heads, straight from the formula (no max subtraction: keep inputs
     moderate). Query head h reads key head ``h // (H / Hkv)``; row b's cache holds ``length[b]`` keys before
-    ``q``'s (all of them for a pair ``(k, v)``). Returns the cache as ``KVCache.held`` gives it: each row's
-    keys, then zeros up to the longest row.
+    ``q``'s (all of them for a pair ``(k, v)``), head-major (``[B, Hkv, C, D]``). Returns the cache as
+    ``KVCache.held`` gives it: each row's keys, then zeros up to the longest row.
     """
     q, k, v = q.double(), k.double(), v.double()
     B, T, H, D = q.shape
@@ -31,7 +31,8 @@ def softmax_attention_reference(
         lengths = [0] * B
         past_k, past_v = k[:, :0], v[:, :0]
     else:
-        past_k, past_v = initial_state[0].double(), initial_state[1].double()
+        # token-major, to be joined with the new keys
+        past_k, past_v = initial_state[0].double().transpose(1, 2), initial_state[1].double().transpose(1, 2)
         held = initial_state[2] if len(initial_state) == 3 and initial_state[2] is not None else None
         lengths = [past_k.shape[1]] * B if held is None else [int(n) for n in held]
     rows_k = [torch.cat([past_k[b, : lengths[b]], k[b]]) for b in range(B)]
@@ -49,6 +50,6 @@ def softmax_attention_reference(
         return torch.stack([torch.cat([r, r.new_zeros(longest - r.shape[0], *r.shape[1:])]) for r in rows])
 
     if B == 0:
-        return o, KVCache(k, v, torch.zeros(0, dtype=torch.int64))
+        return o, KVCache(k.transpose(1, 2), v.transpose(1, 2), torch.zeros(0, dtype=torch.int64))
     length = torch.tensor([n + T for n in lengths], dtype=torch.int64)
-    return o, KVCache(padded(rows_k), padded(rows_v), length)
+    return o, KVCache(padded(rows_k).transpose(1, 2), padded(rows_v).transpose(1, 2), length)

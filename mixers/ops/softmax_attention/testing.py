@@ -56,9 +56,9 @@ class SoftmaxAttentionCase:
         cache = None
         if self.with_state:
             held = torch.randint(0, Tc + 1, (B,), generator=gen) if self.ragged else torch.full((B,), Tc)
-            slots = (torch.arange(Tc + self.free) < held[:, None])[:, :, None, None]  # free slots are zeros
-            kc = torch.randn(B, Tc + self.free, Hkv, Dk, generator=gen, dtype=torch.float64) * slots
-            vc = torch.randn(B, Tc + self.free, Hkv, Dv, generator=gen, dtype=torch.float64) * slots
+            slots = (torch.arange(Tc + self.free) < held[:, None])[:, None, :, None]  # free slots are zeros
+            kc = torch.randn(B, Hkv, Tc + self.free, Dk, generator=gen, dtype=torch.float64) * slots
+            vc = torch.randn(B, Hkv, Tc + self.free, Dv, generator=gen, dtype=torch.float64) * slots
             length = held.to(device=device)
             cache = KVCache(
                 _to(kc, self.dtype, device, requires_grad), _to(vc, self.dtype, device, requires_grad), length
