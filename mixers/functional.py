@@ -61,6 +61,7 @@ def retention(
     chunk_size: int | None = None,
     initial_state: Tensor | None = None,
     backend: str = "auto",
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Retention: ``o_t = sum_{s<=t} gamma^(t-s) (q_t . k_s) v_s + gamma^(t+1) q_t S_0``.
 
@@ -73,13 +74,19 @@ def retention(
             ``"recurrent"`` (token by token). All three compute the same function.
         initial_state: ``[B, H, Dk, Dv]`` state ``S_0`` from an earlier call, or ``None`` for zeros.
         backend: a backend name, or ``"auto"`` for the best available one for these inputs.
+        cu_seqlens: int32/int64 ``[N+1]`` (0, ..., T): ``q, k, v`` are ``[1, T, ...]`` holding N sequences packed
+            one after the other, each computed from its own state (``initial_state`` ``[N, ...]``, or zeros),
+            nothing crossing a boundary; the final state is ``[N, ...]``.
 
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, T, H, Dv]`` in the dtype of ``q``; ``final_state`` is
         ``S_T = gamma^T S_0 + sum_s gamma^(T-1-s) k_s^T v_s``, ``[B, H, Dk, Dv]`` in float32
         (float64 for float64 inputs), ready to be passed back as ``initial_state``.
     """
-    return RETENTION(q, k, v, gamma, mode=mode, chunk_size=chunk_size, initial_state=initial_state, backend=backend)
+    return RETENTION(
+        q, k, v, gamma, mode=mode, chunk_size=chunk_size, initial_state=initial_state, backend=backend,
+        cu_seqlens=cu_seqlens,
+    )  # fmt: skip
 
 
 def linear_attention(
@@ -93,6 +100,7 @@ def linear_attention(
     normalize: bool = True,
     eps: float = 1e-6,
     backend: str = "auto",
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, LinearState]:
     """Causal linear attention (Katharopoulos et al. 2020) on feature-mapped ``q, k``.
 
@@ -112,6 +120,7 @@ def linear_attention(
         normalize: divide by the guarded normaliser (``False``: the plain sum, ``o_t = q_t kv_t``).
         eps: the guard's threshold, compared with the normaliser in float32 (float64 for float64 inputs).
         backend: a backend name, or ``"auto"``.
+        cu_seqlens: packed sequences, as for ``retention``.
 
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, T, H, Dv]`` in the dtype of ``q``; ``final_state`` is a
@@ -120,7 +129,7 @@ def linear_attention(
     """
     return LINEAR_ATTENTION(
         q, k, v, mode=mode, chunk_size=chunk_size, initial_state=initial_state, normalize=normalize, eps=eps,
-        backend=backend,
+        backend=backend, cu_seqlens=cu_seqlens,
     )  # fmt: skip
 
 
@@ -133,6 +142,7 @@ def softmax_attention(
     chunk_size: int | None = None,
     initial_state: KVCache | tuple[Tensor, Tensor] | None = None,
     backend: str = "auto",
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, KVCache]:
     """Causal scaled dot-product attention, continuing from a KV cache.
 
@@ -151,6 +161,7 @@ def softmax_attention(
             ``init_state``, in the dtype of ``q`` (a pair ``(k, v)``: every row holds all ``C`` tokens), or
             ``None`` for an empty one.
         backend: a backend name, or ``"auto"``.
+        cu_seqlens: packed sequences, as for ``retention``.
 
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, T, H, Dv]`` in the dtype of ``q``; ``final_state`` is the cache with
@@ -158,4 +169,6 @@ def softmax_attention(
         cache's when the tokens fit (they are written in place when no gradient is recorded: the tokens the
         given state holds never change), else at least twice that; without a cache it is ``T``.
     """
-    return SOFTMAX_ATTENTION(q, k, v, mode=mode, chunk_size=chunk_size, initial_state=initial_state, backend=backend)
+    return SOFTMAX_ATTENTION(
+        q, k, v, mode=mode, chunk_size=chunk_size, initial_state=initial_state, backend=backend, cu_seqlens=cu_seqlens
+    )

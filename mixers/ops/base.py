@@ -146,6 +146,8 @@ class Op:
         testing: ``"module:ATTRIBUTE"``, its ``mixers.testing.OpSpec`` for the conformance kit (imported on use:
             it needs hypothesis).
         description: one line for ``seqmixers list``.
+        sequences: the names of the arguments with time on dimension 1 (sliced per sequence for
+            ``cu_seqlens``); state_arg: the name of the state argument.
     """
 
     name: str
@@ -155,10 +157,28 @@ class Op:
     reference: str | None = None
     testing: str | None = None
     description: str = ""
+    sequences: tuple[str, ...] = ("q", "k", "v")
+    state_arg: str = "initial_state"
     plugin: str = field(default="", compare=False)  # filled in by the registry
 
-    def __call__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> tuple[Tensor, Any]:
-        """Validate, dispatch to ``backend`` (``"auto"``: the best available), check what it returned."""
+    def __call__(
+        self, *args: Any, backend: str = "auto", cu_seqlens: Tensor | None = None, **kwargs: Any
+    ) -> tuple[Tensor, Any]:
+        """Validate, dispatch to ``backend`` (``"auto"``: the best available), check what it returned.
+
+        ``cu_seqlens`` (int ``[N+1]``): the sequence inputs hold N sequences packed in one row, each run from its
+        own state (``initial_state`` with N rows, or zeros) with nothing crossing a boundary; the state comes back
+        with N rows (``mixers.ops.packed``)."""
+        if cu_seqlens is not None:
+            from mixers.ops.packed import packed_call
+
+            def one(*a: Any, **k: Any) -> tuple[Tensor, Any]:
+                return self._call(backend, *a, **k)
+
+            return packed_call(self, one, args, kwargs, cu_seqlens, self.sequences, self.state_arg)
+        return self._call(backend, *args, **kwargs)
+
+    def _call(self, backend: str, *args: Any, **kwargs: Any) -> tuple[Tensor, Any]:
         call = self.prepare(*args, **kwargs)
         impl = resolve_backend(self.name, backend, device=call.device, dtype=call.dtype, mode=call.mode)
         result = impl.fn(*call.args, **call.kwargs)

@@ -29,6 +29,21 @@ class KVCache(NamedTuple):
     v: Tensor
     length: Tensor | None = None
 
+    @classmethod
+    def cat(cls, caches: list[KVCache]) -> KVCache:
+        """One cache whose rows are those of ``caches`` (capacities padded with free slots to the largest)."""
+        C = max(c.k.shape[2] for c in caches)
+
+        def pad(t: Tensor) -> Tensor:
+            extra = C - t.shape[2]
+            return t if extra == 0 else torch.cat([t, t.new_zeros(t.shape[0], t.shape[1], extra, t.shape[3])], dim=2)
+
+        return cls(
+            torch.cat([pad(c.k) for c in caches]),
+            torch.cat([pad(c.v) for c in caches]),
+            torch.cat([c.held().length if c.length is None else c.length for c in caches]),
+        )
+
     def held(self) -> KVCache:
         """The tokens held, without free slots: ``max(length)`` tokens, zeros past a shorter row's length (a
         device sync; for comparing caches of different capacities, as tests do)."""

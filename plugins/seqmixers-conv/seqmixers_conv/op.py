@@ -79,6 +79,7 @@ SHORT_CONV = Op(
     reference="seqmixers_conv.testing:short_conv_reference",
     testing="seqmixers_conv.testing:SHORT_CONV_SPEC",
     description="short causal depthwise convolution (state: the last K-1 inputs)",
+    sequences=("x",),
 )
 
 

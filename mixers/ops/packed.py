@@ -1,0 +1,125 @@
+"""Packed variable-length sequences for any op: ``cu_seqlens``, as fla takes it.
+
+Sequence ``n`` of a packed input ``[1, T, ...]`` is tokens ``cu_seqlens[n] .. cu_seqlens[n+1] - 1``; every
+sequence starts from its own state (``initial_state[n]``, or zeros) and nothing crosses a boundary. The states
+come back one per sequence, ``[N, ...]``.
+
+This is the generic path: it runs the op once per sequence, through the op's own validation, backend choice and
+output checks, so it holds for every op and every backend, a plugin's included, in every mode. Its cost is one
+backend call per sequence; a backend that resets its state at the boundaries inside one kernel is the fast path
+a later change can add behind the same argument.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from mixers.interface import map_structure, tensors_in
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mixers.ops.base import Op
+
+
+def check_cu_seqlens(cu_seqlens: object, T: int) -> list[int]:
+    """``cu_seqlens`` as a list of boundaries: an int32/int64 tensor ``[N+1]`` starting at 0, ending at ``T``,
+    never decreasing (a repeat is an empty sequence). Reading the values costs one device sync."""
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor [N+1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must have dtype torch.int32 or torch.int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"cu_seqlens must be a 1-D tensor [N+1] with N >= 1 sequences, got shape {list(cu_seqlens.shape)}"
+        )
+    bounds = [int(b) for b in cu_seqlens.tolist()]
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]} (cu_seqlens = {_short(bounds)})")
+    if bounds[-1] != T:
+        raise ValueError(
+            f"cu_seqlens must end at the packed length T = {T}, got {bounds[-1]} (cu_seqlens = {_short(bounds)})"
+        )
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        if b < a:
+            raise ValueError(
+                f"cu_seqlens must not decrease, got {a} then {b} at positions {i} and {i + 1} "
+                f"(cu_seqlens = {_short(bounds)})"
+            )
+    return bounds
+
+
+def _short(values: list[int]) -> str:
+    text = str(values)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _rows(state: Any, n: int) -> Any:
+    """Row ``n`` of every tensor of ``state`` (kept as a batch of one)."""
+    return map_structure(state, lambda t: t[n : n + 1])
+
+
+def _join(states: list[Any]) -> Any:
+    """One state whose rows are ``states`` (each a batch of one): a state type's own ``cat`` where it has one
+    (a KV cache pads capacities to the longest), else each tensor concatenated along the batch."""
+    first = states[0]
+    join = getattr(type(first), "cat", None)
+    if callable(join):
+        return join(states)
+    columns = [tensors_in(s) for s in states]
+    joined = iter([torch.cat(group) for group in zip(*columns, strict=True)])
+    return map_structure(first, lambda _t: next(joined))
+
+
+def _state_rows(state: Any) -> int | None:
+    tensors = tensors_in(state)
+    return None if not tensors else tensors[0].shape[0]
+
+
+def packed_call(
+    op: Op,
+    call: Callable[..., tuple[Tensor, Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    cu_seqlens: object,
+    sequences: tuple[str, ...],
+    state_name: str,
+) -> tuple[Tensor, Any]:
+    """``op`` over the packed sequences of ``cu_seqlens``: ``call(*args, **kwargs)`` once per sequence, with the
+    ``sequences`` arguments sliced along time and ``state_name`` taking that sequence's state."""
+    bound = inspect.signature(op.prepare).bind(*args, **kwargs)
+    arguments = bound.arguments
+    first = arguments.get(sequences[0])
+    if not isinstance(first, Tensor) or first.dim() < 2:
+        return call(*args, **kwargs)  # the op's validation names the problem
+    for name in sequences:
+        t = arguments.get(name)
+        if isinstance(t, Tensor) and t.shape[0] != 1:
+            raise ValueError(
+                f"with cu_seqlens, {name} must hold the packed sequences in one row (batch size 1, "
+                f"[1, T, ...]), got batch size {t.shape[0]} (shape {list(t.shape)})"
+            )
+    bounds = check_cu_seqlens(cu_seqlens, first.shape[1])
+    N = len(bounds) - 1
+    state = arguments.get(state_name)
+    rows = _state_rows(state) if state is not None else None
+    if state is not None and rows != N:
+        raise ValueError(
+            f"with cu_seqlens, {state_name} must hold one state per sequence: cu_seqlens describes {N} "
+            f"sequences, {state_name} holds {rows}"
+        )
+    outs, finals = [], []
+    for n, (start, stop) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        piece = dict(arguments)
+        for name in sequences:
+            if isinstance(piece.get(name), Tensor):
+                piece[name] = piece[name][:, start:stop]
+        if state is not None:
+            piece[state_name] = _rows(state, n)
+        o, final = call(**piece)
+        outs.append(o)
+        finals.append(final)
+    return torch.cat(outs, dim=1), _join(finals)
