@@ -62,6 +62,7 @@ def retention(
     initial_state: Tensor | None = None,
     backend: str = "auto",
     cu_seqlens: Tensor | None = None,
+    attention_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Retention: ``o_t = sum_{s<=t} gamma^(t-s) (q_t . k_s) v_s + gamma^(t+1) q_t S_0``.
 
@@ -77,6 +78,9 @@ def retention(
         cu_seqlens: int32/int64 ``[N+1]`` (0, ..., T): ``q, k, v`` are ``[1, T, ...]`` holding N sequences packed
             one after the other, each computed from its own state (``initial_state`` ``[N, ...]``, or zeros),
             nothing crossing a boundary; the final state is ``[N, ...]``.
+        attention_mask: 0/1 ``[B, T]`` (instead of ``cu_seqlens``): a padded batch, row b's real tokens where it
+            is 1, one run per row (left or right padding). Padding never reaches a real token (whatever it
+            holds, NaN included); its outputs are zeros; the final state is that of each row's real tokens.
 
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, T, H, Dv]`` in the dtype of ``q``; ``final_state`` is
@@ -85,7 +89,7 @@ def retention(
     """
     return RETENTION(
         q, k, v, gamma, mode=mode, chunk_size=chunk_size, initial_state=initial_state, backend=backend,
-        cu_seqlens=cu_seqlens,
+        cu_seqlens=cu_seqlens, attention_mask=attention_mask,
     )  # fmt: skip
 
 
@@ -101,6 +105,7 @@ def linear_attention(
     eps: float = 1e-6,
     backend: str = "auto",
     cu_seqlens: Tensor | None = None,
+    attention_mask: Tensor | None = None,
 ) -> tuple[Tensor, LinearState]:
     """Causal linear attention (Katharopoulos et al. 2020) on feature-mapped ``q, k``.
 
@@ -120,7 +125,7 @@ def linear_attention(
         normalize: divide by the guarded normaliser (``False``: the plain sum, ``o_t = q_t kv_t``).
         eps: the guard's threshold, compared with the normaliser in float32 (float64 for float64 inputs).
         backend: a backend name, or ``"auto"``.
-        cu_seqlens: packed sequences, as for ``retention``.
+        cu_seqlens, attention_mask: packed sequences or a padded batch, as for ``retention``.
 
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, T, H, Dv]`` in the dtype of ``q``; ``final_state`` is a
@@ -129,7 +134,7 @@ def linear_attention(
     """
     return LINEAR_ATTENTION(
         q, k, v, mode=mode, chunk_size=chunk_size, initial_state=initial_state, normalize=normalize, eps=eps,
-        backend=backend, cu_seqlens=cu_seqlens,
+        backend=backend, cu_seqlens=cu_seqlens, attention_mask=attention_mask,
     )  # fmt: skip
 
 
@@ -143,6 +148,7 @@ def softmax_attention(
     initial_state: KVCache | tuple[Tensor, Tensor] | None = None,
     backend: str = "auto",
     cu_seqlens: Tensor | None = None,
+    attention_mask: Tensor | None = None,
 ) -> tuple[Tensor, KVCache]:
     """Causal scaled dot-product attention, continuing from a KV cache.
 
@@ -161,7 +167,7 @@ def softmax_attention(
             ``init_state``, in the dtype of ``q`` (a pair ``(k, v)``: every row holds all ``C`` tokens), or
             ``None`` for an empty one.
         backend: a backend name, or ``"auto"``.
-        cu_seqlens: packed sequences, as for ``retention``.
+        cu_seqlens, attention_mask: packed sequences or a padded batch, as for ``retention``.
 
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, T, H, Dv]`` in the dtype of ``q``; ``final_state`` is the cache with
@@ -170,5 +176,6 @@ def softmax_attention(
         given state holds never change), else at least twice that; without a cache it is ``T``.
     """
     return SOFTMAX_ATTENTION(
-        q, k, v, mode=mode, chunk_size=chunk_size, initial_state=initial_state, backend=backend, cu_seqlens=cu_seqlens
-    )
+        q, k, v, mode=mode, chunk_size=chunk_size, initial_state=initial_state, backend=backend, cu_seqlens=cu_seqlens,
+        attention_mask=attention_mask,
+    )  # fmt: skip

@@ -1,5 +1,5 @@
-"""Packed variable-length sequences at the op level (``cu_seqlens``): every registered op with a conformance spec
-(the built-ins, and an installed plugin's such as ``short_conv``), every mode.
+"""Packed variable-length sequences (``cu_seqlens``) and padded batches (``attention_mask``) at the op level: every
+registered op with a conformance spec (the built-ins, and an installed plugin's such as ``short_conv``), every mode.
 
 Property: N sequences packed in one row, each from its own initial state, give each sequence's outputs and
 final state as the float64 reference computed on that sequence alone, and the gradients of the reference;
@@ -72,6 +72,72 @@ def test_packed_sequences_equal_each_sequence_alone(op_name, data):
     for n, g, w in zip(names, got, want, strict=True):
         if w is not None:  # (no sequence may reach a row's tokens: all lengths 0)
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=f"d/d{n}")
+
+
+@pytest.mark.parametrize("op_name", sorted(OPS))
+@settings(max_examples=scaled_examples(0.3))
+@given(data=st.data())
+def test_a_padded_batch_equals_each_row_alone_and_its_padding_never_leaks(op_name, data):
+    """Left or right padding per row, the padding filled with NaN: each row's real tokens give the float64
+    reference's outputs, state and gradients computed on them alone; outputs at the padding are zeros."""
+    op, spec = OPS[op_name], OPS[op_name].load_testing()
+    inputs, lengths, mode, chunk = data.draw(packs(op_name))
+    left = data.draw(st.lists(st.booleans(), min_size=len(lengths), max_size=len(lengths)))
+    names = list(inputs.seq)
+    T = next(iter(inputs.seq.values())).shape[1]
+
+    def pad(t, b, L):  # row b's first L tokens, at the left or right end of T slots; NaN elsewhere
+        fill = torch.full((T - L, *t.shape[2:]), float("nan"), dtype=t.dtype)
+        return torch.cat([fill, t[b, :L]] if left[b] else [t[b, :L], fill])
+
+    padded = {n: torch.stack([pad(t, b, L) for b, L in enumerate(lengths)]) for n, t in inputs.seq.items()}
+    mask = torch.stack([pad(torch.ones(len(lengths), T, 1), b, L)[:, 0] for b, L in enumerate(lengths)])
+    mask = mask.nan_to_num(0.0).to(torch.int64)
+    o, state = op(
+        **padded, **inputs.const, mode=mode, chunk_size=chunk, initial_state=inputs.state, backend="torch",
+        attention_mask=mask,
+    )  # fmt: skip
+    real = mask.bool()
+    assert torch.isfinite(o).all(), "the NaN padding reached an output"
+    assert not o[~real].any(), "outputs at the padding must be zeros"
+    weight = torch.randn(o.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    leaves = [inputs.seq[n] for n in names]
+    gradients = sum(lengths) > 0
+    got = torch.autograd.grad((o * weight).sum(), leaves, allow_unused=True) if gradients else None
+    want_loss = 0.0
+    for b, L in enumerate(lengths):
+        alone = OpInputs({n: t[b : b + 1, :L] for n, t in inputs.seq.items()}, inputs.const, row(inputs.state, b))
+        ref_o, ref_s = spec.reference(alone)
+        torch.testing.assert_close(o[b][real[b]][None], ref_o, rtol=1e-9, atol=1e-9, msg=f"row {b} output")
+        for i, (g, w) in enumerate(zip(state_tensors(row(state, b)), state_tensors(ref_s), strict=True)):
+            torch.testing.assert_close(g.double(), w, rtol=1e-9, atol=1e-9, msg=f"row {b} state[{i}]")
+        want_loss = want_loss + (ref_o * weight[b][real[b]][None]).sum()
+    if not gradients:
+        return
+    want = torch.autograd.grad(want_loss, leaves, allow_unused=True)
+    for n, g, w in zip(names, got, want, strict=True):
+        if w is not None:
+            assert torch.isfinite(g).all(), f"d/d{n}: the NaN padding reached a gradient"
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=f"d/d{n}")
+
+
+def test_bad_attention_masks_are_refused_by_name():
+    q, k, v = qkv(T=4, B=2)
+    cases = [
+        (torch.tensor([[1, 0, 1, 1], [1, 1, 0, 0]]), ValueError, "rows [0] have a hole in the middle"),
+        (torch.ones(2, 3, dtype=torch.int64), ValueError, "attention_mask must have shape [B, T] = [2, 4]"),
+        (torch.ones(2, 4), TypeError, "bool or integer tensor of 0 and 1, got dtype torch.float32"),
+        (torch.full((2, 4), 2), ValueError, "attention_mask must hold only 0 and 1"),
+        ([[1, 1, 1, 1]] * 2, TypeError, "attention_mask must be a 0/1 tensor [B, T], got list"),
+    ]
+    for mask, error, fragment in cases:
+        with pytest.raises(error) as info:
+            functional.retention(q, k, v, 0.9, mode="parallel", attention_mask=mask)
+        assert fragment in str(info.value), (fragment, str(info.value))
+    with pytest.raises(ValueError, match="give cu_seqlens .* or attention_mask .*, not both"):
+        functional.retention(
+            q[:1], k[:1], v[:1], 0.9, mode="parallel", cu_seqlens=torch.tensor([0, 4]), attention_mask=torch.ones(1, 4)
+        )
 
 
 def qkv(T=6, B=1):

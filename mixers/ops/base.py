@@ -162,21 +162,32 @@ class Op:
     plugin: str = field(default="", compare=False)  # filled in by the registry
 
     def __call__(
-        self, *args: Any, backend: str = "auto", cu_seqlens: Tensor | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        backend: str = "auto",
+        cu_seqlens: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        **kwargs: Any,
     ) -> tuple[Tensor, Any]:
         """Validate, dispatch to ``backend`` (``"auto"``: the best available), check what it returned.
 
         ``cu_seqlens`` (int ``[N+1]``): the sequence inputs hold N sequences packed in one row, each run from its
         own state (``initial_state`` with N rows, or zeros) with nothing crossing a boundary; the state comes back
-        with N rows (``mixers.ops.packed``)."""
+        with N rows. ``attention_mask`` (0/1 ``[B, T]``): a padded batch, row b's real tokens where it is 1 (left
+        or right padding); the outputs at padding are zeros, and the padding never reaches a real token
+        (``mixers.ops.packed``)."""
+        if cu_seqlens is None and attention_mask is None:
+            return self._call(backend, *args, **kwargs)
+        from mixers.ops import packed
+
+        def one(*a: Any, **k: Any) -> tuple[Tensor, Any]:
+            return self._call(backend, *a, **k)
+
+        if attention_mask is None:
+            return packed.packed_call(self, one, args, kwargs, cu_seqlens, self.sequences, self.state_arg)
         if cu_seqlens is not None:
-            from mixers.ops.packed import packed_call
-
-            def one(*a: Any, **k: Any) -> tuple[Tensor, Any]:
-                return self._call(backend, *a, **k)
-
-            return packed_call(self, one, args, kwargs, cu_seqlens, self.sequences, self.state_arg)
-        return self._call(backend, *args, **kwargs)
+            raise ValueError("give cu_seqlens (packed sequences) or attention_mask (a padded batch), not both")
+        return packed.padded_call(self, one, args, kwargs, attention_mask, self.sequences, self.state_arg)
 
     def _call(self, backend: str, *args: Any, **kwargs: Any) -> tuple[Tensor, Any]:
         call = self.prepare(*args, **kwargs)

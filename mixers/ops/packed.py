@@ -123,3 +123,63 @@ def packed_call(
         outs.append(o)
         finals.append(final)
     return torch.cat(outs, dim=1), _join(finals)
+
+
+def check_attention_mask(mask: object, B: int, T: int, device: torch.device) -> Tensor:
+    """``mask`` as a bool ``[B, T]``: 0/1 (or bool) per token, each row's ones one contiguous run (left or right
+    padding, or none), on ``device``."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"attention_mask must be a 0/1 tensor [B, T], got {type(mask).__name__}")
+    if tuple(mask.shape) != (B, T):
+        raise ValueError(f"attention_mask must have shape [B, T] = [{B}, {T}] as the inputs, got {list(mask.shape)}")
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"attention_mask must be a bool or integer tensor of 0 and 1, got dtype {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"attention_mask must be on the inputs' device {device}, got {mask.device}")
+    if mask.dtype != torch.bool:
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("attention_mask must hold only 0 and 1")
+        mask = mask != 0
+    # Contiguous ones: at most one 0->1 and one 1->0 step along each row.
+    steps = (mask[:, 1:] != mask[:, :-1]).sum(dim=1) if T > 1 else torch.zeros(B, dtype=torch.long)
+    ends = mask[:, 0].long() + mask[:, -1].long() if T > 0 else torch.zeros(B, dtype=torch.long)
+    holes = (steps > 2) | ((steps == 2) & (ends > 0))  # 1..0..1 (a hole) or 0..1..0 with a 1 at an end
+    if bool(holes.any()):
+        rows = holes.nonzero().flatten().tolist()
+        raise ValueError(
+            f"attention_mask rows must be one run of ones (left or right padding), but rows {_short(rows)} have "
+            f"a hole in the middle"
+        )
+    return mask
+
+
+def padded_call(
+    op: Op,
+    call: Callable[..., tuple[Tensor, Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    attention_mask: object,
+    sequences: tuple[str, ...],
+    state_name: str,
+) -> tuple[Tensor, Any]:
+    """``op`` over a padded batch: row b's real tokens are where ``attention_mask[b]`` is 1 (left or right
+    padding). They are packed (the padding dropped, whatever it holds), run as sequences, and the outputs put
+    back in place, zeros at the padding; the state of row b is that of its real tokens."""
+    bound = inspect.signature(op.prepare).bind(*args, **kwargs)
+    arguments = bound.arguments
+    first = arguments.get(sequences[0])
+    if not isinstance(first, Tensor) or first.dim() < 2:
+        return call(*args, **kwargs)  # the op's validation names the problem
+    B, T = first.shape[:2]
+    mask = check_attention_mask(attention_mask, B, T, first.device)
+    counts = mask.sum(dim=1)
+    cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    packed = dict(arguments)
+    for name in sequences:
+        t = packed.get(name)
+        if isinstance(t, Tensor):
+            packed[name] = t[mask][None]  # (1, sum of lengths, ...): row by row, in order
+    o, state = packed_call(op, call, (), packed, cu, sequences, state_name)
+    out = o.new_zeros(B, T, *o.shape[2:])
+    out[mask] = o[0]
+    return out, state
