@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from mixers.ops.base import _CHECKED, Spec, check_backend_outputs
+from mixers.ops.base import _CHECKED, Spec, check_backend_outputs  # noqa: F401 (_CHECKED: tests inspect it here)
 from mixers.ops.checks import (
     DEFAULT_CHUNK_SIZE,
     MODES,
@@ -48,7 +48,6 @@ __all__ = [
     "softmax_attention",
     "state_dtype",
 ]
-_ = _CHECKED  # the set of shape classes already checked (tests inspect it here)
 
 
 def retention(

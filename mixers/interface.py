@@ -157,14 +157,7 @@ class TokenMixer(nn.Module, abc.ABC):
         if backend != "auto" and self.ops:
             from mixers.registry import current_registry
 
-            registry = current_registry()
-            for op in self.ops:
-                names = sorted(registry.backends.get(op, {}))
-                if backend not in names:
-                    raise ValueError(
-                        f"unknown backend {backend!r} for {type(self).__name__} (op {op!r}); expected 'auto' or "
-                        f"one of {names}"
-                    )
+            current_registry().check_backend_name(self.ops, backend, type(self).__name__)
         self.backend = backend
 
     def check_input(self, x: Tensor) -> tuple[int, int]:

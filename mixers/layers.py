@@ -181,13 +181,17 @@ class Rotary(nn.Module):
                 n = 1 << max(T - 1, 1).bit_length()
                 table = self._tables[key] = rope.phases(self._angles(device), 0, n).to(dtype)
             return table[:T]
+        one = torch.ones((), dtype=torch.float64, device=device)
+        return torch.polar(one, self._angle(pos, T, device)).to(dtype)
+
+    def _angle(self, pos: Tensor | None, T: int, device: torch.device) -> Tensor:
+        """``p theta`` in float64 for positions ``0..T-1`` (``[T, D/2]``) or ``pos[b] + t`` (``[B, T, D/2]``)."""
         if pos is not None and T == 1:  # a decode step: no arange
             p = pos.to(torch.float64)[:, None]
         else:
             t = torch.arange(T, device=device, dtype=torch.float64)
-            p = t if pos is None else pos.to(torch.float64)[:, None] + t  # (T) or (B, T)
-        one = torch.ones((), dtype=torch.float64, device=device)
-        return torch.polar(one, p[..., None] * self._angles(device)).to(dtype)
+            p = t if pos is None else pos.to(torch.float64)[:, None] + t
+        return p[..., None] * self._angles(device)
 
     def forward(self, x: Tensor, pos: Tensor | None, factor: Tensor | None = None) -> Tensor:
         """Rotate ``x [B, T, ..., D]`` (``..``: head dimensions) at positions ``pos`` (``None``: ``0..T-1``);
@@ -199,9 +203,7 @@ class Rotary(nn.Module):
         x = xs[0]
         heads = x.dim() - 3  # the dimensions between T and D
         if torch.compiler.is_compiling():  # real arithmetic: inductor generates no code for complex tensors
-            t = torch.arange(x.shape[1], device=x.device, dtype=torch.float64)
-            p = t if pos is None else pos.to(torch.float64)[:, None] + t  # (T) or (B, T)
-            angle = p[..., None] * self._angles(x.device)
+            angle = self._angle(pos, x.shape[1], x.device)
             angle = angle.view(*angle.shape[:-1], *([1] * heads), angle.shape[-1])
             cos, sin = angle.cos(), angle.sin()
             if factor is not None:

@@ -663,24 +663,34 @@ class Registry:
             return None
         return [p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
+    def check_backend_name(self, ops: Iterable[str], backend: object, owner: str, *, describe: bool = False) -> None:
+        """``backend`` must be ``"auto"`` or a backend registered for each of ``ops`` (those of ``owner``, named in
+        the message); ``describe`` adds the installed backends to the message. The one check the registry, the
+        mixers' ``set_backend`` and the model configs share."""
+        if backend == "auto":
+            return
+        if not isinstance(backend, str):
+            raise TypeError(
+                f"backend of {owner} must be a str ('auto' or a backend name), got {type(backend).__name__}"
+            )
+        for op in ops:
+            installed = self.backends.get(op, {})
+            if backend not in installed:
+                listing = f". Installed backends:\n{self.describe_backends(op)}" if describe else ""
+                raise ValueError(
+                    f"unknown backend {backend!r} for {owner} (op {op!r}); expected 'auto' or one of "
+                    f"{sorted(installed)}{listing}"
+                )
+
     def check_mixer_backend(self, name: str, backend: object) -> None:
         """``backend`` must be ``"auto"`` or a backend registered for every op of mixer ``name`` and available
         here (whether it takes the inputs' device, dtype and mode is known only at the first call)."""
         spec = self.mixers[name]
-        if not spec.ops or backend == "auto":
+        self.check_backend_name(spec.ops, backend, f"mixer {name!r}", describe=True)
+        if backend == "auto":
             return
-        if not isinstance(backend, str):
-            raise TypeError(
-                f"backend of mixer {name!r} must be a str ('auto' or a backend name), got {type(backend).__name__}"
-            )
         for op in spec.ops:
-            installed = self.backends.get(op, {})
-            if backend not in installed:
-                raise ValueError(
-                    f"unknown backend {backend!r} for mixer {name!r} (op {op!r}); expected 'auto' or one of "
-                    f"{sorted(installed)}. Installed backends:\n{self.describe_backends(op)}"
-                )
-            reason = self.unavailable_reason(installed[backend])
+            reason = self.unavailable_reason(self.backends[op][backend])
             if reason is not None:
                 raise ValueError(
                     f"backend {backend!r} for mixer {name!r} (op {op!r}) is unavailable: {reason}. "

@@ -168,13 +168,10 @@ def _check_mixer_name(where: str, name: str, registry: Registry) -> str:
 
 def _check_backend(where: str, mixer: str, backend: object, registry: Registry) -> None:
     """``backend`` must be ``"auto"`` or a backend registered for each of the mixer's ops."""
-    for op in registry.mixers[mixer].ops:
-        names = sorted(registry.backends.get(op, {}))
-        if backend != "auto" and backend not in names:
-            raise ConfigError(
-                f"{where}: unknown backend {backend!r} for mixer {mixer!r} (op {op!r}); expected 'auto' or one of "
-                f"{names} (see python -m mixers list)"
-            )
+    try:
+        registry.check_backend_name(registry.mixers[mixer].ops, backend, f"mixer {mixer!r}")
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc} (see python -m mixers list)") from None
 
 
 def _check_options_table(where: str, mixer: str, options: object) -> dict[str, Any]:

@@ -79,6 +79,14 @@ def _state_rows(state: Any) -> int | None:
     return None if not tensors else tensors[0].shape[0]
 
 
+def _bind(op: Op, args: tuple[Any, ...], kwargs: dict[str, Any], sequences: tuple[str, ...]) -> dict | None:
+    """The call's arguments by name (as the op's ``prepare`` takes them), or ``None`` if its first sequence
+    argument is not a tensor with a time dimension (then the op's own validation says what is wrong)."""
+    arguments = dict(inspect.signature(op.prepare).bind(*args, **kwargs).arguments)
+    first = arguments.get(sequences[0])
+    return arguments if isinstance(first, Tensor) and first.dim() >= 2 else None
+
+
 def packed_call(
     op: Op,
     call: Callable[..., tuple[Tensor, Any]],
@@ -90,11 +98,10 @@ def packed_call(
 ) -> tuple[Tensor, Any]:
     """``op`` over the packed sequences of ``cu_seqlens``: ``call(*args, **kwargs)`` once per sequence, with the
     ``sequences`` arguments sliced along time and ``state_name`` taking that sequence's state."""
-    bound = inspect.signature(op.prepare).bind(*args, **kwargs)
-    arguments = bound.arguments
-    first = arguments.get(sequences[0])
-    if not isinstance(first, Tensor) or first.dim() < 2:
+    arguments = _bind(op, args, kwargs, sequences)
+    if arguments is None:
         return call(*args, **kwargs)  # the op's validation names the problem
+    first = arguments[sequences[0]]
     for name in sequences:
         t = arguments.get(name)
         if isinstance(t, Tensor) and t.shape[0] != 1:
@@ -113,7 +120,7 @@ def packed_call(
         )
     outs, finals = [], []
     for n, (start, stop) in enumerate(zip(bounds, bounds[1:], strict=False)):
-        piece = dict(arguments)
+        piece = dict(arguments)  # a copy per sequence
         for name in sequences:
             if isinstance(piece.get(name), Tensor):
                 piece[name] = piece[name][:, start:stop]
@@ -165,21 +172,19 @@ def padded_call(
     """``op`` over a padded batch: row b's real tokens are where ``attention_mask[b]`` is 1 (left or right
     padding). They are packed (the padding dropped, whatever it holds), run as sequences, and the outputs put
     back in place, zeros at the padding; the state of row b is that of its real tokens."""
-    bound = inspect.signature(op.prepare).bind(*args, **kwargs)
-    arguments = bound.arguments
-    first = arguments.get(sequences[0])
-    if not isinstance(first, Tensor) or first.dim() < 2:
+    arguments = _bind(op, args, kwargs, sequences)
+    if arguments is None:
         return call(*args, **kwargs)  # the op's validation names the problem
+    first = arguments[sequences[0]]
     B, T = first.shape[:2]
     mask = check_attention_mask(attention_mask, B, T, first.device)
     counts = mask.sum(dim=1)
     cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    packed = dict(arguments)
     for name in sequences:
-        t = packed.get(name)
+        t = arguments.get(name)
         if isinstance(t, Tensor):
-            packed[name] = t[mask][None]  # (1, sum of lengths, ...): row by row, in order
-    o, state = packed_call(op, call, (), packed, cu, sequences, state_name)
+            arguments[name] = t[mask][None]  # (1, sum of lengths, ...): row by row, in order
+    o, state = packed_call(op, call, (), arguments, cu, sequences, state_name)
     out = o.new_zeros(B, T, *o.shape[2:])
     out[mask] = o[0]
     return out, state
