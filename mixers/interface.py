@@ -12,10 +12,13 @@ import abc
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mixers.ops.packed import Packing
 
 S = TypeVar("S", bound="MixerState")
 
@@ -86,6 +89,19 @@ class MixerState:
         """Select/reorder batch entries (beam search): every tensor's batch dimension is indexed."""
         return self.map_tensors(lambda t: t.index_select(0, index))
 
+    @classmethod
+    def cat(cls: type[S], states: list[S]) -> S:
+        """One state whose rows are those of ``states``, in order (an op state's own ``cat`` is used where it
+        has one: KV caches of different capacities join that way)."""
+        from mixers.ops.packed import _join
+
+        first = states[0]
+        changes = {}
+        for f in dataclasses.fields(first):
+            values = [getattr(s, f.name) for s in states]
+            changes[f.name] = None if values[0] is None else _join(values)
+        return dataclasses.replace(first, **changes)
+
     @property
     def batch_size(self) -> int:
         """The batch size the state was built for."""
@@ -122,11 +138,14 @@ class TokenMixer(nn.Module, abc.ABC):
     ``ops`` names the registered ops the mixer computes with and ``backend`` the backend it runs them on
     (``"auto"``: the best available for the inputs); ``set_backend`` switches it, checked against the registry.
     ``op_state_type`` is the type of ``state.op`` (for messages when a state from another mixer comes in).
+    ``packs``: ``forward`` takes ``cu_seqlens`` (packed sequences) itself; otherwise ``mix_packed`` runs the mixer
+    once per sequence.
     """
 
     d_model: int
     backend: str = "auto"
     ops: ClassVar[tuple[str, ...]] = ()
+    packs: ClassVar[bool] = False
     op_state_type: ClassVar[type | tuple[type, ...] | None] = None
     state_type: ClassVar[type[MixerState]] = MixerState
 
@@ -170,13 +189,27 @@ class TokenMixer(nn.Module, abc.ABC):
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         return x.shape[0], x.shape[1]
 
-    def check_state(self, state: MixerState | None, batch_size: int, device: torch.device | None = None) -> Any:
+    def check_state(
+        self,
+        state: MixerState | None,
+        batch_size: int,
+        device: torch.device | None = None,
+        packing: Packing | None = None,
+    ) -> Any:
         """Check that ``state`` is ``None`` or this mixer's kind of state, built for ``batch_size`` rows on
-        ``device``; return it."""
+        ``device`` (with ``packing``: a row per sequence); return it."""
         if state is None:
             return None
         if not isinstance(state, self.state_type):
             raise TypeError(f"state must be a {self.state_type.__name__} (from this mixer), got {type(state).__name__}")
+        if packing is not None:
+            rows = state.pos.shape[0] if isinstance(state.pos, Tensor) and state.pos.dim() == 1 else None
+            if rows != packing.n:
+                raise ValueError(
+                    f"with cu_seqlens, the state must hold one row per sequence: cu_seqlens describes {packing.n} "
+                    f"sequences, the state holds {rows}"
+                )
+            batch_size = packing.n
         if isinstance(state.pos, Tensor) and state.pos.dim() == 1 and state.pos.shape[0] != batch_size:
             raise ValueError(
                 f"state ({type(state).__name__}) is for batch size {state.pos.shape[0]}, "
@@ -192,13 +225,94 @@ class TokenMixer(nn.Module, abc.ABC):
             )
         return state
 
-    def positions(self, state: MixerState | None) -> Tensor | None:
-        """``state.pos``, or ``None`` for a fresh sequence (every row at 0, which mixers may take a faster path for)."""
-        return None if state is None else state.pos
+    def positions(self, state: MixerState | None, packing: Packing | None = None) -> Tensor | None:
+        """``state.pos``, or ``None`` for a fresh sequence (every row at 0, which mixers may take a faster path for).
 
-    def next_state(self, state: MixerState | None, x: Tensor, op: Any, **fields: Any) -> MixerState:
-        """The state after ``x [B, T, ...]``: positions advanced by T, the op's new state, other fields."""
+        With ``packing`` (packed sequences in one row), the position of every token: ``[1, T]``, restarting at
+        each sequence's start (at ``state.pos[n]`` for sequence n, with a state)."""
+        if packing is None:
+            return None if state is None else state.pos
+        pos = packing.offsets if state is None else packing.offsets + state.pos[packing.seq_id]
+        return pos[None]
+
+    def next_state(
+        self, state: MixerState | None, x: Tensor, op: Any, packing: Packing | None = None, **fields: Any
+    ) -> MixerState:
+        """The state after ``x [B, T, ...]``: positions advanced by T, the op's new state, other fields. With
+        ``packing``, one row per sequence, each advanced by its length."""
+        if packing is not None:
+            pos = packing.lengths if state is None else state.pos + packing.lengths
+            return self.state_type(pos=pos, op=op, **fields)
         B, T = x.shape[0], x.shape[1]
         if state is None:
             return self.state_type.start(op, B, device=x.device, offset=T, **fields)
         return self.state_type(pos=state.pos + T, op=op, **fields)
+
+    def packing(self, x: Tensor, cu_seqlens: object) -> Packing | None:
+        """``cu_seqlens`` checked for ``x [1, T, d_model]`` (``None`` stays ``None``)."""
+        if cu_seqlens is None:
+            return None
+        from mixers.ops.packed import Packing
+
+        if x.shape[0] != 1:
+            raise ValueError(
+                f"with cu_seqlens, x must hold the packed sequences in one row ([1, T, {self.d_model}]), "
+                f"got batch size {x.shape[0]}"
+            )
+        return Packing.of(cu_seqlens, x.shape[1], x.device)
+
+
+def takes_packing(mixer: TokenMixer) -> bool:
+    """Whether ``mixer.forward`` takes ``cu_seqlens`` itself (the built-in mixers do); other mixers are run once
+    per sequence by ``mix_packed``."""
+    return bool(getattr(mixer, "packs", False))
+
+
+def mix_packed(
+    mixer: TokenMixer,
+    x: Tensor,
+    state: MixerState | None,
+    cu_seqlens: Tensor | Packing,
+    *,
+    mode: str = "parallel",
+    chunk_size: int | None = None,
+) -> tuple[Tensor, MixerState]:
+    """Any mixer over packed sequences ``x [1, T, d]`` (``cu_seqlens``: ``[N+1]`` or a ``Packing``): nothing
+    crosses a boundary, positions restart at each sequence, and the state has one row per sequence.
+
+    A mixer that takes ``cu_seqlens`` (``packs = True``) gets it; any other runs once per sequence, from that
+    sequence's rows of ``state``, which is exact for every mixer and costs a call per sequence."""
+    packing = mixer.packing(x, cu_seqlens)
+    if takes_packing(mixer):
+        return mixer(x, state, mode=mode, chunk_size=chunk_size, cu_seqlens=packing)
+    mixer.check_input(x)
+    state = mixer.check_state(state, 1, x.device, packing)
+    outs, states = [], []
+    for n, (start, stop) in enumerate(zip(packing.bounds, packing.bounds[1:], strict=False)):
+        rows = None if state is None else state.reorder(torch.tensor([n], device=x.device))
+        y, s = mixer(x[:, start:stop], rows, mode=mode, chunk_size=chunk_size)
+        outs.append(y)
+        states.append(s)
+    return torch.cat(outs, dim=1), type(states[0]).cat(states)
+
+
+def mix_padded(
+    mixer: TokenMixer,
+    x: Tensor,
+    state: MixerState | None,
+    attention_mask: Tensor,
+    *,
+    mode: str = "parallel",
+    chunk_size: int | None = None,
+) -> tuple[Tensor, MixerState]:
+    """Any mixer over a padded batch ``x [B, T, d]``: row b's tokens are where ``attention_mask [B, T]`` is 1
+    (left or right padding). The real tokens are packed (the padding dropped, whatever it holds) and run by
+    ``mix_packed``; outputs at the padding are zeros, and row b's state is that of its real tokens."""
+    from mixers.ops.packed import unpad
+
+    B, T = mixer.check_input(x)
+    mask, packing = unpad(attention_mask, B, T, x.device)
+    y, state = mix_packed(mixer, x[mask][None], state, packing, mode=mode, chunk_size=chunk_size)
+    out = y.new_zeros(B, T, y.shape[-1])
+    out[mask] = y[0]
+    return out, state

@@ -16,7 +16,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from mixers import rotary as rope
-from mixers.interface import MixerState, TokenMixer
+from mixers.interface import MixerState, TokenMixer, mix_padded
+from mixers.ops.packed import Packing
 
 HEAD_NORMS = ("groupnorm", "rmsnorm")
 
@@ -107,8 +108,13 @@ class ShortConv(nn.Module):
     def init_window(self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype) -> Tensor:
         return torch.zeros(batch_size, self.kernel_size - 1, self.channels, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, window: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``x [B, T, C]`` after ``window [B, K-1, C]`` (``None``: zeros); return ``(y, new window)``."""
+    def forward(self, x: Tensor, window: Tensor | None = None, packing: Packing | None = None) -> tuple[Tensor, Tensor]:
+        """``x [B, T, C]`` after ``window [B, K-1, C]`` (``None``: zeros); return ``(y, new window)``.
+
+        With ``packing``, ``x [1, T, C]`` holds packed sequences: each starts from its own row of ``window``
+        (``[N, K-1, C]``) and the windows returned are per sequence."""
+        if packing is not None:
+            return self._packed(x, window, packing)
         B, _, C = x.shape
         want = (B, self.kernel_size - 1, C)
         if window is None:
@@ -126,6 +132,31 @@ class ShortConv(nn.Module):
         for j in range(1, self.kernel_size):
             y = y + xx[:, j : j + T] * w[:, j]
         return F.silu(y), xx[:, xx.shape[1] - (self.kernel_size - 1) :].clone()  # not a view pinning all of xx
+
+    def _packed(self, x: Tensor, window: Tensor | None, packing: Packing) -> tuple[Tensor, Tensor]:
+        """The convolution of packed sequences: a tap reaching before its sequence's first token reads that
+        sequence's window (zeros without one), never the previous sequence's tokens."""
+        N, K, C = packing.n, self.kernel_size, x.shape[-1]
+        if window is not None and (not isinstance(window, Tensor) or tuple(window.shape) != (N, K - 1, C)):
+            got = list(window.shape) if isinstance(window, Tensor) else type(window).__name__
+            want = [N, K - 1, C]
+            raise ValueError(f"the state's conv window must be [N, conv_size - 1, channels] = {want}, got {got}")
+        window = self.init_window(N, device=x.device, dtype=x.dtype) if window is None else window.to(x.dtype)
+        T = x.shape[1]
+        if K == 1 or T == 0:
+            return (F.silu(x * self.weight[:, 0].to(x.dtype)) if T else x), window
+        xs, w, off = x[0], self.weight.to(x.dtype), packing.offsets
+        y = xs * w[:, K - 1]  # the current token
+        for d in range(1, K):  # the token d back: in the sequence, or in its window
+            back = F.pad(xs, (0, 0, d, 0))[:T]
+            held = window[packing.seq_id, (K - 1 - d + off).clamp(max=K - 2)]
+            y = y + torch.where((off >= d)[:, None], back, held) * w[:, K - 1 - d]
+        # Each sequence's new window: the last K-1 of (its window, its tokens).
+        i = torch.arange(K - 1, device=x.device)
+        at = packing.lengths[:, None] - (K - 1) + i  # (N, K-1): index into the sequence's tokens, < 0 in the window
+        from_x = xs[(packing.cu_seqlens[:-1, None] + at).clamp(0, T - 1)]
+        from_w = window.gather(1, (packing.lengths[:, None] + i).clamp(max=K - 2)[..., None].expand(N, K - 1, C))
+        return F.silu(y)[None], torch.where((at >= 0)[..., None], from_x, from_w)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kernel_size={self.kernel_size}"
@@ -173,7 +204,7 @@ class Rotary(nn.Module):
 
     def phases(self, pos: Tensor | None, T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """``e^{i p theta}`` in the complex ``dtype``: ``[T, D/2]`` for positions ``0..T-1`` (``pos=None``),
-        else ``[B, T, D/2]`` for positions ``pos[b] + t``."""
+        else ``[B, T, D/2]`` for positions ``pos[b] + t`` (``pos [B]``) or ``pos[b, t]`` (``pos [B, T]``)."""
         if pos is None and not torch.compiler.is_compiling():
             key = (device, dtype)
             table = self._tables.get(key)
@@ -185,8 +216,11 @@ class Rotary(nn.Module):
         return torch.polar(one, self._angle(pos, T, device)).to(dtype)
 
     def _angle(self, pos: Tensor | None, T: int, device: torch.device) -> Tensor:
-        """``p theta`` in float64 for positions ``0..T-1`` (``[T, D/2]``) or ``pos[b] + t`` (``[B, T, D/2]``)."""
-        if pos is not None and T == 1:  # a decode step: no arange
+        """``p theta`` in float64 for positions ``0..T-1`` (``[T, D/2]``), ``pos[b] + t`` (``[B, T, D/2]``), or
+        ``pos[b, t]`` for a position per token (``pos [B, T]``)."""
+        if pos is not None and pos.dim() == 2:  # a position per token (packed sequences)
+            p = pos.to(torch.float64)
+        elif pos is not None and T == 1:  # a decode step: no arange
             p = pos.to(torch.float64)[:, None]
         else:
             t = torch.arange(T, device=device, dtype=torch.float64)
@@ -227,6 +261,7 @@ class ProjectedMixer(TokenMixer):
     A subclass sets up its modules with ``init_frame`` and calls ``project`` and ``output`` around its op.
     """
 
+    packs = True  # forward takes cu_seqlens (packed sequences) itself
     widths: list[int]  # of in_proj's output blocks: q, k, v, then the gate if there is one
     in_proj: nn.Linear
     out_proj: nn.Linear
@@ -269,13 +304,24 @@ class ProjectedMixer(TokenMixer):
         self.conv = None if conv_size is None else ShortConv(sum(widths), conv_size)
         self.set_backend(backend)
 
-    def project(self, x: Tensor, state: MixerState | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def begin(
+        self, x: Tensor, state: MixerState | None, cu_seqlens: object
+    ) -> tuple[int, int, MixerState | None, Packing | None]:
+        """The checks every forward pass starts with: ``(B, T, state, packing)``, where with ``cu_seqlens`` the
+        state has a row per sequence."""
+        B, T = self.check_input(x)
+        packing = self.packing(x, cu_seqlens)
+        return B, T, self.check_state(state, B, x.device, packing), packing
+
+    def project(
+        self, x: Tensor, state: MixerState | None, packing: Packing | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """``(qkv [B, T, q+k+v widths], gate input or None, the convolution's new window or None)``."""
         qkv_width = sum(self.widths[:3])
         qkv, *g = self.in_proj(x).split([qkv_width, *self.widths[3:]], dim=-1)
         window = conv_window(self.conv, state)
         if self.conv is not None:
-            qkv, window = self.conv(qkv, window)
+            qkv, window = self.conv(qkv, window, packing)
         return qkv, (g[0] if g else None), window
 
     def output(self, o: Tensor, g: Tensor | None) -> Tensor:
@@ -285,6 +331,15 @@ class ProjectedMixer(TokenMixer):
         if g is not None:
             y = F.silu(g).view(B, T, H, Dv) * y  # written in the gate's (B, T, H, Dv) layout
         return self.out_proj(rearrange(y, "b t h d -> b t (h d)"))
+
+    def padded(
+        self, x: Tensor, state: MixerState | None, attention_mask: Tensor, cu_seqlens: object, mode: str,
+        chunk_size: int | None,
+    ) -> tuple[Tensor, MixerState]:  # fmt: skip
+        """``forward`` of a padded batch (``attention_mask``): unpadded once, run packed, padded back."""
+        if cu_seqlens is not None:
+            raise ValueError("give cu_seqlens (packed sequences) or attention_mask (a padded batch), not both")
+        return mix_padded(self, x, state, attention_mask, mode=mode, chunk_size=chunk_size)
 
     def chunk(self, chunk_size: int | None) -> int | None:
         return chunk_size if chunk_size is not None else self.chunk_size

@@ -21,6 +21,7 @@ from mixers.functional import LinearState
 from mixers.hookspecs import hookimpl
 from mixers.interface import MixerState
 from mixers.layers import HEAD_NORMS, HeadNorm, ProjectedMixer, check_value_dim, resolve_heads
+from mixers.ops.packed import Packing
 from mixers.registry import FeatureMapRegistrar, MixerRegistrar, get_registry
 
 NORMS = (None, *HEAD_NORMS)
@@ -133,12 +134,21 @@ class LinearAttention(ProjectedMixer):
         return MixerState.start(op, batch_size, device=device, conv=conv)
 
     def forward(
-        self, x: Tensor, state: MixerState | None = None, *, mode: str = "parallel", chunk_size: int | None = None
+        self,
+        x: Tensor,
+        state: MixerState | None = None,
+        *,
+        mode: str = "parallel",
+        chunk_size: int | None = None,
+        cu_seqlens: Tensor | Packing | None = None,
+        attention_mask: Tensor | None = None,
     ) -> tuple[Tensor, MixerState]:
-        B, T = self.check_input(x)
-        state = self.check_state(state, B, x.device)
+        """Mix ``x [B, T, d_model]`` from ``state``; see ``TokenMixer.forward`` (packed and padded inputs too)."""
+        if attention_mask is not None:
+            return self.padded(x, state, attention_mask, cu_seqlens, mode, chunk_size)
+        B, T, state, packing = self.begin(x, state, cu_seqlens)
         H, Dk, Dv = self.num_heads, self.head_dim, self.value_head_dim
-        qkv, g, window = self.project(x, state)
+        qkv, g, window = self.project(x, state, packing)
         q, k, v = qkv.split(self.widths[:3], dim=-1)
         q, k = self.phi(q.view(B, T, H, Dk)), self.phi(k.view(B, T, H, Dk))  # (B, T, H, D')
         o, op_state = functional.linear_attention(
@@ -151,8 +161,9 @@ class LinearAttention(ProjectedMixer):
             normalize=self.normalize,
             eps=self.eps,
             backend=self.backend,
+            cu_seqlens=packing,
         )  # (B, T, H, Dv)
-        return self.output(o, g), self.next_state(state, x, op_state, conv=window)
+        return self.output(o, g), self.next_state(state, x, op_state, packing, conv=window)
 
     def extra_repr(self) -> str:
         return (

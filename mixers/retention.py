@@ -24,6 +24,7 @@ from mixers import functional
 from mixers.hookspecs import hookimpl
 from mixers.interface import MixerState
 from mixers.layers import HEAD_NORMS, HeadNorm, ProjectedMixer, Rotary, check_value_dim, resolve_heads
+from mixers.ops.packed import Packing
 from mixers.registry import MixerRegistrar
 
 __all__ = ["MultiScaleRetention", "check_value_dim", "default_gammas", "resolve_heads"]
@@ -136,16 +137,25 @@ class MultiScaleRetention(ProjectedMixer):
         return MixerState.start(kv, batch_size, device=device, conv=conv)
 
     def forward(
-        self, x: Tensor, state: MixerState | None = None, *, mode: str = "parallel", chunk_size: int | None = None
+        self,
+        x: Tensor,
+        state: MixerState | None = None,
+        *,
+        mode: str = "parallel",
+        chunk_size: int | None = None,
+        cu_seqlens: Tensor | Packing | None = None,
+        attention_mask: Tensor | None = None,
     ) -> tuple[Tensor, MixerState]:
-        B, T = self.check_input(x)
-        state = self.check_state(state, B, x.device)
+        """Mix ``x [B, T, d_model]`` from ``state``; see ``TokenMixer.forward`` (packed and padded inputs too)."""
+        if attention_mask is not None:
+            return self.padded(x, state, attention_mask, cu_seqlens, mode, chunk_size)
+        B, T, state, packing = self.begin(x, state, cu_seqlens)
         H, Dk, Dv = self.num_heads, self.head_dim, self.value_head_dim
-        qkv, g, window = self.project(x, state)
+        qkv, g, window = self.project(x, state, packing)
         qk, v = qkv.split([2 * H * Dk, self.widths[2]], dim=-1)
         qk = rearrange(qk, "b t (two h d) -> b t two h d", two=2, h=H)  # q and k, rotated and scaled in one pass
         if self.rope is not None:
-            qk = self.rope(qk, self.positions(state), self._qk_scales(x.device, x.dtype))
+            qk = self.rope(qk, self.positions(state, packing), self._qk_scales(x.device, x.dtype))
         else:
             qk = qk * qk.new_tensor([1.0, self.scaling])[:, None, None]
         q, k = qk.unbind(2)
@@ -158,8 +168,9 @@ class MultiScaleRetention(ProjectedMixer):
             chunk_size=self.chunk(chunk_size),
             initial_state=None if state is None else state.op,
             backend=self.backend,
+            cu_seqlens=packing,
         )  # (B, T, H, Dv)
-        return self.output(o, g), self.next_state(state, x, kv, conv=window)
+        return self.output(o, g), self.next_state(state, x, kv, packing, conv=window)
 
     def extra_repr(self) -> str:
         return (

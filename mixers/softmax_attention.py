@@ -20,6 +20,7 @@ from mixers.functional import KVCache
 from mixers.hookspecs import hookimpl
 from mixers.interface import MixerState
 from mixers.layers import ProjectedMixer, Rotary, resolve_heads
+from mixers.ops.packed import Packing
 from mixers.registry import MixerRegistrar
 
 
@@ -88,16 +89,25 @@ class SoftmaxAttention(ProjectedMixer):
         return MixerState.start(KVCache(k, v, length), batch_size, device=device)
 
     def forward(
-        self, x: Tensor, state: MixerState | None = None, *, mode: str = "parallel", chunk_size: int | None = None
+        self,
+        x: Tensor,
+        state: MixerState | None = None,
+        *,
+        mode: str = "parallel",
+        chunk_size: int | None = None,
+        cu_seqlens: Tensor | Packing | None = None,
+        attention_mask: Tensor | None = None,
     ) -> tuple[Tensor, MixerState]:
-        B, T = self.check_input(x)
-        state = self.check_state(state, B, x.device)
+        """Mix ``x [B, T, d_model]`` from ``state``; see ``TokenMixer.forward`` (packed and padded inputs too)."""
+        if attention_mask is not None:
+            return self.padded(x, state, attention_mask, cu_seqlens, mode, chunk_size)
+        B, T, state, packing = self.begin(x, state, cu_seqlens)
         H, Hkv, Dk = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv, _, _ = self.project(x, state)
+        qkv, _, _ = self.project(x, state, packing)
         q, k, v = qkv.split(self.widths, dim=-1)
         q, k, v = q.view(B, T, H, Dk), k.view(B, T, Hkv, Dk), v.view(B, T, Hkv, Dk)
         if self.rope is not None:
-            q, k = self.rope.rotate_all([q, k], self.positions(state))
+            q, k = self.rope.rotate_all([q, k], self.positions(state, packing))
         o, cache = functional.softmax_attention(
             q,
             k,
@@ -106,8 +116,9 @@ class SoftmaxAttention(ProjectedMixer):
             chunk_size=self.chunk(chunk_size),
             initial_state=None if state is None else state.op,
             backend=self.backend,
+            cu_seqlens=packing,
         )  # (B, T, H, Dk)
-        return self.output(o, None), self.next_state(state, x, cache)
+        return self.output(o, None), self.next_state(state, x, cache, packing)
 
     def extra_repr(self) -> str:
         return (

@@ -8,6 +8,8 @@ from torch import Tensor, nn
 
 import mixers
 from mixers import MixerState, TokenMixer
+from mixers.interface import mix_packed
+from mixers.ops.packed import Packing
 from models.config import ConfigError, LayerSpec, ModelConfig
 
 
@@ -90,9 +92,19 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: Tensor, state: MixerState | None = None, *, mode: str = "parallel", chunk_size: int | None = None
+        self,
+        x: Tensor,
+        state: MixerState | None = None,
+        *,
+        mode: str = "parallel",
+        chunk_size: int | None = None,
+        packing: Packing | None = None,
     ) -> tuple[Tensor, MixerState]:
-        y, state = self.mixer(self.norm1(x), state, mode=mode, chunk_size=chunk_size)  # (B, T, D)
+        """``packing``: ``x [1, T, D]`` holds packed sequences (the model checked them once for all layers)."""
+        if packing is None:
+            y, state = self.mixer(self.norm1(x), state, mode=mode, chunk_size=chunk_size)  # (B, T, D)
+        else:
+            y, state = mix_packed(self.mixer, self.norm1(x), state, packing, mode=mode, chunk_size=chunk_size)
         x = x + self.dropout(y)
         x = x + self.ffn(self.norm2(x))
         return x, state

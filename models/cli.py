@@ -1,11 +1,12 @@
 """The ``seqmixers`` command: ``train``, ``generate``, ``list``, ``demo``, ``mixers-demo`` and plugins' commands.
 
 - ``seqmixers train --config FILE|PRESET [--data TEXT_FILE] [--out DIR] [--force]``: train on the embedded
-  corpus (or a text file) with a progress bar and validation perplexity; writes ``DIR/model.safetensors``
+  corpus (or a text file, whose documents ``--documents`` packs) with a progress bar and validation perplexity;
+  writes ``DIR/model.safetensors``
   (last) and ``DIR/best.safetensors``, never over an earlier run's without ``--force``; exit code 3 when the
   run diverges, 128 + the signal's number after SIGINT/SIGTERM (which save first).
 - ``seqmixers generate CHECKPOINT --prompt TEXT``: stream a sample (prefill, then O(1)-state decoding
-  for the recurrent layers).
+  for the recurrent layers); ``--prompt`` several times: one batch of ragged prompts; ``--beams K``: beam search.
 - ``seqmixers list``: mixers, backends, feature maps and plugins, where each came from, what is available.
 - ``seqmixers demo``: the main job, a RetNet / Transformer / hybrid comparison in a few minutes on a CPU.
 - ``seqmixers mixers-demo``: the op-level check, every mixer's three modes agreeing and states handing over.
@@ -35,7 +36,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     path = resolve_config(args.config)
     model_config, train_config = load_run_config(path)
-    overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+    given = (("steps", args.steps), ("seed", args.seed), ("documents", args.documents), ("separator", args.separator))
+    overrides = {k: v for k, v in given if v is not None}
     if overrides:
         train_config = dataclasses.replace(train_config, **overrides)
     out = Path(args.out) if args.out else Path("runs") / path.stem
@@ -50,13 +52,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
         return 2
     text = corpus.load_corpus(args.data)
-    _check_corpus(text, train_config, f"--data {args.data!r}" if args.data else "the embedded corpus (pydoc help text)")
-    model_config.check_backends(args.device)
     source = args.data or "the embedded corpus (pydoc help text)"
+    if train_config.documents == "none":  # packed documents are checked when they are read, in train()
+        _check_corpus(text, train_config, f"--data {args.data!r}" if args.data else source)
+    model_config.check_backends(args.device)
     print(f"model: {model_config.describe()}", file=sys.stderr)
+    packed = "" if train_config.documents == "none" else f" (packed {train_config.documents} documents)"
     print(
         f"data: {source}, {len(text):,} bytes; {train_config.steps} steps of "
-        f"{train_config.batch_size} x {train_config.seq_len} tokens",
+        f"{train_config.batch_size} x {train_config.seq_len} tokens{packed}",
         file=sys.stderr,
     )
     if existing:
@@ -96,10 +100,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if model.config.vocab_size < corpus.BYTE_VOCAB:
         raise ConfigError(f"this checkpoint's vocab_size={model.config.vocab_size} cannot hold byte tokens")
     model.config.check_backends(args.device)
+    prompts = args.prompt or [DEFAULT_PROMPT]
+    if len(prompts) > 1 or args.beams is not None:
+        return _generate_batch(model, prompts, args)
     decoder = corpus.StreamDecoder()
     t0, n = time.perf_counter(), 0
     tokens = model.stream(
-        corpus.encode(args.prompt),
+        corpus.encode(prompts[0]),
         args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -108,12 +115,45 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         compile=args.compile,
     )
     first = next(tokens, None)  # the prefill: its bar is gone before the prompt is echoed
-    sys.stdout.write(args.prompt)
+    sys.stdout.write(prompts[0])
     for token in itertools.chain([] if first is None else [first], tokens):
         sys.stdout.write(decoder(int(token)))
         sys.stdout.flush()
         n += 1
     sys.stdout.write(decoder.flush() + "\n")
+    sys.stdout.flush()
+    dt = time.perf_counter() - t0
+    print(f"[{n} tokens in {dt:.2f} s, {dt / max(n, 1) * 1e3:.1f} ms/token]", file=sys.stderr)
+    return 0
+
+
+def _generate_batch(model, prompts: list[str], args: argparse.Namespace) -> int:
+    """``generate`` with several prompts (one batch, ragged) or ``--beams``: each text printed once complete,
+    under a ``==> prompt i <==`` line when there are several."""
+    from models import data as corpus
+    from models.config import ConfigError
+
+    encoded = [corpus.encode(p) for p in prompts]
+    t0 = time.perf_counter()
+    if args.beams is not None:
+        if args.beams > model.config.vocab_size:
+            V = model.config.vocab_size
+            raise ConfigError(f"--beams must be at most the vocabulary size {V}, got {args.beams}")
+        outputs = model.beam_search(encoded, args.max_new_tokens, num_beams=args.beams)
+    else:  # every prompt with --seed: each text is the one that prompt alone gives
+        outputs = model.generate_batch(
+            encoded,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seeds=args.seed,
+            compile=args.compile,
+        )
+    n = sum(len(out) - len(e) for out, e in zip(outputs, encoded, strict=True))
+    for i, (prompt, out, e) in enumerate(zip(prompts, outputs, encoded, strict=True)):
+        if len(prompts) > 1:
+            sys.stdout.write(("\n" if i else "") + f"==> prompt {i + 1} <==\n")
+        sys.stdout.write(prompt + corpus.decode(out[len(e) :]) + "\n")
     sys.stdout.flush()
     dt = time.perf_counter() - t0
     print(f"[{n} tokens in {dt:.2f} s, {dt / max(n, 1) * 1e3:.1f} ms/token]", file=sys.stderr)
@@ -275,6 +315,7 @@ class _Version(argparse.Action):
 
 
 DEVICE_HELP = "the torch device: cpu, cuda, cuda:N, mps (default: %(default)s)"
+DEFAULT_PROMPT = "The "  # generate's prompt when no --prompt is given
 
 
 def parser(*, plugin_commands: bool = False) -> argparse.ArgumentParser:
@@ -296,6 +337,13 @@ def parser(*, plugin_commands: bool = False) -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="overwrite the checkpoints already in --out")
     t.add_argument("--steps", type=_int_at_least(1), help="override train.steps")
     t.add_argument("--seed", type=int, help="override train.seed")
+    t.add_argument(
+        "--documents",
+        choices=("none", "separator", "lines", "jsonl"),
+        help="override train.documents: train on random windows of the whole text (none), or on documents packed "
+        "into rows, split on --separator, one per line, or one JSON object per line (its train.jsonl_field)",
+    )
+    t.add_argument("--separator", help="override train.separator (with --documents separator; default: a blank line)")
     t.add_argument("--device", default="cpu", type=_device, help=DEVICE_HELP)
     t.add_argument("--threads", type=_int_at_least(1), help="torch CPU threads (default: torch's choice)")
     t.add_argument("--quiet", action="store_true", help="no progress output")
@@ -305,11 +353,17 @@ def parser(*, plugin_commands: bool = False) -> argparse.ArgumentParser:
         "generate",
         help="generate text from a checkpoint",
         description="Continue a prompt: it is prefilled, then each token is decoded in recurrent mode and "
-        "written to stdout as it comes; a timing line goes to stderr.",
+        "written to stdout as it comes; a timing line goes to stderr. Several prompts (or --beams) are generated "
+        "as one batch, each text written once complete.",
     )
     g.add_argument("checkpoint", help="a model.safetensors written by train")
     g.add_argument(
-        "--prompt", type=_prompt_text, default="The ", metavar="TEXT", help="text to continue (default: %(default)r)"
+        "--prompt",
+        type=_prompt_text,
+        action="append",
+        metavar="TEXT",
+        help=f"text to continue; give it several times for one text per prompt, generated as one batch "
+        f"(default: {DEFAULT_PROMPT!r})",
     )
     g.add_argument(
         "--max-new-tokens",
@@ -330,6 +384,13 @@ def parser(*, plugin_commands: bool = False) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--seed", type=_seed, default=0, metavar="N", help="the same seed gives the same text (default: %(default)s)"
+    )
+    g.add_argument(
+        "--beams",
+        type=_int_at_least(1),
+        metavar="K",
+        help="beam search with K beams per prompt: the most likely text found, deterministic (--temperature, "
+        "--top-k, --seed and --compile do not apply; default: sampling)",
     )
     g.add_argument(
         "--compile",

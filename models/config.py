@@ -455,6 +455,11 @@ class TrainConfig:
         val_fraction: the share of the corpus held out (its end) for validation.
         seed: seeds the weights, the batches and the sample.
         sample_prompt, sample_tokens, temperature, top_k: the sample generated at the end.
+        documents: ``"none"`` trains on random windows of the whole corpus; ``"separator"`` (documents between
+            occurrences of ``separator``), ``"lines"`` (one per line) or ``"jsonl"`` (one JSON object per line,
+            the document in its string field ``jsonl_field``) train on documents packed into rows of
+            ``seq_len`` tokens, with nothing crossing a document (``models.data.pack_documents``); the last
+            ``val_fraction`` of the documents is held out.
     """
 
     steps: int = 300
@@ -477,6 +482,9 @@ class TrainConfig:
     sample_tokens: int = 200
     temperature: float = 0.8
     top_k: int | None = None
+    documents: str = "none"
+    separator: str = "\n\n"
+    jsonl_field: str = "text"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
@@ -498,6 +506,9 @@ class TrainConfig:
         _float("temperature", self.temperature, 0.0, 100.0)
         if self.top_k is not None:
             _int("top_k", self.top_k, 1)
+        _choice("documents", self.documents, ("none", "separator", "lines", "jsonl"))
+        _str("separator", self.separator)
+        _str("jsonl_field", self.jsonl_field)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from mixers import MixerState
 from mixers.functional import MODES
+from mixers.ops.packed import Packing, unpad
 from models.blocks import Block, make_norm
 from models.config import ModelConfig, as_model_config
 
@@ -128,6 +129,8 @@ class LanguageModel(nn.Module):
         mode: str = "parallel",
         chunk_size: int | None = None,
         last_only: bool = False,
+        cu_seqlens: Tensor | None = None,
+        attention_mask: Tensor | None = None,
     ) -> tuple[Tensor, States]:
         """Logits for ``tokens [B, T]``, continuing from ``states`` (one per layer, ``None``: from scratch).
 
@@ -136,21 +139,80 @@ class LanguageModel(nn.Module):
                 ``"recurrent"``; all three give the same logits, and the returned states continue the
                 sequence in any mode.
             last_only: return the logits of the last position only (``[B, 1, V]``), as generation needs.
+            cu_seqlens: int32/int64 ``[N+1]`` (0, ..., T): ``tokens [1, T]`` holds N sequences packed in one row.
+                Each starts at position 0 (or from its row of ``states``), nothing crosses a boundary, and the
+                states have N rows; with ``last_only``, the logits are each sequence's last ``[N, 1, V]``
+                (zeros for an empty sequence).
+            attention_mask: 0/1 ``[B, T]``: a padded batch, row b's tokens where it is 1 (left or right
+                padding, whatever ids the padding holds). The model unpads once, runs the real tokens packed,
+                and pads the logits back (zeros at the padding); with ``last_only``, each row's last real
+                token's logits. Row b's state is that of its real tokens.
 
         Returns:
             ``(logits [B, T, vocab_size], states)``.
         """
-        self._check_tokens(tokens)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if states is None:
             states = [None] * len(self.blocks)
         elif len(states) != len(self.blocks):
             raise ValueError(f"states must hold one state per layer ({len(self.blocks)}), got {len(states)}")
-        return self._forward(tokens, states, mode, chunk_size, last_only)
+        if attention_mask is not None:
+            if cu_seqlens is not None:
+                raise ValueError("give cu_seqlens (packed sequences) or attention_mask (a padded batch), not both")
+            return self._forward_padded(tokens, states, mode, chunk_size, last_only, attention_mask)
+        self._check_tokens(tokens)
+        if cu_seqlens is None:
+            return self._forward(tokens, states, mode, chunk_size, last_only)
+        if tokens.shape[0] != 1:
+            raise ValueError(
+                f"with cu_seqlens, tokens must hold the packed sequences in one row ([1, T]), got shape "
+                f"{list(tokens.shape)}"
+            )
+        packing = Packing.of(cu_seqlens, tokens.shape[1], tokens.device)
+        logits, new_states = self._forward(tokens, states, mode, chunk_size, False, packing)
+        return (self._last(logits, packing) if last_only else logits), new_states
+
+    def _forward_padded(
+        self,
+        tokens: Tensor,
+        states: Sequence[MixerState | None],
+        mode: str,
+        chunk_size: int | None,
+        last_only: bool,
+        attention_mask: Tensor,
+    ) -> tuple[Tensor, States]:
+        """``forward`` of a padded batch: unpadded once (the padding never enters a layer), padded back."""
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+            self._check_tokens(tokens)  # names the problem
+        B, T = tokens.shape
+        mask, packing = unpad(attention_mask, B, T, tokens.device)
+        packed = tokens[mask][None]  # (1, real tokens)
+        if packed.shape[1]:
+            self._check_tokens(packed)  # the padding may hold any id
+        logits, new_states = self._forward(packed, states, mode, chunk_size, False, packing)
+        if last_only:
+            return self._last(logits, packing), new_states  # (B, 1, V)
+        out = logits.new_zeros(B, T, logits.shape[-1])
+        out[mask] = logits[0]
+        return out, new_states
+
+    @staticmethod
+    def _last(logits: Tensor, packing: Packing) -> Tensor:
+        """Each sequence's last logits ``[N, 1, V]`` from packed ``logits [1, T, V]``; zeros for an empty one."""
+        if logits.shape[1] == 0:
+            return logits.new_zeros(packing.n, 1, logits.shape[-1])
+        last = logits[0, packing.last] * (packing.lengths > 0)[:, None].to(logits.dtype)
+        return last[:, None]
 
     def _forward(
-        self, tokens: Tensor, states: Sequence[MixerState | None], mode: str, chunk_size: int | None, last_only: bool
+        self,
+        tokens: Tensor,
+        states: Sequence[MixerState | None],
+        mode: str,
+        chunk_size: int | None,
+        last_only: bool,
+        packing: Packing | None = None,
     ) -> tuple[Tensor, States]:
         """``forward`` after its checks (the token check reads the ids: a device sync a decode step avoids)."""
         chunk_size = self.config.chunk_size if chunk_size is None else chunk_size
@@ -160,7 +222,7 @@ class LanguageModel(nn.Module):
         x = self.drop(x)
         new_states = []
         for block, state in zip(self.blocks, states, strict=True):
-            x, state = block(x, state, mode=mode, chunk_size=chunk_size)
+            x, state = block(x, state, mode=mode, chunk_size=chunk_size, packing=packing)
             new_states.append(state)
         x = self.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x), new_states  # (B, T, V)
@@ -313,6 +375,67 @@ class LanguageModel(nn.Module):
         from models.checkpoint import save
 
         return save(self, path, metadata=metadata)
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Tensor | Sequence[int]],
+        max_new_tokens: int | Sequence[int],
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seeds: int | Sequence[int | None] | None = None,
+        eos_token_id: int | None = None,
+        prefill_mode: str = "chunkwise",
+        chunk_size: int | None = None,
+        compile: bool | str = False,
+    ) -> list[Tensor]:
+        """Generate from prompts of different lengths as one batch: one 1-D tensor (prompt + new tokens) per prompt.
+
+        Row i gives the tokens of ``generate(prompts[i], max_new_tokens[i], seed=seeds[i], ...)`` alone (its own
+        generator; ``seeds``: ``None``, one int for every row, or one per prompt). A row stops at
+        ``eos_token_id`` (kept) or at its own ``max_new_tokens`` and leaves the batch. See
+        ``models.batch_generate.generate_batch``."""
+        from models.batch_generate import generate_batch
+
+        return generate_batch(
+            self,
+            prompts,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            seeds=seeds,
+            eos_token_id=eos_token_id,
+            prefill_mode=prefill_mode,
+            chunk_size=chunk_size,
+            compile=compile,
+        )
+
+    def beam_search(
+        self,
+        prompts: Sequence[Tensor | Sequence[int]],
+        max_new_tokens: int | Sequence[int],
+        *,
+        num_beams: int,
+        eos_token_id: int | None = None,
+        length_penalty: float = 1.0,
+        prefill_mode: str = "chunkwise",
+        chunk_size: int | None = None,
+    ) -> list[Tensor]:
+        """The best of ``num_beams`` beams for each prompt (prompts of any lengths, one batch): one 1-D tensor
+        (prompt + new tokens) per prompt. Beams are scored by the sum of their log-probabilities, the answer chosen
+        by ``score / new_tokens ** length_penalty``. See ``models.batch_generate.beam_search``."""
+        from models.batch_generate import beam_search
+
+        return beam_search(
+            self,
+            prompts,
+            max_new_tokens,
+            num_beams=num_beams,
+            eos_token_id=eos_token_id,
+            length_penalty=length_penalty,
+            prefill_mode=prefill_mode,
+            chunk_size=chunk_size,
+        )
 
 
 def _takes(fn: Callable[..., object], name: str) -> bool:

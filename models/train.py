@@ -13,6 +13,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -159,18 +160,53 @@ def make_optimizer(model: LanguageModel, tc: TrainConfig) -> torch.optim.AdamW:
 
 
 @torch.no_grad()
-def evaluate(model: LanguageModel, batches: list[tuple[torch.Tensor, torch.Tensor]], tc: TrainConfig) -> float:
-    """Mean next-token cross-entropy (nats) over ``batches``."""
+def evaluate(model: LanguageModel, batches: list[tuple[torch.Tensor, ...]], tc: TrainConfig) -> float:
+    """Mean next-token cross-entropy (nats) over ``batches``: each ``(x [B, T], y [B, T])``, or packed,
+    ``(x [1, T], y [1, T], cu_seqlens)`` with ``y = -100`` where nothing is counted (the sum of the losses
+    over the count of counted targets)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for x, y in batches:
+    for x, y, *packed in batches:
         x, y = x.to(model.device), y.to(model.device)
-        logits, _ = model(x, mode=tc.mode, chunk_size=tc.chunk_size)  # (B, T, V)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
-        count += y.numel()
+        cu_seqlens = packed[0].to(model.device) if packed else None
+        logits, _ = model(x, mode=tc.mode, chunk_size=tc.chunk_size, cu_seqlens=cu_seqlens)  # (B, T, V)
+        total += F.cross_entropy(
+            logits.flatten(0, 1).float(), y.flatten(), ignore_index=corpus.IGNORE, reduction="sum"
+        ).item()
+        count += int((y != corpus.IGNORE).sum())
     model.train(was_training)
     return total / count
+
+
+def _batches(
+    data: bytes, tc: TrainConfig
+) -> tuple[Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]], list]:
+    """``(next_batch, val_batches)``: ``next_batch(generator)`` gives ``(x, y, cu_seqlens or None, real tokens)``.
+
+    ``documents="none"``: random windows of the corpus (``[B, T]``, no ``cu_seqlens``) and fixed windows of
+    its held-out end. Otherwise: random packed rows of the training documents and fixed rows of the held-out
+    documents, each batch flattened into one row ``[1, B*T]`` with its ``cu_seqlens``."""
+    if tc.documents == "none":
+        train_data, val_data = corpus.split(data, tc.val_fraction, tc.seq_len)
+
+        def windows(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, None, int]:
+            x, y = corpus.random_batch(train_data, tc.batch_size, tc.seq_len, gen)
+            return x, y, None, x.numel()
+
+        return windows, corpus.fixed_batches(val_data, tc.batch_size, tc.seq_len, tc.eval_batches)
+    docs = corpus.documents(data, tc.documents, separator=tc.separator, field=tc.jsonl_field)
+    tokens = [doc for doc in corpus.tokenize_documents(docs) if doc.numel() >= 2]
+    train_docs, val_docs = corpus.split_documents(tokens, tc.val_fraction)
+    train_rows = corpus.pack_documents(train_docs, tc.seq_len)
+    val_rows = corpus.pack_documents(val_docs, tc.seq_len)
+
+    def rows(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        picked = corpus.random_rows(train_rows, tc.batch_size, gen)
+        x, y, cu_seqlens = train_rows.batch(picked)
+        return x, y, cu_seqlens, int(train_rows.n_real[picked].sum())
+
+    return rows, corpus.fixed_packed_batches(val_rows, tc.batch_size, tc.eval_batches)
 
 
 def train(
@@ -215,8 +251,7 @@ def _run(
             f"vocab_size={model_config.vocab_size} is too small for the byte tokenizer, which needs "
             f">= {corpus.BYTE_VOCAB}"
         )
-    train_data, val_data = corpus.split(corpus.load_corpus() if data is None else data, tc.val_fraction, tc.seq_len)
-    val_batches = corpus.fixed_batches(val_data, tc.batch_size, tc.seq_len, tc.eval_batches)
+    next_batch, val_batches = _batches(corpus.load_corpus() if data is None else data, tc)
     torch.manual_seed(tc.seed)
     model = LanguageModel(model_config).to(device)
     model.train()
@@ -226,7 +261,7 @@ def _run(
     best = Path(out) / BEST if out is not None else None
     result = TrainResult(model=model, checkpoint=checkpoint)
     bar = Progress(tc.steps, label, enabled=progress)
-    tokens_per_step = tc.batch_size * tc.seq_len
+    tokens = 0  # the real tokens trained on so far (padding not counted)
 
     def metadata(step: int) -> dict:
         """What each checkpoint carries; ``read_header(path)[1]`` returns it."""
@@ -242,7 +277,7 @@ def _run(
         result.val_curve.append((step, val))
         line = f"step {step:>5}/{tc.steps}  val loss {val:.3f}  val ppl {perplexity(val):7.2f}"
         if result.train_curve:
-            speed = tokens_per_step * len(result.train_curve) / result.train_s
+            speed = tokens / result.train_s
             line += f"  train loss {result.train_curve[-1][1]:.3f}  {speed:,.0f} tok/s"
         bar.log(line)
         if not val <= result.best_val_loss + divergence_margin:  # NaN included
@@ -282,10 +317,11 @@ def _run(
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step - 1, tc)
-        x, y = corpus.random_batch(train_data, tc.batch_size, tc.seq_len, gen)
+        x, y, cu_seqlens, n_real = next_batch(gen)
         x, y = x.to(device), y.to(device)
-        logits, _ = model(x, mode=tc.mode, chunk_size=tc.chunk_size)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        cu_seqlens = cu_seqlens.to(device) if cu_seqlens is not None else None
+        logits, _ = model(x, mode=tc.mode, chunk_size=tc.chunk_size, cu_seqlens=cu_seqlens)  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=corpus.IGNORE)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip > 0:
@@ -299,7 +335,8 @@ def _run(
             )
         result.train_s += time.perf_counter() - t0
         result.train_curve.append((step, loss_value))
-        speed = tokens_per_step * step / result.train_s
+        tokens += n_real
+        speed = tokens / result.train_s
         bar.update(step, f"loss {loss_value:.3f} {speed:,.0f} tok/s")
         if step % tc.eval_every == 0 or step == tc.steps:
             validate(step)
@@ -307,7 +344,7 @@ def _run(
     stop.release()  # from here (the sample), Ctrl-C interrupts at once: the last checkpoint is saved
     if stop.signum is not None:
         raise Interrupted(stop.signum, tc.steps, checkpoint)
-    result.tokens_per_s = tokens_per_step * tc.steps / result.train_s
+    result.tokens_per_s = tokens / result.train_s
     if tc.sample_tokens:
         prompt = corpus.encode(tc.sample_prompt) if tc.sample_prompt else torch.tensor([ord("\n")])
         out_tokens = model.generate(

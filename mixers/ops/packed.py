@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,6 +51,61 @@ def check_cu_seqlens(cu_seqlens: object, T: int) -> list[int]:
                 f"(cu_seqlens = {_short(bounds)})"
             )
     return bounds
+
+
+@dataclass(frozen=True, eq=False)
+class Packing:
+    """Checked ``cu_seqlens`` with what every layer of a model needs from it, computed once per forward pass
+    (one device sync) instead of in every layer: the boundaries as ints, and per token its sequence and its
+    position inside it. Ops and mixers take one wherever they take ``cu_seqlens``."""
+
+    cu_seqlens: Tensor  # int64 [N+1] on the inputs' device
+    bounds: tuple[int, ...]  # the same, as Python ints
+    seq_id: Tensor  # int64 [T]: the sequence of each token
+    offsets: Tensor  # int64 [T]: each token's position in its sequence (0 at its first token)
+
+    @classmethod
+    def of(cls, cu_seqlens: object, T: int, device: torch.device) -> Packing:
+        """``cu_seqlens`` (a tensor, checked against the packed length ``T``, or a ``Packing``) as a ``Packing``."""
+        if isinstance(cu_seqlens, Packing):
+            if cu_seqlens.total != T:
+                raise ValueError(f"cu_seqlens must end at the packed length T = {T}, got {cu_seqlens.total}")
+            return cu_seqlens
+        if isinstance(cu_seqlens, Tensor) and cu_seqlens.device != device:
+            raise ValueError(f"cu_seqlens must be on the inputs' device {device}, got {cu_seqlens.device}")
+        bounds = check_cu_seqlens(cu_seqlens, T)
+        cu = cu_seqlens.to(torch.int64)
+        lengths = cu[1:] - cu[:-1]
+        seq_id = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=device), lengths, output_size=T)
+        offsets = torch.arange(T, device=device) - cu[seq_id]
+        return cls(cu, tuple(bounds), seq_id, offsets)
+
+    @property
+    def n(self) -> int:
+        """The number of sequences (empty ones included)."""
+        return len(self.bounds) - 1
+
+    @property
+    def total(self) -> int:
+        return self.bounds[-1]
+
+    @property
+    def lengths(self) -> Tensor:
+        """int64 ``[N]``."""
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    @property
+    def last(self) -> Tensor:
+        """int64 ``[N]``: the index of each sequence's last token (of the token before it, for an empty one)."""
+        return (self.cu_seqlens[1:] - 1).clamp(min=0)
+
+
+def unpad(attention_mask: object, B: int, T: int, device: torch.device) -> tuple[Tensor, Packing]:
+    """A padded batch as packed sequences: ``(mask, packing)``, with ``x[mask][None]`` the packed input (row by
+    row, in order) and ``out[mask] = y[0]`` putting a packed output back."""
+    mask = check_attention_mask(attention_mask, B, T, device)
+    counts = mask.sum(dim=1)
+    return mask, Packing.of(torch.cat([counts.new_zeros(1), counts.cumsum(0)]), int(counts.sum()), device)
 
 
 def _short(values: list[int]) -> str:
@@ -109,7 +165,7 @@ def packed_call(
                 f"with cu_seqlens, {name} must hold the packed sequences in one row (batch size 1, "
                 f"[1, T, ...]), got batch size {t.shape[0]} (shape {list(t.shape)})"
             )
-    bounds = check_cu_seqlens(cu_seqlens, first.shape[1])
+    bounds = Packing.of(cu_seqlens, first.shape[1], first.device).bounds
     N = len(bounds) - 1
     state = arguments.get(state_name)
     rows = _state_rows(state) if state is not None else None
@@ -177,9 +233,7 @@ def padded_call(
         return call(*args, **kwargs)  # the op's validation names the problem
     first = arguments[sequences[0]]
     B, T = first.shape[:2]
-    mask = check_attention_mask(attention_mask, B, T, first.device)
-    counts = mask.sum(dim=1)
-    cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    mask, cu = unpad(attention_mask, B, T, first.device)
     for name in sequences:
         t = arguments.get(name)
         if isinstance(t, Tensor):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,7 @@ from torch import Tensor
 import mixers
 from mixers import registry as registry_module
 from mixers.functional import MODES
-from mixers.interface import MixerState, TokenMixer
+from mixers.interface import MixerState, TokenMixer, mix_packed, mix_padded
 from mixers.registry import Backend, Registry, get_registry
 from mixers.testing.asserts import RTOL, assert_raises_mentioning, assert_rel_close, assert_states_close, norm_rel_error
 from mixers.testing.ops import KEEP, OpSpec, get_op_spec, standard_bad_inputs, state_tensors
@@ -528,6 +529,102 @@ def check_reordered_state(target: MixerTarget) -> None:
     assert_rel_close(y, expected[:, 6:], _tol(target, 1e-10, 1e-5), "reordered continuation")
 
 
+@st.composite
+def _packs(draw: st.DrawFn, target: MixerTarget) -> tuple[list[int], int, str, int, bool, int]:
+    """Sequence lengths (empty and single-token ones included), a prefix length for the states they start from
+    (0: none), a mode, a chunk size, which side padding goes on, and a seed."""
+    lengths = draw(st.lists(st.integers(0, 7), min_size=1, max_size=4))
+    prefix = draw(st.integers(0, 3))
+    mode = draw(st.sampled_from(target.modes))
+    return lengths, prefix, mode, draw(st.integers(1, 5)), draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
+
+
+def _separate(mixer: TokenMixer, pieces: list[Tensor], state: MixerState | None, mode: str, chunk: int):
+    """Each sequence run alone (from its row of ``state``): outputs and states, the reference of packing."""
+    runs = []
+    for n, x in enumerate(pieces):
+        rows = None if state is None else state.reorder(torch.tensor([n], device=x.device))
+        runs.append(mixer(x, rows, mode=mode, chunk_size=chunk))
+    return runs
+
+
+def check_packed_equals_separate(target: MixerTarget, max_examples: int | None = None) -> None:
+    """Sequences packed in one row (``cu_seqlens``, through ``mix_packed``: the mixer's own packing or one call
+    per sequence) give each sequence's outputs, final state and gradients as running it alone, from its own
+    state or from none; empty and single-token sequences included."""
+    mixer, tol = target.build(), _tol(target, 1e-10, 1e-5)
+    params = [p for p in mixer.parameters() if p.requires_grad]
+
+    def packed_equals_separate(case):
+        lengths, prefix, mode, chunk, _, seed = case
+        N, T = len(lengths), sum(lengths)
+        state = None
+        if prefix:
+            _, state = mixer(target.inputs(B=N, T=prefix, seed=seed + 1), mode=_first_mode(target))
+            state = state.detach()
+        x = target.inputs(B=1, T=T, seed=seed).requires_grad_(True)
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], device=target.device)
+        _at(mode)
+        y, s = mix_packed(mixer, x, state, cu, mode=mode, chunk_size=chunk)
+        assert tuple(y.shape) == (1, T, target.d_model), f"packed output shape {tuple(y.shape)}"
+        assert s.batch_size == N, f"the packed state has {s.batch_size} rows for {N} sequences"
+        starts = [0, *itertools.accumulate(lengths)]
+        runs = _separate(mixer, [x[:, a:b] for a, b in zip(starts, starts[1:], strict=False)], state, mode, chunk)
+        for n, (y_n, s_n) in enumerate(runs):
+            assert_rel_close(y[:, starts[n] : starts[n + 1]], y_n, tol, f"sequence {n} output")
+            assert_states_close(s.reorder(torch.tensor([n], device=x.device)), s_n, tol, f"sequence {n} state")
+        if T == 0:
+            return
+        weight = target.inputs(B=1, T=T, seed=seed + 2)
+        got = torch.autograd.grad((y * weight).sum(), [x, *params], allow_unused=True)
+        want_loss = sum((y_n * weight[:, a:b]).sum() for (y_n, _), a, b in zip(runs, starts, starts[1:], strict=False))
+        want = torch.autograd.grad(want_loss, [x, *params], allow_unused=True)
+        names = ["x", *(n for n, p in mixer.named_parameters() if p.requires_grad)]
+        for name, g, w in zip(names, got, want, strict=True):
+            if g is not None and w is not None:
+                assert_rel_close(g, w, tol * 10, f"d/d{name}")
+
+    _property(packed_equals_separate, max_examples or scaled_examples(0.3), case=_packs(target))
+
+
+def check_padded_equals_separate(target: MixerTarget, max_examples: int | None = None) -> None:
+    """A padded batch (``attention_mask``, left or right padding per row, NaN in the padding) gives each row's
+    outputs and state as running its real tokens alone; outputs at the padding are zeros, and no NaN reaches a
+    real output or a gradient."""
+    mixer, tol = target.build(), _tol(target, 1e-10, 1e-5)
+
+    def padded_equals_separate(case):
+        lengths, prefix, mode, chunk, left, seed = case
+        B, T = len(lengths), max(lengths)
+        state = None
+        if prefix:
+            _, state = mixer(target.inputs(B=B, T=prefix, seed=seed + 1), mode=_first_mode(target))
+            state = state.detach()
+        real = target.inputs(B=B, T=T, seed=seed)
+        mask = torch.zeros(B, T, dtype=torch.long, device=target.device)
+        x = torch.full_like(real, float("nan"))
+        for b, L in enumerate(lengths):
+            where = slice(T - L, T) if left else slice(0, L)
+            mask[b, where] = 1
+            x[b, where] = real[b, :L]
+        x.requires_grad_(True)
+        _at(mode)
+        y, s = mix_padded(mixer, x, state, mask, mode=mode, chunk_size=chunk)
+        assert tuple(y.shape) == tuple(x.shape), f"padded output shape {tuple(y.shape)} for input {tuple(x.shape)}"
+        assert not y.isnan().any(), "a NaN in the padding reached an output"
+        assert (y[mask == 0] == 0).all(), "outputs at the padding are not zero"
+        runs = _separate(mixer, [real[b : b + 1, :L] for b, L in enumerate(lengths)], state, mode, chunk)
+        for b, (y_b, s_b) in enumerate(runs):
+            assert_rel_close(y[b][mask[b] == 1][None], y_b, tol, f"row {b} output")
+            assert_states_close(s.reorder(torch.tensor([b], device=x.device)), s_b, tol, f"row {b} state")
+        if sum(lengths):
+            (g,) = torch.autograd.grad((y * target.inputs(B=B, T=T, seed=seed + 2)).sum(), [x])
+            assert not g.isnan().any(), "a NaN in the padding reached a gradient"
+            assert (g[mask == 0] == 0).all(), "the padding got a gradient"
+
+    _property(padded_equals_separate, max_examples or scaled_examples(0.3), case=_packs(target))
+
+
 def check_init_state(target: MixerTarget) -> None:
     """``init_state(B)`` is the empty history: continuing it equals starting without a state."""
     mixer, x = target.build(), target.inputs()
@@ -604,6 +701,8 @@ MIXER_CHECKS: tuple[Check, ...] = (
     Check("nonfinite_stays_causal", check_nonfinite_stays_causal, per_mode=True),
     Check("batch_independence", check_batch_independence, per_mode=True),
     Check("reordered_state", check_reordered_state),
+    Check("packed_equals_separate", check_packed_equals_separate, hypothesis=True),
+    Check("padded_equals_separate", check_padded_equals_separate, hypothesis=True),
     Check("init_state", check_init_state),
     Check("low_precision", check_low_precision, per_mode=True),
     Check(

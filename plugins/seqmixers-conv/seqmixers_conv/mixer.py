@@ -34,6 +34,7 @@ class ShortConvolution(TokenMixer):
     """
 
     ops = ("short_conv",)
+    packs = True  # forward takes cu_seqlens (see mixers.interface.mix_packed)
     op_state_type = Tensor
 
     def __init__(
@@ -76,10 +77,19 @@ class ShortConvolution(TokenMixer):
         return MixerState.start(window, batch_size, device=device)
 
     def forward(
-        self, x: Tensor, state: MixerState | None = None, *, mode: str = "parallel", chunk_size: int | None = None
+        self,
+        x: Tensor,
+        state: MixerState | None = None,
+        *,
+        mode: str = "parallel",
+        chunk_size: int | None = None,
+        cu_seqlens: Tensor | None = None,
     ) -> tuple[Tensor, MixerState]:
+        """``cu_seqlens``: ``x [1, T, d_model]`` holds packed sequences (the op restarts its window at each);
+        the state then has a row per sequence. A mixer without positions needs nothing more for packing."""
         B, T = self.check_input(x)
-        state = self.check_state(state, B, x.device)
+        packing = self.packing(x, cu_seqlens)
+        state = self.check_state(state, B, x.device, packing)
         u, *g = self.in_proj(x).chunk(2 if self.gate else 1, dim=-1)  # (B, T, d_model) each
         y, window = short_conv(
             u,
@@ -89,11 +99,12 @@ class ShortConvolution(TokenMixer):
             chunk_size=chunk_size if chunk_size is not None else self.chunk_size,
             initial_state=None if state is None else state.op,
             backend=self.backend,
+            cu_seqlens=packing,
         )
         y = ACTIVATIONS[self.activation](y)
         if self.gate:
             y = y * F.silu(g[0])
-        return self.out_proj(y), self.next_state(state, x, window)
+        return self.out_proj(y), self.next_state(state, x, window, packing)
 
     def extra_repr(self) -> str:
         return (

@@ -92,6 +92,8 @@ def short_conv(
     chunk_size: int | None = None,
     initial_state: Tensor | None = None,
     backend: str = "auto",
+    cu_seqlens: Tensor | None = None,
+    attention_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Causal depthwise convolution, continuing from a window of earlier inputs.
 
@@ -104,12 +106,17 @@ def short_conv(
         initial_state: ``[B, K-1, C]``, the inputs before ``x`` (oldest first), in the dtype of ``x``;
             ``None`` for zeros.
         backend: a backend name, or ``"auto"``.
+        cu_seqlens, attention_mask: packed sequences (``x [1, T, C]``, a window per sequence) or a padded batch,
+            as for ``mixers.functional.retention`` (the ``Op`` object does it, for every backend).
 
     Returns:
         ``(y, final_state)``: ``y`` is ``[B, T, C]`` in the dtype of ``x``; ``final_state`` is the last K-1
         inputs, ``[B, K-1, C]`` in the dtype of ``x``, ready to be passed back as ``initial_state``.
     """
-    return SHORT_CONV(x, weight, bias, mode=mode, chunk_size=chunk_size, initial_state=initial_state, backend=backend)
+    return SHORT_CONV(
+        x, weight, bias, mode=mode, chunk_size=chunk_size, initial_state=initial_state, backend=backend,
+        cu_seqlens=cu_seqlens, attention_mask=attention_mask,
+    )  # fmt: skip
 
 
 # -- the torch backend ---------------------------------------------------------------------------------
