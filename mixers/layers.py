@@ -8,7 +8,7 @@ mixer, which is also what saved checkpoints hold.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from mixers import rotary as rope
+from mixers.context_parallel import current_context_parallel
 from mixers.interface import MixerState, TokenMixer, mix_padded
 from mixers.ops.packed import Packing
 
@@ -259,9 +260,14 @@ class ProjectedMixer(TokenMixer):
     q, k, v, the op (the subclass's ``forward``), an optional per-head norm and swish gate, and ``out_proj``.
 
     A subclass sets up its modules with ``init_frame`` and calls ``project`` and ``output`` around its op.
+
+    Context parallelism (``mixers.context_parallel``): a subclass that calls its op through ``run_op`` and sets
+    ``context_parallel = True`` runs split over ranks inside ``with context_parallel(group):``; ``begin``
+    starts it at the rank's position and ``project`` fetches the previous ranks' convolution inputs.
     """
 
     packs = True  # forward takes cu_seqlens (packed sequences) itself
+    context_parallel: ClassVar[bool] = False  # supports mixers.context_parallel (the built-in mixers do)
     widths: list[int]  # of in_proj's output blocks: q, k, v, then the gate if there is one
     in_proj: nn.Linear
     out_proj: nn.Linear
@@ -311,7 +317,10 @@ class ProjectedMixer(TokenMixer):
         state has a row per sequence."""
         B, T = self.check_input(x)
         packing = self.packing(x, cu_seqlens)
-        return B, T, self.check_state(state, B, x.device, packing), packing
+        state = self.check_state(state, B, x.device, packing)
+        if (cp := current_context_parallel()) is not None:
+            state = cp.begin(self, x, state, packing)  # at position r L; no op state or window (from the ranks)
+        return B, T, state, packing
 
     def project(
         self, x: Tensor, state: MixerState | None, packing: Packing | None = None
@@ -319,10 +328,18 @@ class ProjectedMixer(TokenMixer):
         """``(qkv [B, T, q+k+v widths], gate input or None, the convolution's new window or None)``."""
         qkv_width = sum(self.widths[:3])
         qkv, *g = self.in_proj(x).split([qkv_width, *self.widths[3:]], dim=-1)
-        window = conv_window(self.conv, state)
+        cp = current_context_parallel()
+        window = conv_window(self.conv, state) if cp is None else None
         if self.conv is not None:
+            if cp is not None:  # the previous ranks' last inputs
+                window = cp.conv_window(qkv, self.conv.kernel_size - 1)
             qkv, window = self.conv(qkv, window, packing)
         return qkv, (g[0] if g else None), window
+
+    def run_op(self, op: Any, *args: Any, **kwargs: Any) -> Any:
+        """``op(*args, **kwargs)``, or under context parallelism its context-parallel form."""
+        cp = current_context_parallel()
+        return op(*args, **kwargs) if cp is None else cp.op(op)(*args, **kwargs)
 
     def output(self, o: Tensor, g: Tensor | None) -> Tensor:
         """``out_proj(gate * norm(o))`` for the op's output ``o [B, T, H, Dv]``."""

@@ -64,6 +64,7 @@ class LinearAttention(ProjectedMixer):
     """
 
     ops = ("linear_attention",)
+    context_parallel = True  # runs split over ranks (mixers.context_parallel)
     op_state_type = LinearState
 
     def __init__(
@@ -151,7 +152,8 @@ class LinearAttention(ProjectedMixer):
         qkv, g, window = self.project(x, state, packing)
         q, k, v = qkv.split(self.widths[:3], dim=-1)
         q, k = self.phi(q.view(B, T, H, Dk)), self.phi(k.view(B, T, H, Dk))  # (B, T, H, D')
-        o, op_state = functional.linear_attention(
+        o, op_state = self.run_op(
+            functional.linear_attention,
             q * self.scaling if self.scaling != 1.0 else q,
             k,
             v.view(B, T, H, Dv),

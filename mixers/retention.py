@@ -63,6 +63,7 @@ class MultiScaleRetention(ProjectedMixer):
     """
 
     ops = ("retention",)
+    context_parallel = True  # runs split over ranks (mixers.context_parallel)
     op_state_type = Tensor
 
     def __init__(
@@ -159,7 +160,8 @@ class MultiScaleRetention(ProjectedMixer):
         else:
             qk = qk * qk.new_tensor([1.0, self.scaling])[:, None, None]
         q, k = qk.unbind(2)
-        o, kv = functional.retention(
+        o, kv = self.run_op(
+            functional.retention,
             q,
             k,
             v.view(B, T, H, Dv),

@@ -45,6 +45,7 @@ class SoftmaxAttention(ProjectedMixer):
     """
 
     ops = ("softmax_attention",)
+    context_parallel = True  # runs split over ranks (mixers.context_parallel)
     op_state_type = KVCache
 
     def __init__(
@@ -108,7 +109,8 @@ class SoftmaxAttention(ProjectedMixer):
         q, k, v = q.view(B, T, H, Dk), k.view(B, T, Hkv, Dk), v.view(B, T, Hkv, Dk)
         if self.rope is not None:
             q, k = self.rope.rotate_all([q, k], self.positions(state, packing))
-        o, cache = functional.softmax_attention(
+        o, cache = self.run_op(
+            functional.softmax_attention,
             q,
             k,
             v,

@@ -7,6 +7,7 @@
   run diverges, 128 + the signal's number after SIGINT/SIGTERM (which save first).
 - ``seqmixers generate CHECKPOINT --prompt TEXT``: stream a sample (prefill, then O(1)-state decoding
   for the recurrent layers); ``--prompt`` several times: one batch of ragged prompts; ``--beams K``: beam search.
+- ``seqmixers export RUN --out FILE``: the model of a run's training state (sharded or not) as one file.
 - ``seqmixers list``: mixers, backends, feature maps and plugins, where each came from, what is available.
 - ``seqmixers demo``: the main job, a RetNet / Transformer / hybrid comparison in a few minutes on a CPU.
 - ``seqmixers mixers-demo``: the op-level check, every mixer's three modes agreeing and states handing over.
@@ -34,20 +35,51 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from models.config import load_run_config, resolve_config
     from models.train import Interrupted, TrainingDiverged, run_folder_checkpoints, train
 
-    path = resolve_config(args.config)
-    model_config, train_config = load_run_config(path)
-    given = (("steps", args.steps), ("seed", args.seed), ("documents", args.documents), ("separator", args.separator))
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 speaks
+
+    def say(*parts: object, file: object = None) -> None:
+        if main_rank:
+            print(*parts, file=file)
+
+    if args.config is None and args.resume is None:
+        say("seqmixers train: error: give --config FILE|PRESET (or --resume RUN_FOLDER)", file=sys.stderr)
+        return 2
+    if args.config is not None:
+        path = resolve_config(args.config)
+        model_config, train_config = load_run_config(path)
+    else:  # the run's own configs, from its saved training state
+        from models import train_state
+        from models.config import ModelConfig, TrainConfig
+
+        saved = train_state.where(args.resume)
+        if saved is None:
+            say(f"seqmixers train: error: no training state in {args.resume} to resume", file=sys.stderr)
+            return 2
+        meta = train_state.read_meta(saved)
+        model_config, train_config = ModelConfig.from_dict(meta["model"]), TrainConfig.from_dict(meta["train"])
+        path = Path(args.resume)
+    given = (
+        ("steps", args.steps),
+        ("seed", args.seed),
+        ("documents", args.documents),
+        ("separator", args.separator),
+        ("precision", args.precision),
+        ("accumulate", args.accumulate),
+        ("checkpoint_activations", args.checkpoint_activations),
+        ("save_every", args.save_every),
+        ("log_every", args.log_every),
+    )
     overrides = {k: v for k, v in given if v is not None}
     if overrides:
         train_config = dataclasses.replace(train_config, **overrides)
-    out = Path(args.out) if args.out else Path("runs") / path.stem
+    out = Path(args.out) if args.out else Path(args.resume) if args.resume else Path("runs") / path.stem
     existing = run_folder_checkpoints(out)
-    if existing and not args.force:
-        print(
+    if existing and not args.force and args.resume is None:
+        say(
             f"seqmixers train: error: {out} already holds a checkpoint ({'; '.join(existing)}), which this run "
             f"would overwrite at its first validation.\n  To train anew and keep it, write elsewhere: --out DIR.\n"
-            f"  To replace it: --force.\n  To use it: seqmixers generate {out / 'model.safetensors'}"
-            " (resuming a run is not supported yet).",
+            f"  To replace it: --force.\n  To use it: seqmixers generate {out / 'model.safetensors'}.\n"
+            f"  To go on with it (if it saved its training state): --resume {out}.",
             file=sys.stderr,
         )
         return 2
@@ -56,38 +88,63 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if train_config.documents == "none":  # packed documents are checked when they are read, in train()
         _check_corpus(text, train_config, f"--data {args.data!r}" if args.data else source)
     model_config.check_backends(args.device)
-    print(f"model: {model_config.describe()}", file=sys.stderr)
+    say(f"model: {model_config.describe()}", file=sys.stderr)
     packed = "" if train_config.documents == "none" else f" (packed {train_config.documents} documents)"
-    print(
+    say(
         f"data: {source}, {len(text):,} bytes; {train_config.steps} steps of "
         f"{train_config.batch_size} x {train_config.seq_len} tokens{packed}",
         file=sys.stderr,
     )
-    if existing:
-        print(f"--force: overwriting {'; '.join(existing)} in {out}", file=sys.stderr)
+    if existing and args.resume is None:
+        say(f"--force: overwriting {'; '.join(existing)} in {out}", file=sys.stderr)
     try:
-        result = train(model_config, train_config, data=text, out=out, device=args.device, progress=not args.quiet)
+        result = train(
+            model_config,
+            train_config,
+            data=text,
+            out=out,
+            device=args.device,
+            progress=not args.quiet and main_rank,
+            parallel=args.parallel,
+            resume=args.resume,
+            context_parallel=args.context_parallel,
+        )
     except TrainingDiverged as exc:
-        print(f"seqmixers train: error: {exc}", file=sys.stderr)
+        say(f"seqmixers train: error: {exc}", file=sys.stderr)
         if exc.best is not None:
-            print(
+            say(
                 f"seqmixers train: kept the best checkpoint {exc.best} (step {exc.best_step}, val loss "
                 f"{exc.best_val_loss:.3f}); {exc.checkpoint} holds the last validation before the divergence",
                 file=sys.stderr,
             )
         return 3
     except Interrupted as exc:
-        print(f"seqmixers train: {exc} (resuming a run is not supported yet)", file=sys.stderr)
+        again = f"; go on with: seqmixers train --resume {out}" if exc.checkpoint is not None else ""
+        say(f"seqmixers train: {exc}{again}", file=sys.stderr)
         return 128 + exc.signum
-    print(
+    say(
         f"done: val loss {result.val_loss:.3f} (ppl {result.val_ppl:.2f}), "
         f"{result.tokens_per_s:,.0f} tokens/s, checkpoint {result.checkpoint}, best {result.best} "
         f"(val loss {result.best_val_loss:.3f})",
         file=sys.stderr,
     )
+    if main_rank:
+        from models.runlog import plot_curves
+        from models.train import CURVES, LOG
+
+        if (out / LOG).exists() and plot_curves(out / LOG, out / CURVES) is not None:
+            say(f"curves: {out / CURVES} (log: {out / LOG})", file=sys.stderr)
     if result.sample:
-        print("sample:", file=sys.stderr)
-        print(result.sample)
+        say("sample:", file=sys.stderr)
+        say(result.sample)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from models import train_state
+
+    path = train_state.export(args.run, args.out)
+    print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -331,7 +388,9 @@ def parser(*, plugin_commands: bool = False) -> argparse.ArgumentParser:
         help="train a model from a config file or preset",
         epilog=f"presets: {', '.join(_preset_names())}",
     )
-    t.add_argument("--config", required=True, help="a TOML/YAML/JSON run file ([model], [train]) or a preset name")
+    t.add_argument(
+        "--config", help="a TOML/YAML/JSON run file ([model], [train]) or a preset name (optional with --resume)"
+    )
     t.add_argument("--data", help="a text file to train on (default: the embedded pydoc corpus)")
     t.add_argument("--out", type=_out_dir, help="output folder for model.safetensors (default: runs/<config name>)")
     t.add_argument("--force", action="store_true", help="overwrite the checkpoints already in --out")
@@ -344,6 +403,36 @@ def parser(*, plugin_commands: bool = False) -> argparse.ArgumentParser:
         "into rows, split on --separator, one per line, or one JSON object per line (its train.jsonl_field)",
     )
     t.add_argument("--separator", help="override train.separator (with --documents separator; default: a blank line)")
+    t.add_argument(
+        "--parallel",
+        choices=("none", "ddp", "fsdp"),
+        default="none",
+        help="data parallelism over the processes torchrun starts: DDP, or FSDP2 (sharded parameters, gradients\n"
+        "and optimizer state); run as: torchrun --nproc_per_node N -m models.cli train --parallel ddp ...",
+    )
+    t.add_argument("--precision", choices=("fp32", "bf16"), help="override train.precision (bf16: autocast)")
+    t.add_argument(
+        "--accumulate", type=_int_at_least(1), help="override train.accumulate (micro-batches per optimizer step)"
+    )
+    t.add_argument(
+        "--context-parallel",
+        type=_int_at_least(1),
+        default=1,
+        metavar="K",
+        help="split every sequence's time over K ranks (K = the number of torchrun processes; retention, linear\n"
+        "and softmax attention; see docs/distributed.md)",
+    )
+    t.add_argument("--resume", metavar="RUN_FOLDER", help="go on with the run whose training state is in RUN_FOLDER")
+    t.add_argument(
+        "--save-every", type=_int_at_least(1), help="override train.save_every (steps between training-state saves)"
+    )
+    t.add_argument("--log-every", type=_int_at_least(1), help="override train.log_every (steps between log lines)")
+    t.add_argument(
+        "--checkpoint-activations",
+        action="store_true",
+        default=None,
+        help="recompute each block's activations in the backward pass (train.checkpoint_activations)",
+    )
     t.add_argument("--device", default="cpu", type=_device, help=DEVICE_HELP)
     t.add_argument("--threads", type=_int_at_least(1), help="torch CPU threads (default: torch's choice)")
     t.add_argument("--quiet", action="store_true", help="no progress output")
@@ -400,6 +489,11 @@ def parser(*, plugin_commands: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", type=_device, help=DEVICE_HELP)
     g.add_argument("--threads", type=_int_at_least(1), metavar="N", help="torch CPU threads (default: torch's choice)")
     g.set_defaults(func=_cmd_generate)
+
+    e = sub.add_parser("export", help="write the model of a run's training state (sharded or not) to one file")
+    e.add_argument("run", help="a run folder holding train_state/ (or the train_state folder)")
+    e.add_argument("--out", required=True, help="the .safetensors file to write (read by generate and models.load)")
+    e.set_defaults(func=_cmd_export)
 
     sub.add_parser("list", help="list mixers, backends and plugins").set_defaults(func=_cmd_list)
 

@@ -460,6 +460,16 @@ class TrainConfig:
             the document in its string field ``jsonl_field``) train on documents packed into rows of
             ``seq_len`` tokens, with nothing crossing a document (``models.data.pack_documents``); the last
             ``val_fraction`` of the documents is held out.
+        precision: ``"fp32"``, or ``"bf16"`` (autocast; under FSDP a mixed-precision policy: bf16 parameters
+            in the passes, fp32 gradient reduction); the loss and the optimizer stay fp32.
+        accumulate: micro-batches per optimizer step (``batch_size`` rows in all, over all ranks); the loss
+            is normalised by the counted targets of the whole step, not averaged per micro-batch.
+        checkpoint_activations: recompute each block's activations in the backward pass instead of keeping
+            them (less memory, about a third more compute).
+        save_every: steps between saves of the whole training state (``OUT/train_state``, for ``--resume``);
+            0: only when the run is interrupted.
+        log_every: steps between lines of the run log ``OUT/log.jsonl`` (loss, lr, tokens/s, gradient norm,
+            memory; and every validation), written by rank 0.
     """
 
     steps: int = 300
@@ -485,6 +495,11 @@ class TrainConfig:
     documents: str = "none"
     separator: str = "\n\n"
     jsonl_field: str = "text"
+    precision: str = "fp32"
+    accumulate: int = 1
+    checkpoint_activations: bool = False
+    save_every: int = 0
+    log_every: int = 10
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
@@ -507,6 +522,11 @@ class TrainConfig:
         if self.top_k is not None:
             _int("top_k", self.top_k, 1)
         _choice("documents", self.documents, ("none", "separator", "lines", "jsonl"))
+        _choice("precision", self.precision, ("fp32", "bf16"))
+        _int("accumulate", self.accumulate, 1)
+        _bool("checkpoint_activations", self.checkpoint_activations)
+        _int("save_every", self.save_every, 0)
+        _int("log_every", self.log_every, 1)
         _str("separator", self.separator)
         _str("jsonl_field", self.jsonl_field)
 

@@ -77,11 +77,20 @@ def split(data: bytes, val_fraction: float, seq_len: int) -> tuple[Tensor, Tenso
     return tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
 
 
+def random_starts(data: Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> Tensor:
+    """The starts of ``batch_size`` random windows of ``seq_len + 1`` tokens of ``data``."""
+    return torch.randint(0, len(data) - seq_len, (batch_size,), generator=generator)
+
+
+def windows(data: Tensor, starts: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
+    """The windows at ``starts``: inputs ``[B, T]`` and next-token targets ``[B, T]`` (int64)."""
+    rows = torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()]).long()  # (B, T + 1)
+    return rows[:, :-1], rows[:, 1:]
+
+
 def random_batch(data: Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """``batch_size`` random windows: inputs ``[B, T]`` and next-token targets ``[B, T]`` (int64)."""
-    starts = torch.randint(0, len(data) - seq_len, (batch_size,), generator=generator)
-    windows = torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()]).long()  # (B, T + 1)
-    return windows[:, :-1], windows[:, 1:]
+    return windows(data, random_starts(data, batch_size, seq_len, generator), seq_len)
 
 
 def fixed_batches(data: Tensor, batch_size: int, seq_len: int, n_batches: int) -> list[tuple[Tensor, Tensor]]:

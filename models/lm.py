@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mixers import MixerState
 from mixers.functional import MODES
@@ -32,7 +33,12 @@ PREFILL_PIECE = 1024
 
 
 class LanguageModel(nn.Module):
-    """A decoder-only language model built from a ``ModelConfig``."""
+    """A decoder-only language model built from a ``ModelConfig``.
+
+    ``checkpoint_blocks = True`` recomputes each block's activations in the backward pass while training
+    (activation checkpointing per block: less memory, more compute); the results are the same."""
+
+    checkpoint_blocks = False
 
     def __init__(self, config: ModelConfig | Mapping[str, Any]) -> None:
         super().__init__()
@@ -221,8 +227,14 @@ class LanguageModel(nn.Module):
             x = x * scale
         x = self.drop(x)
         new_states = []
+        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for block, state in zip(self.blocks, states, strict=True):
-            x, state = block(x, state, mode=mode, chunk_size=chunk_size, packing=packing)
+            if recompute:  # keep only each block's input; recompute the rest in the backward pass
+                x, state = checkpoint(
+                    block, x, state, mode=mode, chunk_size=chunk_size, packing=packing, use_reentrant=False
+                )
+            else:
+                x, state = block(x, state, mode=mode, chunk_size=chunk_size, packing=packing)
             new_states.append(state)
         x = self.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x), new_states  # (B, T, V)

@@ -9,23 +9,28 @@ with ``TrainingDiverged`` and does not save the diverged weights.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
 
+from mixers.context_parallel import ContextParallel, context_parallel, reduce_gradients
 from models import data as corpus
+from models import distributed, train_state
 from models.checkpoint import read_header
 from models.config import ConfigError, ModelConfig, TrainConfig
+from models.distributed import World
 from models.lm import LanguageModel
 from models.progress import Progress
+from models.runlog import RunLog
 
 
 @dataclass
@@ -53,6 +58,7 @@ class TrainResult:
 
 
 LAST, BEST = "model.safetensors", "best.safetensors"  # the run folder's checkpoints
+LOG, CURVES = "log.jsonl", "curves.png"  # the run log (rank 0) and its plot (by the command, at the end)
 # A validation loss more than this above the best so far (nats per token; x e = 2.7 in perplexity) stops
 # the run: a healthy run's validation loss, on the same fixed batches each time, moves far less between
 # validations, and a run at lr=10 that was not stopped went on to perplexity 1e16.
@@ -179,10 +185,10 @@ def evaluate(model: LanguageModel, batches: list[tuple[torch.Tensor, ...]], tc: 
     return total / count
 
 
-def _batches(
-    data: bytes, tc: TrainConfig
-) -> tuple[Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]], list]:
-    """``(next_batch, val_batches)``: ``next_batch(generator)`` gives ``(x, y, cu_seqlens or None, real tokens)``.
+def _batches(data: bytes, tc: TrainConfig) -> tuple[Callable[[torch.Generator], Any], Callable[[Any], tuple], list]:
+    """``(draw, make, val_batches)``: ``draw(generator)`` picks a step's global batch (``batch_size`` rows; the same
+    on every rank, from the same generator), ``make(rows)`` reads the picked rows into ``(x, y, cu_seqlens or None,
+    real tokens)``, so that each rank reads only its own rows.
 
     ``documents="none"``: random windows of the corpus (``[B, T]``, no ``cu_seqlens``) and fixed windows of
     its held-out end. Otherwise: random packed rows of the training documents and fixed rows of the held-out
@@ -190,23 +196,57 @@ def _batches(
     if tc.documents == "none":
         train_data, val_data = corpus.split(data, tc.val_fraction, tc.seq_len)
 
-        def windows(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, None, int]:
-            x, y = corpus.random_batch(train_data, tc.batch_size, tc.seq_len, gen)
+        def starts(gen: torch.Generator) -> torch.Tensor:
+            return corpus.random_starts(train_data, tc.batch_size, tc.seq_len, gen)
+
+        def windows(picked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, int]:
+            x, y = corpus.windows(train_data, picked, tc.seq_len)
             return x, y, None, x.numel()
 
-        return windows, corpus.fixed_batches(val_data, tc.batch_size, tc.seq_len, tc.eval_batches)
+        return starts, windows, corpus.fixed_batches(val_data, tc.batch_size, tc.seq_len, tc.eval_batches)
     docs = corpus.documents(data, tc.documents, separator=tc.separator, field=tc.jsonl_field)
     tokens = [doc for doc in corpus.tokenize_documents(docs) if doc.numel() >= 2]
     train_docs, val_docs = corpus.split_documents(tokens, tc.val_fraction)
     train_rows = corpus.pack_documents(train_docs, tc.seq_len)
     val_rows = corpus.pack_documents(val_docs, tc.seq_len)
 
-    def rows(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        picked = corpus.random_rows(train_rows, tc.batch_size, gen)
+    def pick(gen: torch.Generator) -> torch.Tensor:
+        return corpus.random_rows(train_rows, tc.batch_size, gen)
+
+    def rows(picked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         x, y, cu_seqlens = train_rows.batch(picked)
         return x, y, cu_seqlens, int(train_rows.n_real[picked].sum())
 
-    return rows, corpus.fixed_packed_batches(val_rows, tc.batch_size, tc.eval_batches)
+    return pick, rows, corpus.fixed_packed_batches(val_rows, tc.batch_size, tc.eval_batches)
+
+
+def _context_parallel(k: int, world: World, parallel: str, tc: TrainConfig) -> ContextParallel | None:
+    """The context parallelism of a run over ``k`` ranks (``None`` for k = 1), checked against the run."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"context_parallel must be an int >= 1 (ranks per sequence), got {k!r}")
+    if k == 1:
+        return None
+    problems = [
+        f"it must equal the number of ranks ({world.size}): data and context parallelism together are not supported yet"
+        if k != world.size
+        else "",
+        f"it needs parallel='none', got {parallel!r}" if parallel != "none" else "",
+        f"seq_len={tc.seq_len} must be a multiple of it" if tc.seq_len % k else "",
+        f"it needs documents='none' (no packed sequences), got {tc.documents!r}" if tc.documents != "none" else "",
+    ]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ConfigError(f"context_parallel={k}: " + "; ".join(problems))
+    return ContextParallel.of()
+
+
+def micro_batches(picked: torch.Tensor, accumulate: int, world: World) -> list[torch.Tensor]:
+    """This rank's rows of each of the ``accumulate`` micro-batches of a step's global batch ``picked``: micro-batch
+    m is ``picked``'s m-th slice, of which rank r takes the r-th part. The global batch, and so the loss and the
+    gradient, are the same for any number of ranks and micro-batches."""
+    per_micro = len(picked) // accumulate
+    per_rank = per_micro // world.size
+    return [picked[m * per_micro + world.rank * per_rank :][:per_rank] for m in range(accumulate)]
 
 
 def train(
@@ -219,137 +259,279 @@ def train(
     progress: bool = True,
     label: str = "",
     divergence_margin: float = DIVERGENCE_MARGIN,
+    parallel: str = "none",
+    resume: str | Path | None = None,
+    context_parallel: int = 1,
 ) -> TrainResult:
     """Train a model from scratch on ``data`` (default: the embedded corpus).
 
     With ``out``, the checkpoint ``out/model.safetensors`` is written at every validation (atomically), and
     ``out/best.safetensors`` whenever the validation loss is the lowest so far.
 
+    ``parallel``: ``"none"`` (one process), or ``"ddp"`` / ``"fsdp"`` in each of the processes torchrun starts
+    (``models.distributed``): each rank reads and computes its share of every global batch of ``batch_size``
+    rows, and the losses, the learning-rate schedule and the result do not depend on the number of ranks.
+    Rank 0 prints, validates into the checkpoints and samples.
+
+    With ``out``, the whole training state (model, optimizer, every rank's RNG, the data position, the step and
+    curves) is saved to ``out/train_state`` every ``save_every`` steps and when the run is interrupted
+    (``models.train_state``); ``resume`` (a run folder holding one) continues that run where it stopped: with
+    one process, the result is bit-identical to the uninterrupted run.
+
+    ``context_parallel`` (K > 1, equal to the number of ranks, with ``parallel="none"``): every rank takes the
+    whole global batch and its K-th of each sequence's time (``mixers.context_parallel``); the gradients are
+    summed over the ranks. Validation runs whole sequences on every rank.
+
     Raises ``TrainingDiverged`` when the loss is not finite or the validation loss exceeds its best by more
     than ``divergence_margin`` (the diverged weights are not saved), and ``Interrupted`` on SIGINT or SIGTERM,
     after finishing the current step and saving its model to ``out/model.safetensors``.
     Returns the model, the curves and the throughput.
     """
-    with _StopSignals() as stop:
-        return _run(model_config, train_config, data, out, device, progress, label, divergence_margin, stop)
+    world = distributed.setup(device)
+    try:
+        distributed.check_parallel(parallel, world, context_parallel)
+        with _StopSignals() as stop:
+            run = _Run(
+                model_config, train_config, data, out, world, parallel, progress, label, divergence_margin,
+                context_parallel,
+            )  # fmt: skip
+            with run.log:  # closed however the run ends
+                return run.loop(stop, resume)
+    finally:
+        distributed.teardown(world)
 
 
-def _run(
-    model_config: ModelConfig,
-    train_config: TrainConfig,
-    data: bytes | None,
-    out: str | Path | None,
-    device: torch.device | str,
-    progress: bool,
-    label: str,
-    divergence_margin: float,
-    stop: _StopSignals,
-) -> TrainResult:
-    tc = train_config
-    if model_config.vocab_size < corpus.BYTE_VOCAB:
-        raise ConfigError(
-            f"vocab_size={model_config.vocab_size} is too small for the byte tokenizer, which needs "
-            f">= {corpus.BYTE_VOCAB}"
-        )
-    next_batch, val_batches = _batches(corpus.load_corpus() if data is None else data, tc)
-    torch.manual_seed(tc.seed)
-    model = LanguageModel(model_config).to(device)
-    model.train()
-    optimizer = make_optimizer(model, tc)
-    gen = torch.Generator().manual_seed(tc.seed)
-    checkpoint = Path(out) / LAST if out is not None else None
-    best = Path(out) / BEST if out is not None else None
-    result = TrainResult(model=model, checkpoint=checkpoint)
-    bar = Progress(tc.steps, label, enabled=progress)
-    tokens = 0  # the real tokens trained on so far (padding not counted)
+class _Run:
+    """One training run: the model (wrapped for ``parallel``), optimizer, data and what it has measured."""
 
-    def metadata(step: int) -> dict:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        tc: TrainConfig,
+        data: bytes | None,
+        out: str | Path | None,
+        world: World,
+        parallel: str,
+        progress: bool,
+        label: str,
+        divergence_margin: float,
+        context_parallel_ranks: int = 1,
+    ) -> None:
+        if model_config.vocab_size < corpus.BYTE_VOCAB:
+            raise ConfigError(
+                f"vocab_size={model_config.vocab_size} is too small for the byte tokenizer, which needs "
+                f">= {corpus.BYTE_VOCAB}"
+            )
+        share = (1 if context_parallel_ranks > 1 else world.size) * tc.accumulate
+        if tc.batch_size % share:
+            raise ConfigError(
+                f"batch_size={tc.batch_size} must be a multiple of ranks x accumulate = {world.size} x "
+                f"{tc.accumulate} = {share}: every rank computes the same number of rows in every micro-batch"
+            )
+        self.tc, self.world, self.parallel, self.margin = tc, world, parallel, divergence_margin
+        self.cp = _context_parallel(context_parallel_ranks, world, parallel, tc)
+        self.grad_norm = math.nan
+        self.model_config = model_config
+        self.draw, self.make, self.val_batches = _batches(corpus.load_corpus() if data is None else data, tc)
+        torch.manual_seed(tc.seed)  # the same initial weights on every rank
+        plain = LanguageModel(model_config).to(world.device)
+        plain.checkpoint_blocks = tc.checkpoint_activations
+        plain.train()
+        self.model = distributed.wrap(plain, parallel, world, precision=tc.precision)
+        self.optimizer = make_optimizer(distributed.unwrapped(self.model), tc)  # after sharding: FSDP's shards
+        self.gen = torch.Generator().manual_seed(tc.seed)
+        self.out = Path(out) if out is not None else None
+        self.checkpoint = Path(out) / LAST if out is not None else None
+        self.best = Path(out) / BEST if out is not None else None
+        self.result = TrainResult(model=plain, checkpoint=self.checkpoint)
+        self.bar = Progress(tc.steps, label, enabled=progress and world.main)
+        self.tokens = 0  # the real tokens trained on so far, over all ranks (padding not counted)
+        log_path = self.out / LOG if self.out is not None else Path(LOG)
+        self.log = RunLog(log_path, every=tc.log_every, enabled=world.main and out is not None, device=world.device)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast for ``precision="bf16"`` (under FSDP, its mixed-precision policy does it instead)."""
+        if self.tc.precision == "bf16" and self.parallel != "fsdp":
+            return torch.autocast(self.world.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def metadata(self, step: int) -> dict:
         """What each checkpoint carries; ``read_header(path)[1]`` returns it."""
+        r = self.result
+        return {"step": step, "best_step": r.best_step, "best_val_loss": r.best_val_loss, "train": self.tc.to_dict()}
+
+    def save(self, paths: list[Path], info: dict) -> None:
+        """Write the whole model to ``paths`` from rank 0 (under FSDP every rank takes part in gathering it)."""
+        if self.parallel == "fsdp":
+            state = distributed.full_state_dict(self.model, "fsdp")
+            if self.world.main:
+                whole = LanguageModel(self.model_config)
+                whole.load_state_dict(state)
+                for path in paths:
+                    whole.save(path, metadata=info)
+        elif self.world.main:
+            for path in paths:
+                distributed.unwrapped(self.model).save(path, metadata=info)
+        distributed.barrier(self.world)
+
+    def validate(self, step: int) -> None:
+        r, tc = self.result, self.tc
+        with self.autocast():
+            val = evaluate(self.model, self.val_batches, tc)  # every rank: the same batches, the same loss
+        r.val_curve.append((step, val))
+        self.log.log(step, val_loss=val, force=True, **self.measures(step))
+        line = f"step {step:>5}/{tc.steps}  val loss {val:.3f}  val ppl {perplexity(val):7.2f}"
+        if r.train_curve:
+            line += f"  train loss {r.train_curve[-1][1]:.3f}  {self.tokens / r.train_s:,.0f} tok/s"
+        self.bar.log(line)
+        if not val <= r.best_val_loss + self.margin:  # NaN included
+            why = "is not finite" if not math.isfinite(val) else f"is more than {self.margin} above the best"
+            self.bar.close()
+            raise TrainingDiverged(
+                f"training diverged at step {step}: validation loss {val:.3f} {why}; best {r.best_val_loss:.3f} "
+                f"(step {r.best_step}); lower lr (now {tc.lr})",
+                step=step,
+                result=r,
+            )
+        improved = val < r.best_val_loss
+        if improved:
+            r.best_step, r.best_val_loss, r.best = step, val, self.best
+        if self.checkpoint is not None:
+            self.save([self.checkpoint, *([self.best] if improved else [])], {"val_loss": val, **self.metadata(step)})
+
+    def interrupt(self, signum: int, done: int) -> NoReturn:
+        """Save the model and the whole training state of the last whole step, then raise: ``resume`` goes on
+        from there. This is the one place that saves a run's state on the way out."""
+        if self.checkpoint is not None:
+            last = self.result.val_curve[-1]
+            info = {**self.metadata(done), "interrupted": signal.Signals(signum).name}
+            self.save([self.checkpoint], {**info, "last_val_step": last[0], "last_val_loss": last[1]})
+            train_state.save(self, done)
+        raise Interrupted(signum, done, self.checkpoint)
+
+    def step(self, step: int) -> float:
+        """One optimizer step on the global batch; returns its loss (the same on every rank)."""
+        tc, world, model = self.tc, self.world, self.model
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step - 1, tc)
+        cp = self.cp
+        data_world = World() if cp is not None else world  # under context parallelism every rank takes every row
+        micro = [self.make(rows) for rows in micro_batches(self.draw(self.gen), tc.accumulate, data_world)]
+        if cp is not None:  # ... and its own part of their time: tokens [r L, (r+1) L)
+            micro = [(cp.shard(x), cp.shard(y), cu, n) for x, y, cu, n in micro]
+        # The loss is the mean over the global batch's counted targets: each micro-batch's sum over that count
+        # (not a mean per micro-batch, which would weigh a micro-batch of few targets as much as a full one),
+        # times the data-parallel ranks, whose gradients DDP and FSDP average (context-parallel ranks' are summed).
+        counted = distributed.all_sum(sum(int((y != corpus.IGNORE).sum()) for _, y, _, _ in micro), world)
+        scale = data_world.size / counted
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for m, (x, y, cu_seqlens, _) in enumerate(micro):
+            x, y = x.to(world.device), y.to(world.device)
+            cu_seqlens = cu_seqlens.to(world.device) if cu_seqlens is not None else None
+            with _sync_gradients(model, self.parallel, last=m == len(micro) - 1), self.context():
+                with self.autocast():  # the forward pass only: backward runs in the forward's dtypes
+                    logits, _ = model(x, mode=tc.mode, chunk_size=tc.chunk_size, cu_seqlens=cu_seqlens)  # (B, T, V)
+                loss_sum = F.cross_entropy(
+                    logits.flatten(0, 1).float(), y.flatten(), ignore_index=corpus.IGNORE, reduction="sum"
+                )
+                (loss_sum * scale).backward()
+            total += loss_sum.item()
+        if cp is not None:
+            reduce_gradients(model, cp.group)
+        # The norm of the whole gradient (FSDP's clip_grad_norm_ reduces it over the shards); inf: measured only.
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf))
+        self.optimizer.step()
+        real = sum(n for *_, n in micro)
+        self.tokens += real if cp is not None else int(distributed.all_sum(real, world))
+        return distributed.all_sum(total, world) / counted
+
+    def measures(self, step: int) -> dict[str, float | None]:
+        """What the run log records at ``step`` besides a validation loss."""
+        r = self.result
         return {
-            "step": step,
-            "best_step": result.best_step,
-            "best_val_loss": result.best_val_loss,
-            "train": tc.to_dict(),
+            "loss": r.train_curve[-1][1] if r.train_curve and r.train_curve[-1][0] == step else None,
+            "lr": lr_at(step - 1, self.tc) if step else None,
+            "tokens_per_s": self.tokens / r.train_s if r.train_s else None,
+            "grad_norm": self.grad_norm if step else None,
         }
 
-    def validate(step: int) -> None:
-        val = evaluate(model, val_batches, tc)
-        result.val_curve.append((step, val))
-        line = f"step {step:>5}/{tc.steps}  val loss {val:.3f}  val ppl {perplexity(val):7.2f}"
-        if result.train_curve:
-            speed = tokens / result.train_s
-            line += f"  train loss {result.train_curve[-1][1]:.3f}  {speed:,.0f} tok/s"
-        bar.log(line)
-        if not val <= result.best_val_loss + divergence_margin:  # NaN included
-            why = "is not finite" if not math.isfinite(val) else f"is more than {divergence_margin} above the best"
-            bar.close()
-            raise TrainingDiverged(
-                f"training diverged at step {step}: validation loss {val:.3f} {why}; best {result.best_val_loss:.3f} "
-                f"(step {result.best_step}); lower lr (now {tc.lr})",
-                step=step,
-                result=result,
-            )
-        improved = val < result.best_val_loss
-        if improved:
-            result.best_step, result.best_val_loss, result.best = step, val, best
-        if checkpoint is not None:
-            info = {"val_loss": val, **metadata(step)}
-            model.save(checkpoint, metadata=info)
-            if improved:
-                model.save(best, metadata=info)
+    def context(self) -> contextlib.AbstractContextManager:
+        """Context parallelism over the ranks while the model runs (nothing without it)."""
+        return context_parallel(self.cp.group, model=self.model) if self.cp is not None else contextlib.nullcontext()
 
-    def interrupt(done: int) -> NoReturn:
-        """Save the model of the last whole step, then raise. This is the one place that saves a run's state
-        on the way out: the optimizer state and the data RNG for resuming will go beside it, in
-        ``out/train_state.safetensors``, and its step is ``read_header(out/model.safetensors)[1]["step"]``."""
-        assert stop.signum is not None
-        if checkpoint is not None:
-            last = result.val_curve[-1]
-            info = {**metadata(done), "interrupted": signal.Signals(stop.signum).name}
-            model.save(checkpoint, metadata={**info, "last_val_step": last[0], "last_val_loss": last[1]})
-        raise Interrupted(stop.signum, done, checkpoint)
+    def stop_requested(self, stop: _StopSignals) -> int | None:
+        """The signal that asks the run to stop, agreed by every rank (a rank that stops alone would hang the
+        others' next collective)."""
+        if self.world.size == 1:
+            return stop.signum
+        agreed = distributed.all_sum(stop.signum or 0, self.world)
+        return stop.signum or (int(agreed) if agreed else None)
 
-    validate(0)
-    for step in range(1, tc.steps + 1):
+    def loop(self, stop: _StopSignals, resume: str | Path | None = None) -> TrainResult:
+        tc, r = self.tc, self.result
+        if resume is None and self.log.enabled:
+            self.log.path.unlink(missing_ok=True)  # a new run's log (a resumed one appends)
+        if resume is not None:
+            done = train_state.load(self, resume)
+            self.bar.log(f"resumed {resume} after step {done}")
+        else:
+            done = 0
+            self.validate(0)
+        for step in range(done + 1, tc.steps + 1):
+            signum = self.stop_requested(stop)
+            if signum is not None:
+                self.bar.close()
+                self.interrupt(signum, step - 1)
+            t0 = time.perf_counter()
+            loss_value = self.step(step)
+            if not math.isfinite(loss_value):
+                self.bar.close()
+                raise TrainingDiverged(
+                    f"training diverged at step {step}: loss {loss_value}; lower lr (now {tc.lr})", step=step, result=r
+                )
+            r.train_s += time.perf_counter() - t0
+            r.train_curve.append((step, loss_value))
+            self.bar.update(step, f"loss {loss_value:.3f} {self.tokens / r.train_s:,.0f} tok/s")
+            self.log.log(step, **self.measures(step))
+            if step % tc.eval_every == 0 or step == tc.steps:
+                self.validate(step)
+            if self.out is not None and tc.save_every and step % tc.save_every == 0:
+                train_state.save(self, step)
+        self.bar.close()
+        self.log.close()
+        stop.release()  # from here (the sample), Ctrl-C interrupts at once: the last checkpoint is saved
         if stop.signum is not None:
-            bar.close()
-            interrupt(step - 1)
-        t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step - 1, tc)
-        x, y, cu_seqlens, n_real = next_batch(gen)
-        x, y = x.to(device), y.to(device)
-        cu_seqlens = cu_seqlens.to(device) if cu_seqlens is not None else None
-        logits, _ = model(x, mode=tc.mode, chunk_size=tc.chunk_size, cu_seqlens=cu_seqlens)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=corpus.IGNORE)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            bar.close()
-            raise TrainingDiverged(
-                f"training diverged at step {step}: loss {loss_value}; lower lr (now {tc.lr})", step=step, result=result
-            )
-        result.train_s += time.perf_counter() - t0
-        result.train_curve.append((step, loss_value))
-        tokens += n_real
-        speed = tokens / result.train_s
-        bar.update(step, f"loss {loss_value:.3f} {speed:,.0f} tok/s")
-        if step % tc.eval_every == 0 or step == tc.steps:
-            validate(step)
-    bar.close()
-    stop.release()  # from here (the sample), Ctrl-C interrupts at once: the last checkpoint is saved
-    if stop.signum is not None:
-        raise Interrupted(stop.signum, tc.steps, checkpoint)
-    result.tokens_per_s = tokens / result.train_s
-    if tc.sample_tokens:
-        prompt = corpus.encode(tc.sample_prompt) if tc.sample_prompt else torch.tensor([ord("\n")])
-        out_tokens = model.generate(
-            prompt, tc.sample_tokens, temperature=tc.temperature, top_k=tc.top_k, seed=tc.seed
-        )  # (T + new,)
-        result.sample = corpus.decode(out_tokens)
-    model.eval()
-    return result
+            raise Interrupted(stop.signum, tc.steps, self.checkpoint)
+        r.tokens_per_s = self.tokens / r.train_s
+        if self.parallel == "fsdp":  # the result holds the whole model (on rank 0)
+            state = distributed.full_state_dict(self.model, "fsdp")
+            if self.world.main:
+                r.model = LanguageModel(self.model_config)
+                r.model.load_state_dict(state)
+        if tc.sample_tokens and self.world.main:
+            prompt = corpus.encode(tc.sample_prompt) if tc.sample_prompt else torch.tensor([ord("\n")])
+            out_tokens = r.model.generate(
+                prompt, tc.sample_tokens, temperature=tc.temperature, top_k=tc.top_k, seed=tc.seed
+            )  # (T + new,)
+            r.sample = corpus.decode(out_tokens)
+        r.model.eval()
+        return r
+
+
+def _sync_gradients(model: torch.nn.Module, parallel: str, *, last: bool) -> contextlib.AbstractContextManager:
+    """Reduce gradients over the ranks only in the last micro-batch's backward pass (the others accumulate)."""
+    if last or parallel == "none":
+        return contextlib.nullcontext()
+    if parallel == "ddp":
+        return model.no_sync()
+    model.set_requires_gradient_sync(False, recurse=True)  # FSDP2: until the last micro-batch turns it back on
+    return _resync(model)
+
+
+@contextlib.contextmanager
+def _resync(model: torch.nn.Module) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True, recurse=True)

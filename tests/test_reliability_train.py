@@ -116,7 +116,7 @@ def test_lr_10_exits_3_with_the_best_checkpoint_kept(tiny, tmp_path, capsys):
 def interrupt_at_batch(monkeypatch, n: int, signum: int) -> list[int]:
     """Send the process ``signum`` itself (a real signal, to the real handler) while step ``n`` draws its
     batch: deterministic, unlike a signal from outside, and no process start (torch's import costs seconds)."""
-    sample, calls = corpus.random_batch, []
+    sample, calls = corpus.random_starts, []
 
     def sample_and_interrupt(*args):
         calls.append(1)
@@ -124,7 +124,7 @@ def interrupt_at_batch(monkeypatch, n: int, signum: int) -> list[int]:
             os.kill(os.getpid(), signum)
         return sample(*args)
 
-    monkeypatch.setattr(corpus, "random_batch", sample_and_interrupt)
+    monkeypatch.setattr(corpus, "random_starts", sample_and_interrupt)
     return calls
 
 

@@ -1,0 +1,644 @@
+"""Training data on disk: text files, folders of them and JSONL, streamed; the byte and BPE tokenizers; the token
+cache, a memory-mapped file of token ids with the documents' starts beside it.
+
+``iter_texts`` (or ``iter_pieces``, which also says where documents start) reads a file or a folder a line or a
+block at a time, never a whole file. ``build_token_cache`` tokenizes it once into ``NAME.bin`` (the token ids),
+``NAME.starts.bin`` (each document's first token) and ``NAME.json`` (what they were built from); a later call with
+the same files and tokenizer reuses them. ``open_token_cache`` maps them into memory (``torch.from_file``: pages
+are read from disk as they are touched), and a ``TokenCache`` draws windows or packed rows from them without
+reading the whole file. See docs/training-data.md.
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from models import data as _data
+from models.data import BYTE_VOCAB, DocumentError
+
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+FORMATS = ("auto", "text", "jsonl")
+TEXT_DOCUMENTS = ("file", "lines", "separator")
+BLOCK_CHARS = 1 << 20  # the most characters of a text file read (and tokenized) at once
+TOKENIZER_FILE = "tokenizer.json"
+CACHE_VERSION = 1
+
+
+# Reading files ------------------------------------------------------------------------------------------
+
+
+def source_files(source: str | Path, *, fmt: str = "auto") -> list[tuple[Path, str]]:
+    """The files of ``source`` with the format each is read in (``"text"`` or ``"jsonl"``).
+
+    A file is read as given (``fmt="auto"``: JSONL if its name ends in ``.jsonl`` or ``.ndjson``, else text).
+    A folder gives its files, recursively, in sorted order of their paths below it, skipping hidden files and
+    folders (names starting with ``.``): with ``"auto"`` both its text files (``TEXT_SUFFIXES``: ``.txt``,
+    ``.text``, ``.md``, ``.rst``) and its JSONL files (``JSONL_SUFFIXES``), with ``"text"`` or ``"jsonl"`` only
+    those. A folder without any raises ``FileNotFoundError``.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {list(FORMATS)}, got {fmt!r}")
+    path = Path(source)
+
+    def kind(p: Path) -> str:
+        return fmt if fmt != "auto" else ("jsonl" if p.suffix.lower() in JSONL_SUFFIXES else "text")
+
+    if path.is_file():
+        return [(path, kind(path))]
+    if not path.is_dir():
+        raise FileNotFoundError(f"data {str(path)!r} is neither a file nor a folder")
+    suffixes = {"auto": TEXT_SUFFIXES + JSONL_SUFFIXES, "text": TEXT_SUFFIXES, "jsonl": JSONL_SUFFIXES}[fmt]
+    found = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            p = Path(root, name)
+            if not name.startswith(".") and p.suffix.lower() in suffixes and p.is_file():
+                found.append(p)
+    if not found:
+        raise FileNotFoundError(f"data folder {str(path)!r} holds no files ending in {', '.join(suffixes)}")
+    found.sort(key=lambda p: p.relative_to(path).parts)
+    return [(p, kind(p)) for p in found]
+
+
+def _text_pieces(path: Path, documents: str, separator: str, block_chars: int) -> Iterator[tuple[str, bool]]:
+    # newline="": line endings are kept as they are (\n, \r\n, \r); invalid UTF-8 becomes U+FFFD.
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        if documents == "file":
+            first, carry = True, ""
+            while block := f.read(block_chars):
+                text = carry + block
+                cut = text.rfind("\n") + 1  # end a piece at its last line end, so that words stay whole
+                piece, carry = (text[:cut], text[cut:]) if cut else (text, "")
+                yield piece, first
+                first = False
+            if carry:
+                yield carry, first
+            return
+        if documents == "separator":
+            yield from _separated(f, separator, block_chars)
+            return
+        first = True  # the next non-empty piece starts a document
+        while line := f.readline(block_chars):  # at most block_chars characters: a long line comes in pieces
+            ends = line.endswith(("\n", "\r"))
+            text = line.rstrip("\r\n") if ends else line
+            if text:
+                yield text, first
+                first = False
+            if ends:
+                first = True
+
+
+def _separated(f, separator: str, block_chars: int) -> Iterator[tuple[str, bool]]:
+    first, carry, keep = True, "", len(separator) - 1  # keep: what may be the start of a separator
+    while block := f.read(block_chars):
+        *done, rest = (carry + block).split(separator)
+        for part in done:  # each is followed by a separator: the next piece starts a document
+            if part:
+                yield part, first
+            first = True
+        cut = max(0, len(rest) - keep)
+        if cut:
+            yield rest[:cut], first
+            first = False
+        carry = rest[cut:]
+    if carry:
+        yield carry, first
+
+
+def _jsonl_pieces(path: Path, field: str) -> Iterator[tuple[str, bool]]:
+    expected = f"one JSON object per line with a string field {field!r}"
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise DocumentError(f"{where}: not valid JSON ({exc}); expected {expected}") from None
+            if not isinstance(record, dict):
+                raise DocumentError(f"{where}: a {type(record).__name__}, not an object; expected {expected}")
+            if field not in record:
+                raise DocumentError(f"{where}: no field {field!r} (it has {sorted(record)[:10]}); expected {expected}")
+            text = record[field]
+            if not isinstance(text, str):
+                raise DocumentError(
+                    f"{where}: field {field!r} is a {type(text).__name__}, not a string; expected {expected}"
+                )
+            if text:
+                yield text, True
+
+
+def iter_pieces(
+    source: str | Path,
+    *,
+    fmt: str = "auto",
+    field: str = "text",
+    documents: str = "file",
+    separator: str = "\n\n",
+    block_chars: int = BLOCK_CHARS,
+) -> Iterator[tuple[str, bool]]:
+    """``(text, starts_document)`` pieces of ``source`` (see ``source_files``), in order; the pieces of a document,
+    joined, are the document. Empty documents are left out.
+
+    Text files are read ``block_chars`` characters at a time (cut after the block's last line end, if it has
+    one), as UTF-8 with invalid bytes replaced by U+FFFD and line endings kept as they are. ``documents``: each
+    text file is one document (``"file"``); or each of its non-empty lines is one, without its line ending
+    (``"lines"``: ``\n``, ``\r\n`` or ``\r``); or each non-empty piece between occurrences of ``separator``
+    (``"separator"``). The last two give the documents ``models.data.documents`` gives for the file's bytes. A
+    document longer than ``block_chars`` comes in several pieces.
+    JSONL files are read a line at a time: each line one object whose string ``field`` is a document. A line that
+    is not raises ``DocumentError`` naming the file and line number.
+    """
+    if documents not in TEXT_DOCUMENTS:
+        raise ValueError(f"documents must be one of {list(TEXT_DOCUMENTS)}, got {documents!r}")
+    if isinstance(block_chars, bool) or not isinstance(block_chars, int) or block_chars < 1:
+        raise ValueError(f"block_chars must be an int >= 1, got {block_chars!r}")
+    if documents == "separator" and (not isinstance(separator, str) or not separator):
+        raise ValueError(f"separator must be a non-empty string, got {separator!r}")
+    for path, kind in source_files(source, fmt=fmt):
+        if kind == "jsonl":
+            yield from _jsonl_pieces(path, field)
+        else:
+            yield from _text_pieces(path, documents, separator, block_chars)
+
+
+def iter_texts(
+    source: str | Path,
+    *,
+    fmt: str = "auto",
+    field: str = "text",
+    documents: str = "file",
+    separator: str = "\n\n",
+    block_chars: int = BLOCK_CHARS,
+) -> Iterator[str]:
+    """The text of ``source`` in pieces (``iter_pieces`` without the document starts): what BPE trains on."""
+    options = {"fmt": fmt, "field": field, "documents": documents, "separator": separator}
+    for text, _ in iter_pieces(source, **options, block_chars=block_chars):
+        yield text
+
+
+# Tokenizers ---------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the data pipeline needs of a tokenizer. ``fingerprint`` changes whenever the ids it gives do."""
+
+    name: str
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Iterable[int] | Tensor) -> str: ...
+
+    def save(self, directory: str | Path) -> None: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (vocabulary 256): ``models.data.encode``/``decode``. Needs no file."""
+
+    name = "bytes"
+    vocab_size = BYTE_VOCAB
+    fingerprint = "bytes"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [list(t.encode("utf-8")) for t in texts]
+
+    def decode(self, ids: Iterable[int] | Tensor) -> str:
+        return _data.decode(ids if isinstance(ids, Tensor) else list(ids))
+
+    def save(self, directory: str | Path) -> None:
+        """Bytes need no file: removes a ``tokenizer.json`` left there, so that ``load_tokenizer`` gives bytes."""
+        (Path(directory) / TOKENIZER_FILE).unlink(missing_ok=True)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ByteTokenizer)
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise ImportError(
+            "the BPE tokenizer needs the `tokenizers` library: pip install tokenizers "
+            "(or pip install 'seqmixers[bpe]'); the byte tokenizer needs nothing"
+        ) from None
+    return tokenizers
+
+
+class BPETokenizer:
+    """A byte-level BPE tokenizer (GPT-2 style) from the ``tokenizers`` library: every text encodes, and
+    ``decode(encode(text)) == text``. Made with ``train`` (on the training data) or ``load``; ``save(dir)`` writes
+    ``dir/tokenizer.json``."""
+
+    name = "bpe"
+
+    def __init__(self, tokenizer) -> None:
+        self._tok = tokenizer
+        self._fingerprint = hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> BPETokenizer:
+        """Learn merges from ``texts`` (e.g. ``iter_texts(source)``) up to ``vocab_size`` ids (at least 256: the
+        bytes come first); fewer if the text runs out of pairs seen ``min_frequency`` times."""
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < BYTE_VOCAB:
+            raise ValueError(f"vocab_size must be an int >= {BYTE_VOCAB} (the bytes come first), got {vocab_size!r}")
+        tk = _tokenizers()
+        tok = tk.Tokenizer(tk.models.BPE())
+        tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = tk.decoders.ByteLevel()
+        trainer = tk.trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=[],
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> BPETokenizer:
+        path = Path(directory) / TOKENIZER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no BPE tokenizer at {str(path)!r}")
+        return cls(_tokenizers().Tokenizer.from_file(str(path)))
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``directory/tokenizer.json`` (atomically: a temporary file renamed over it)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / TOKENIZER_FILE
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            self._tok.save(str(tmp))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int] | Tensor) -> str:
+        ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BPETokenizer) and other.fingerprint == self.fingerprint
+
+    def __hash__(self) -> int:
+        return hash(self._fingerprint)
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint!r})"
+
+
+def load_tokenizer(directory: str | Path | None) -> ByteTokenizer | BPETokenizer:
+    """The BPE tokenizer saved in ``directory`` (its ``tokenizer.json``), else the byte tokenizer."""
+    if directory is not None and (Path(directory) / TOKENIZER_FILE).is_file():
+        return BPETokenizer.load(directory)
+    return ByteTokenizer()
+
+
+# The token cache ----------------------------------------------------------------------------------------
+
+
+def token_dtype(vocab_size: int) -> torch.dtype:
+    """The smallest unsigned dtype that holds ids ``0 .. vocab_size - 1``: uint8 (bytes), uint16 or uint32."""
+    if vocab_size <= 1 << 8:
+        return torch.uint8
+    if vocab_size <= 1 << 16:
+        return torch.uint16
+    if vocab_size <= 1 << 32:
+        return torch.uint32
+    raise ValueError(f"vocab_size {vocab_size} does not fit in uint32")
+
+
+_DTYPES = {"uint8": torch.uint8, "uint16": torch.uint16, "uint32": torch.uint32, "int64": torch.int64}
+
+
+def _typecode(dtype: torch.dtype) -> str:
+    size = {torch.uint8: 1, torch.uint16: 2, torch.uint32: 4}[dtype] if dtype != torch.int64 else 8
+    signed = dtype == torch.int64
+    for code in "bhilq" if signed else "BHILQ":
+        if array.array(code).itemsize == size:
+            return code
+    raise RuntimeError(f"no array typecode of {size} bytes")  # pragma: no cover
+
+
+def cache_paths(cache_path: str | Path) -> tuple[Path, Path, Path]:
+    """``(tokens, starts, sidecar)`` for ``cache_path`` = ``NAME.bin``: ``NAME.bin``, ``NAME.starts.bin``,
+    ``NAME.json``."""
+    path = Path(cache_path)
+    if path.suffix != ".bin":
+        raise ValueError(f"the cache path must end in .bin, got {str(path)!r}")
+    return path, path.with_suffix(".starts.bin"), path.with_suffix(".json")
+
+
+def _fingerprint(source: str | Path, tokenizer: Tokenizer, fmt: str, field: str, documents: str, sep: str) -> dict:
+    files = []
+    for path, kind in source_files(source, fmt=fmt):
+        st = path.stat()
+        files.append({"path": str(path.resolve()), "format": kind, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return {
+        "version": CACHE_VERSION,
+        "files": files,
+        "field": field,
+        "documents": documents,
+        "separator": sep if documents == "separator" else None,
+        "tokenizer": {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
+    }
+
+
+def _read_meta(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _matches(meta: dict | None, want: dict, tokens: Path, starts: Path) -> bool:
+    if meta is None or any(meta.get(k) != v for k, v in want.items()):
+        return False
+    try:
+        itemsize = _DTYPES[meta["dtype"]].itemsize
+        return tokens.stat().st_size == meta["length"] * itemsize and starts.stat().st_size == meta["n_documents"] * 8
+    except (KeyError, OSError, TypeError):
+        return False
+
+
+def build_token_cache(
+    source: str | Path,
+    tokenizer: Tokenizer,
+    cache_path: str | Path,
+    *,
+    fmt: str = "auto",
+    field: str = "text",
+    documents: str = "file",
+    separator: str = "\n\n",
+    block_chars: int = BLOCK_CHARS,
+    rebuild: bool = False,
+) -> TokenCache:
+    """Tokenize ``source`` (see ``iter_pieces``) into the cache at ``cache_path`` (``NAME.bin``) and open it.
+
+    Writes the tokens (``token_dtype(tokenizer.vocab_size)``, native byte order), every document's first token
+    index (int64, ``NAME.starts.bin``) and a JSON sidecar (``NAME.json``: the source files with their sizes and
+    modification times, the tokenizer's name and fingerprint, dtype, length, number of documents), a block at a
+    time, to temporary files renamed into place, the sidecar last. If the sidecar already there matches (same
+    files, sizes, mtimes, format options and tokenizer) the cache is reused as it is (``TokenCache.built`` is
+    False); otherwise (or with ``rebuild``) it is built again. Processes building the same cache at once (the
+    ranks of a run) each write their own temporary files, and the last rename wins; better, rank 0 builds it
+    and the others ``open_token_cache`` it after a barrier.
+
+    Tokens are the concatenation of ``tokenizer.encode`` of each piece; for bytes that is the documents' UTF-8
+    bytes exactly. For BPE, a document is tokenized whole unless it is longer than ``block_chars``; then it is
+    tokenized in pieces, which (with ``documents="file"``) end at line ends where the text has them.
+    """
+    tokens_path, starts_path, meta_path = cache_paths(cache_path)
+    want = _fingerprint(source, tokenizer, fmt, field, documents, separator)
+    if not rebuild and _matches(_read_meta(meta_path), want, tokens_path, starts_path):
+        return open_token_cache(tokens_path, built=False)
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    code, start_code = _typecode(dtype), _typecode(torch.int64)
+    tokens_path.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}.{os.urandom(4).hex()}"  # builders in several processes never share a temporary file
+    tmp = {p: p.with_name(f".{p.name}.{tag}.tmp") for p in (tokens_path, starts_path, meta_path)}
+    batch_chars = max(block_chars, 1 << 16)
+    n_tokens = n_docs = 0
+    try:
+        with open(tmp[tokens_path], "wb") as ftok, open(tmp[starts_path], "wb") as fstart:
+
+            def flush(pieces: list[tuple[str, bool]]) -> None:
+                nonlocal n_tokens, n_docs
+                if isinstance(tokenizer, ByteTokenizer):  # the same ids, without a list of ints per byte
+                    encoded = [p.encode("utf-8") for p, _ in pieces]
+                elif hasattr(tokenizer, "encode_batch"):
+                    encoded = tokenizer.encode_batch([p for p, _ in pieces])
+                else:
+                    encoded = [tokenizer.encode(p) for p, _ in pieces]
+                starts = array.array(start_code)
+                out = array.array(code)
+                for (_, first), ids in zip(pieces, encoded, strict=True):
+                    if first:
+                        starts.append(n_tokens + len(out))
+                    if isinstance(ids, bytes):
+                        out.frombytes(ids)  # bytes: uint8, typecode "B"
+                    else:
+                        out.extend(ids)  # OverflowError if an id does not fit the dtype
+                starts.tofile(fstart)
+                out.tofile(ftok)
+                n_tokens += len(out)
+                n_docs += len(starts)
+
+            pending, chars = [], 0
+            options = {"fmt": fmt, "field": field, "documents": documents, "separator": separator}
+            for piece in iter_pieces(source, **options, block_chars=block_chars):
+                pending.append(piece)
+                chars += len(piece[0])
+                if chars >= batch_chars:
+                    flush(pending)
+                    pending, chars = [], 0
+            if pending:
+                flush(pending)
+        meta = {**want, "dtype": str(dtype).removeprefix("torch."), "length": n_tokens, "n_documents": n_docs}
+        tmp[meta_path].write_text(json.dumps(meta, indent=1) + "\n")
+        meta_path.unlink(missing_ok=True)  # no moment where an old sidecar describes new tokens
+        os.replace(tmp[tokens_path], tokens_path)
+        os.replace(tmp[starts_path], starts_path)
+        os.replace(tmp[meta_path], meta_path)
+    finally:
+        for p in tmp.values():
+            p.unlink(missing_ok=True)
+    return open_token_cache(tokens_path, built=True)
+
+
+def _map(path: Path, n: int, dtype: torch.dtype) -> Tensor:
+    if n == 0:
+        return torch.zeros(0, dtype=dtype)
+    # shared=False: a private mapping of the file; pages are read as they are touched, never written back.
+    return torch.from_file(str(path), shared=False, size=n, dtype=dtype)
+
+
+def open_token_cache(cache_path: str | Path, *, built: bool = False) -> TokenCache:
+    """The cache at ``cache_path`` (``NAME.bin``, beside it ``NAME.starts.bin`` and ``NAME.json``),
+    memory-mapped."""
+    tokens_path, starts_path, meta_path = cache_paths(cache_path)
+    meta = _read_meta(meta_path)
+    if meta is None or meta.get("version") != CACHE_VERSION:
+        raise FileNotFoundError(f"no token cache at {str(tokens_path)!r} (its sidecar {meta_path.name} is missing)")
+    tokens = _map(tokens_path, meta["length"], _DTYPES[meta["dtype"]])
+    starts = _map(starts_path, meta["n_documents"], torch.int64)
+    return TokenCache(tokens, starts, meta["tokenizer"]["vocab_size"], meta=meta, path=tokens_path, built=built)
+
+
+@dataclass
+class TokenCache:
+    """Token ids ``tokens [N]`` (uint8/16/32) and the documents' first token indices ``doc_starts [D]`` (int64,
+    ascending), each a tensor over a memory-mapped file (or a view of one): slicing reads only the pages it
+    touches. Do not write into them (the writes would stay in this process; the files are never changed).
+
+    ``split`` cuts it into training and validation parts; ``random_windows``/``fixed_windows`` give
+    ``(x [B, T], y [B, T])`` int64 like ``models.data.random_batch``/``fixed_batches``; ``random_packed``/
+    ``fixed_packed`` give packed rows ``(x [1, B*L], y [1, B*L], cu_seqlens)`` like
+    ``models.data.random_packed_batch``/``fixed_packed_batches``, built from the few documents each row needs.
+    Picking and reading are separate, for a trainer that picks a global batch with one generator on every rank
+    and reads only its own part: ``random_window_starts`` then ``windows_at``; ``random_positions`` then
+    ``rows_at`` (or ``packed_at``).
+    """
+
+    tokens: Tensor
+    doc_starts: Tensor
+    vocab_size: int
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None
+    built: bool = False
+
+    def __len__(self) -> int:
+        return self.tokens.numel()
+
+    @property
+    def n_documents(self) -> int:
+        return self.doc_starts.numel()
+
+    def document(self, i: int) -> Tensor:
+        """Document ``i``'s tokens (a view)."""
+        end = int(self.doc_starts[i + 1]) if i + 1 < self.n_documents else len(self)
+        return self.tokens[int(self.doc_starts[i]) : end]
+
+    def split(self, val_fraction: float) -> tuple[TokenCache, TokenCache]:
+        """``(train, val)``: the last ``val_fraction`` of the documents (at least one) is held out; with a single
+        document, the last ``val_fraction`` of its tokens. Views of the same files."""
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        if self.n_documents >= 2:
+            n_val = max(1, int(self.n_documents * val_fraction))
+            cut = int(self.doc_starts[self.n_documents - n_val])
+            first_val = self.n_documents - n_val
+        else:
+            cut = len(self) - int(len(self) * val_fraction)
+            first_val = self.n_documents
+        train = TokenCache(self.tokens[:cut], self.doc_starts[:first_val], self.vocab_size, self.meta, self.path)
+        val_starts = self.doc_starts[first_val:] - cut
+        if val_starts.numel() == 0 or int(val_starts[0]) != 0:
+            val_starts = torch.cat([torch.zeros(1, dtype=torch.long), val_starts])  # the cut starts a piece
+        val = TokenCache(self.tokens[cut:], val_starts, self.vocab_size, self.meta, self.path)
+        return train, val
+
+    # windows
+
+    def _check_windows(self, seq_len: int) -> None:
+        if len(self) < seq_len + 1:
+            raise ValueError(f"{len(self)} tokens are too few for windows of seq_len={seq_len} (+1 for the target)")
+
+    def windows_at(self, starts: Tensor | list[int], seq_len: int) -> tuple[Tensor, Tensor]:
+        """The windows ``tokens[s : s + seq_len + 1]``: inputs and next-token targets ``[B, seq_len]``, int64."""
+        w = torch.stack([self.tokens[s : s + seq_len + 1].long() for s in torch.as_tensor(starts).tolist()])
+        return w[:, :-1], w[:, 1:]
+
+    def random_window_starts(self, batch_size: int, seq_len: int, generator: torch.Generator) -> Tensor:
+        """The starts of ``batch_size`` random windows (for ``windows_at``); they may cross documents."""
+        self._check_windows(seq_len)
+        return torch.randint(0, len(self) - seq_len, (batch_size,), generator=generator)
+
+    def random_windows(self, batch_size: int, seq_len: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``batch_size`` windows at random starts."""
+        return self.windows_at(self.random_window_starts(batch_size, seq_len, generator), seq_len)
+
+    def fixed_windows(self, batch_size: int, seq_len: int, n_batches: int) -> list[tuple[Tensor, Tensor]]:
+        """``n_batches`` batches of windows spread evenly over the tokens (the same every time, for validation)."""
+        self._check_windows(seq_len)
+        starts = torch.linspace(0, len(self) - seq_len - 1, batch_size * n_batches).long()
+        return [self.windows_at(part, seq_len) for part in starts.split(batch_size)]
+
+    # packed rows
+
+    def _row(self, position: int, seq_len: int) -> _data.PackedRows:
+        """One packed row (``models.data.pack_documents``'s rules) starting at token ``position``: the rest of the
+        document holding it (a piece of it, when ``position`` is inside), then the documents after it while the
+        row has room. Reads at most about ``2 * seq_len`` tokens per document it uses."""
+        doc = int(torch.searchsorted(self.doc_starts, torch.tensor([position]), right=True)) - 1
+        docs, total, end = [], 0, position
+        while total < seq_len and end < len(self):
+            nxt = int(self.doc_starts[doc + 1]) if doc + 1 < self.n_documents else len(self)
+            piece = self.tokens[end : min(nxt, end + seq_len + 1)].long()  # longer than seq_len: cut the same way
+            docs.append(piece)
+            total += piece.numel()
+            doc, end = doc + 1, nxt
+        rows = _data.pack_documents(docs, seq_len)
+        if len(rows) == 0:  # nothing to predict from here (a 1-token end of the data): an all-ignored row
+            z = torch.zeros(1, seq_len, dtype=torch.long)
+            return _data.PackedRows(z, z, z.bool(), torch.ones(1, seq_len, dtype=torch.bool), z[:, 0])
+        return _data.PackedRows(*(t[:1] for t in (rows.inputs, rows.targets, rows.counted, rows.starts, rows.n_real)))
+
+    def rows_at(self, positions: Tensor | list[int], seq_len: int) -> _data.PackedRows:
+        """One packed row per position (see ``_row``), as ``PackedRows`` (int64): ``.batch(range(B))`` gives the
+        packed batch, ``.n_real`` the real tokens of each row."""
+        if self.n_documents == 0 or len(self) < 2:
+            raise ValueError("the cache holds no document of 2 or more tokens to pack")
+        rows = [self._row(p, seq_len) for p in torch.as_tensor(positions).tolist()]
+        return _data.PackedRows(*(torch.cat(parts) for parts in zip(*(_fields(r) for r in rows), strict=True)))
+
+    def packed_at(self, positions: Tensor | list[int], seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Rows starting at token ``positions`` as one packed row ``(x [1, B*L], y [1, B*L], cu_seqlens [N+1])``,
+        int64, ``y`` is ``models.data.IGNORE`` where nothing is trained (``models.data.PackedRows.batch``)."""
+        rows = self.rows_at(positions, seq_len)
+        return rows.batch(torch.arange(len(rows)))
+
+    def random_positions(self, batch_size: int, generator: torch.Generator) -> Tensor:
+        """``batch_size`` random row starts for ``rows_at``/``packed_at``: any token but the last, so that every
+        part of a long document is trained, each document in proportion to its length."""
+        return torch.randint(0, max(1, len(self) - 1), (batch_size,), generator=generator)
+
+    def random_packed(self, batch_size: int, seq_len: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """``batch_size`` rows, each starting at a random token (``random_positions``)."""
+        return self.packed_at(self.random_positions(batch_size, generator), seq_len)
+
+    def fixed_packed(self, batch_size: int, seq_len: int, n_batches: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """``n_batches`` batches of rows starting at positions spread evenly (the same every time, for validation;
+        rows may overlap when the tokens are fewer than ``batch_size * n_batches * seq_len``)."""
+        positions = torch.linspace(0, max(0, len(self) - 2), batch_size * n_batches).long()
+        return [self.packed_at(part, seq_len) for part in positions.split(batch_size)]
+
+
+def _fields(rows: _data.PackedRows) -> tuple[Tensor, ...]:
+    return rows.inputs, rows.targets, rows.counted, rows.starts, rows.n_real
