@@ -1,7 +1,8 @@
 """The ``seqmixers`` command: ``train``, ``generate``, ``list``, ``demo``, ``mixers-demo`` and plugins' commands.
 
-- ``seqmixers train --config FILE|PRESET [--data TEXT_FILE] [--out DIR] [--force]``: train on the embedded
-  corpus (or a text file, whose documents ``--documents`` packs) with a progress bar and validation perplexity;
+- ``seqmixers train --config FILE|PRESET [--data PATH] [--out DIR] [--force]``: train on the embedded corpus
+  (or a text file, JSONL file or folder, streamed; ``--documents`` packs documents; ``--tokenizer bpe``) with a
+  progress bar and validation perplexity;
   writes ``DIR/model.safetensors``
   (last) and ``DIR/best.safetensors``, never over an earlier run's without ``--force``; exit code 3 when the
   run diverges, 128 + the signal's number after SIGINT/SIGTERM (which save first).
@@ -68,6 +69,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         ("checkpoint_activations", args.checkpoint_activations),
         ("save_every", args.save_every),
         ("log_every", args.log_every),
+        ("tokenizer", args.tokenizer),
+        ("bpe_vocab", args.bpe_vocab),
     )
     overrides = {k: v for k, v in given if v is not None}
     if overrides:
@@ -83,16 +86,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    text = corpus.load_corpus(args.data)
-    source = args.data or "the embedded corpus (pydoc help text)"
-    if train_config.documents == "none":  # packed documents are checked when they are read, in train()
-        _check_corpus(text, train_config, f"--data {args.data!r}" if args.data else source)
+    if args.data is None:  # the embedded corpus, in memory
+        text, source = corpus.load_corpus(), "the embedded corpus (pydoc help text)"
+        size, data = len(text), {"data": text}
+        if train_config.documents == "none" and train_config.tokenizer == "bytes":
+            _check_corpus(size, train_config, source)
+    else:  # a file or a folder, streamed into the token cache OUT/cache/ by train()
+        from models.corpus import source_files
+        from models.train import cache_options
+
+        files = source_files(args.data, fmt=cache_options(train_config)["fmt"])  # FileNotFoundError: exit 2
+        size, data = sum(f.stat().st_size for f, _ in files), {"source": args.data}
+        source = args.data if Path(args.data).is_file() else f"{args.data} ({len(files)} files)"
+        text_only = all(kind == "text" for _, kind in files)  # their bytes are the tokens (for valid UTF-8)
+        if train_config.documents == "none" and train_config.tokenizer == "bytes" and text_only:
+            _check_corpus(size, train_config, f"--data {args.data!r}")
     model_config.check_backends(args.device)
     say(f"model: {model_config.describe()}", file=sys.stderr)
     packed = "" if train_config.documents == "none" else f" (packed {train_config.documents} documents)"
+    bpe = f"; BPE tokenizer of up to {train_config.bpe_vocab} ids" if train_config.tokenizer == "bpe" else ""
     say(
-        f"data: {source}, {len(text):,} bytes; {train_config.steps} steps of "
-        f"{train_config.batch_size} x {train_config.seq_len} tokens{packed}",
+        f"data: {source}, {size:,} bytes; {train_config.steps} steps of "
+        f"{train_config.batch_size} x {train_config.seq_len} tokens{packed}{bpe}",
         file=sys.stderr,
     )
     if existing and args.resume is None:
@@ -101,7 +116,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train(
             model_config,
             train_config,
-            data=text,
+            **data,
             out=out,
             device=args.device,
             progress=not args.quiet and main_rank,
@@ -148,22 +163,52 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_tokenizer(checkpoint: str, model: object) -> object:
+    """The tokenizer saved beside ``checkpoint`` (its folder's ``tokenizer.json``: BPE), else bytes; checked
+    against the model's vocabulary and the run's ``train.tokenizer``."""
+    from models import data as corpus
+    from models.checkpoint import read_header
+    from models.config import ConfigError
+    from models.corpus import TOKENIZER_FILE, ByteTokenizer, load_tokenizer
+
+    folder = Path(checkpoint).parent
+    tokenizer = load_tokenizer(folder)
+    V = model.config.vocab_size
+    if isinstance(tokenizer, ByteTokenizer):
+        trained_with = (read_header(checkpoint)[1].get("train") or {}).get("tokenizer", "bytes")
+        if trained_with != "bytes":
+            raise ConfigError(
+                f"this checkpoint was trained with the {trained_with} tokenizer, but {folder / TOKENIZER_FILE} "
+                f"is missing: put the run's tokenizer.json beside it"
+            )
+        if V < corpus.BYTE_VOCAB:
+            raise ConfigError(f"this checkpoint's vocab_size={V} cannot hold byte tokens")
+    elif V < tokenizer.vocab_size:
+        raise ConfigError(
+            f"this checkpoint's vocab_size={V} is smaller than the vocabulary of {folder / TOKENIZER_FILE} "
+            f"({tokenizer.vocab_size} ids): the tokenizer beside it is not the one it was trained with"
+        )
+    return tokenizer
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
     from models import data as corpus
     from models.checkpoint import load
-    from models.config import ConfigError
+    from models.corpus import ByteTokenizer, TextStream
 
     model = load(args.checkpoint, device=args.device)
-    if model.config.vocab_size < corpus.BYTE_VOCAB:
-        raise ConfigError(f"this checkpoint's vocab_size={model.config.vocab_size} cannot hold byte tokens")
+    tokenizer = _checkpoint_tokenizer(args.checkpoint, model)
     model.config.check_backends(args.device)
     prompts = args.prompt or [DEFAULT_PROMPT]
     if len(prompts) > 1 or args.beams is not None:
-        return _generate_batch(model, prompts, args)
-    decoder = corpus.StreamDecoder()
+        return _generate_batch(model, prompts, args, tokenizer)
+    # bytes: an incremental UTF-8 decoder; BPE: the ids since the last complete text, decoded together
+    decoder = corpus.StreamDecoder() if isinstance(tokenizer, ByteTokenizer) else TextStream(tokenizer)
     t0, n = time.perf_counter(), 0
     tokens = model.stream(
-        corpus.encode(prompts[0]),
+        torch.tensor(tokenizer.encode(prompts[0]), dtype=torch.long),
         args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -184,13 +229,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_batch(model, prompts: list[str], args: argparse.Namespace) -> int:
+def _generate_batch(model, prompts: list[str], args: argparse.Namespace, tokenizer: object) -> int:
     """``generate`` with several prompts (one batch, ragged) or ``--beams``: each text printed once complete,
     under a ``==> prompt i <==`` line when there are several."""
-    from models import data as corpus
+    import torch
+
     from models.config import ConfigError
 
-    encoded = [corpus.encode(p) for p in prompts]
+    encoded = [torch.tensor(tokenizer.encode(p), dtype=torch.long) for p in prompts]
     t0 = time.perf_counter()
     if args.beams is not None:
         if args.beams > model.config.vocab_size:
@@ -210,7 +256,7 @@ def _generate_batch(model, prompts: list[str], args: argparse.Namespace) -> int:
     for i, (prompt, out, e) in enumerate(zip(prompts, outputs, encoded, strict=True)):
         if len(prompts) > 1:
             sys.stdout.write(("\n" if i else "") + f"==> prompt {i + 1} <==\n")
-        sys.stdout.write(prompt + corpus.decode(out[len(e) :]) + "\n")
+        sys.stdout.write(prompt + tokenizer.decode(out[len(e) :]) + "\n")
     sys.stdout.flush()
     dt = time.perf_counter() - t0
     print(f"[{n} tokens in {dt:.2f} s, {dt / max(n, 1) * 1e3:.1f} ms/token]", file=sys.stderr)
@@ -335,21 +381,12 @@ def _out_dir(text: str) -> str:
     return text
 
 
-def _check_corpus(text: bytes, train_config: object, source: str) -> None:
-    """The training text must leave more than ``seq_len`` bytes to both its training and validation parts."""
-    from models.config import ConfigError
+def _check_corpus(size: int, train_config: object, source: str) -> None:
+    """The training text (``size`` bytes, one token each) must leave more than ``seq_len`` bytes to both its
+    training and validation parts (``models.train.check_corpus_size``; train() checks a token cache's tokens)."""
+    from models.train import check_corpus_size
 
-    seq_len, fraction = train_config.seq_len, train_config.val_fraction
-    need = math.ceil((seq_len + 1) / fraction)
-    while int(need * fraction) < seq_len + 1 or need - int(need * fraction) < seq_len + 1:
-        need += 1
-    if len(text) >= need:
-        return
-    what = "is empty" if not text else f"holds {len(text):,} bytes"
-    raise ConfigError(
-        f"{source} {what}; seq_len={seq_len} with val_fraction={fraction} needs at least {need:,} bytes (more "
-        f"than seq_len for validation, and for training): give more text or a smaller seq_len"
-    )
+    check_corpus_size(size, train_config, source, "bytes")
 
 
 def _preset_names() -> list[str]:
@@ -391,7 +428,21 @@ def parser(*, plugin_commands: bool = False) -> argparse.ArgumentParser:
     t.add_argument(
         "--config", help="a TOML/YAML/JSON run file ([model], [train]) or a preset name (optional with --resume)"
     )
-    t.add_argument("--data", help="a text file to train on (default: the embedded pydoc corpus)")
+    t.add_argument(
+        "--data",
+        metavar="PATH",
+        help="a text file, a JSONL file or a folder of them to train on, streamed from disk into a memory-mapped\n"
+        "token cache OUT/cache/ (default: the embedded pydoc corpus)",
+    )
+    t.add_argument(
+        "--tokenizer",
+        choices=("bytes", "bpe"),
+        help="override train.tokenizer: UTF-8 bytes (vocabulary 256), or a BPE tokenizer trained on the data and\n"
+        "saved to OUT/tokenizer.json (needs the tokenizers library; the model's vocab_size must hold it)",
+    )
+    t.add_argument(
+        "--bpe-vocab", type=_int_at_least(256), metavar="N", help="override train.bpe_vocab (most BPE token ids)"
+    )
     t.add_argument("--out", type=_out_dir, help="output folder for model.safetensors (default: runs/<config name>)")
     t.add_argument("--force", action="store_true", help="overwrite the checkpoints already in --out")
     t.add_argument("--steps", type=_int_at_least(1), help="override train.steps")
@@ -459,7 +510,7 @@ def parser(*, plugin_commands: bool = False) -> argparse.ArgumentParser:
         type=_int_at_least(0),
         default=200,
         metavar="N",
-        help="how many tokens (bytes) to generate (default: %(default)s)",
+        help="how many tokens (bytes, or BPE tokens) to generate (default: %(default)s)",
     )
     g.add_argument(
         "--temperature",

@@ -444,7 +444,8 @@ class ModelConfig:
 @_suggest_fields("train config field")
 @dataclass
 class TrainConfig:
-    """A training run on a byte-level corpus (the embedded default, or any text file).
+    """A training run on a corpus: the embedded default, or text files, a folder of them or JSONL, tokenized as
+    bytes or with a BPE tokenizer trained on the data (``tokenizer``).
 
     Arguments:
         steps: optimizer steps. batch_size, seq_len: sequences of ``seq_len`` tokens per step.
@@ -470,6 +471,13 @@ class TrainConfig:
             0: only when the run is interrupted.
         log_every: steps between lines of the run log ``OUT/log.jsonl`` (loss, lr, tokens/s, gradient norm,
             memory; and every validation), written by rank 0.
+        tokenizer: ``"bytes"`` (UTF-8 bytes, vocabulary 256; the model's ``vocab_size`` must be at least 256) or
+            ``"bpe"``: a byte-level BPE tokenizer (``models.corpus.BPETokenizer``, needs the ``tokenizers``
+            library) trained on the training data before the run, saved to ``OUT/tokenizer.json`` beside the
+            checkpoints and reused by a resumed run. Its vocabulary is at most ``bpe_vocab`` ids (fewer when the
+            data runs out of pairs to merge); the model's ``vocab_size`` must be at least the tokenizer's size, and
+            is then set to it exactly. See docs/training-data.md.
+        bpe_vocab: the most ids the BPE tokenizer learns (>= 256: the bytes come first).
     """
 
     steps: int = 300
@@ -500,6 +508,8 @@ class TrainConfig:
     checkpoint_activations: bool = False
     save_every: int = 0
     log_every: int = 10
+    tokenizer: str = "bytes"
+    bpe_vocab: int = 4096
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
@@ -529,6 +539,8 @@ class TrainConfig:
         _int("log_every", self.log_every, 1)
         _str("separator", self.separator)
         _str("jsonl_field", self.jsonl_field)
+        _choice("tokenizer", self.tokenizer, ("bytes", "bpe"))
+        _int("bpe_vocab", self.bpe_vocab, 256)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

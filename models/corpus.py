@@ -545,12 +545,19 @@ class TokenCache:
         end = int(self.doc_starts[i + 1]) if i + 1 < self.n_documents else len(self)
         return self.tokens[int(self.doc_starts[i]) : end]
 
-    def split(self, val_fraction: float) -> tuple[TokenCache, TokenCache]:
+    def split(self, val_fraction: float, *, by: str = "documents") -> tuple[TokenCache, TokenCache]:
         """``(train, val)``: the last ``val_fraction`` of the documents (at least one) is held out; with a single
-        document, the last ``val_fraction`` of its tokens. Views of the same files."""
+        document, the last ``val_fraction`` of its tokens. ``by="tokens"``: the last ``int(N * val_fraction)``
+        tokens, wherever documents start (``models.data.split``'s cut, for random windows). Views of the same
+        files."""
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-        if self.n_documents >= 2:
+        if by not in ("documents", "tokens"):
+            raise ValueError(f"by must be 'documents' or 'tokens', got {by!r}")
+        if by == "tokens":
+            cut = len(self) - int(len(self) * val_fraction)
+            first_val = int(torch.searchsorted(self.doc_starts, torch.tensor([cut]))) if self.n_documents else 0
+        elif self.n_documents >= 2:
             n_val = max(1, int(self.n_documents * val_fraction))
             cut = int(self.doc_starts[self.n_documents - n_val])
             first_val = self.n_documents - n_val
@@ -638,6 +645,31 @@ class TokenCache:
         rows may overlap when the tokens are fewer than ``batch_size * n_batches * seq_len``)."""
         positions = torch.linspace(0, max(0, len(self) - 2), batch_size * n_batches).long()
         return [self.packed_at(part, seq_len) for part in positions.split(batch_size)]
+
+
+class TextStream:
+    """Decodes token ids as they are generated, for any tokenizer: ``stream(token)`` gives the text that token
+    completes ("" while a character is still incomplete), ``flush()`` what is left. The ids since the last
+    complete text are decoded together (for byte-level BPE a token may hold part of a character), and text
+    ending in U+FFFD waits for the next token (a replacement character that is really in the text comes out at
+    the end, or once text after it is complete)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._pending: list[int] = []
+
+    def __call__(self, token: int) -> str:
+        self._pending.append(int(token))
+        text = self.tokenizer.decode(self._pending)
+        if text.endswith("\ufffd"):
+            return ""
+        self._pending.clear()
+        return text
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self._pending) if self._pending else ""
+        self._pending.clear()
+        return text
 
 
 def _fields(rows: _data.PackedRows) -> tuple[Tensor, ...]:

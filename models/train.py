@@ -10,10 +10,14 @@ with ``TrainingDiverged`` and does not save the diverged weights.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import shutil
 import signal
+import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +31,17 @@ from models import data as corpus
 from models import distributed, train_state
 from models.checkpoint import read_header
 from models.config import ConfigError, ModelConfig, TrainConfig
+from models.corpus import (
+    TOKENIZER_FILE,
+    BPETokenizer,
+    ByteTokenizer,
+    TokenCache,
+    Tokenizer,
+    build_token_cache,
+    iter_texts,
+    open_token_cache,
+    source_files,
+)
 from models.distributed import World
 from models.lm import LanguageModel
 from models.progress import Progress
@@ -47,6 +62,7 @@ class TrainResult:
     best: Path | None = None  # the checkpoint of the lowest validation loss
     best_step: int | None = None
     best_val_loss: float = math.inf
+    tokenizer: Any = None  # the run's tokenizer (models.corpus.ByteTokenizer or BPETokenizer)
 
     @property
     def val_loss(self) -> float:
@@ -185,14 +201,57 @@ def evaluate(model: LanguageModel, batches: list[tuple[torch.Tensor, ...]], tc: 
     return total / count
 
 
-def _batches(data: bytes, tc: TrainConfig) -> tuple[Callable[[torch.Generator], Any], Callable[[Any], tuple], list]:
+def corpus_needs(tc: TrainConfig) -> int:
+    """The fewest tokens that leave more than ``seq_len`` tokens to both the training part and the held-out
+    ``val_fraction`` of a corpus trained on random windows (``documents="none"``)."""
+    seq_len, fraction = tc.seq_len, tc.val_fraction
+    need = math.ceil((seq_len + 1) / fraction)
+    while int(need * fraction) < seq_len + 1 or need - int(need * fraction) < seq_len + 1:
+        need += 1
+    return need
+
+
+def check_corpus_size(n: int, tc: TrainConfig, source: str, unit: str = "bytes") -> None:
+    """Raise a ``ConfigError`` when ``n`` tokens (``unit``) are too few for ``corpus_needs``."""
+    need = corpus_needs(tc)
+    if n >= need:
+        return
+    what = "is empty" if not n else f"holds {n:,} {unit}"
+    raise ConfigError(
+        f"{source} {what}; seq_len={tc.seq_len} with val_fraction={tc.val_fraction} needs at least {need:,} {unit} "
+        f"(more than seq_len for validation, and for training): give more text or a smaller seq_len"
+    )
+
+
+CACHE_DIR, CACHE_NAME = "cache", "tokens.bin"  # the token cache of a run from a path: OUT/cache/tokens.bin
+
+
+def cache_options(tc: TrainConfig) -> dict[str, str]:
+    """The ``models.corpus`` reading options for ``tc.documents``: ``"none"`` reads each text file (and each JSONL
+    record) as one document, ``"lines"``/``"separator"`` split text files, ``"jsonl"`` reads every file as JSONL."""
+    documents = {"none": "file", "jsonl": "file"}.get(tc.documents, tc.documents)
+    return {
+        "fmt": "jsonl" if tc.documents == "jsonl" else "auto",
+        "field": tc.jsonl_field,
+        "documents": documents,
+        "separator": tc.separator,
+    }
+
+
+def _batches(
+    data: bytes | TokenCache, tc: TrainConfig, label: str = "the data"
+) -> tuple[Callable[[torch.Generator], Any], Callable[[Any], tuple], list]:
     """``(draw, make, val_batches)``: ``draw(generator)`` picks a step's global batch (``batch_size`` rows; the same
     on every rank, from the same generator), ``make(rows)`` reads the picked rows into ``(x, y, cu_seqlens or None,
     real tokens)``, so that each rank reads only its own rows.
 
     ``documents="none"``: random windows of the corpus (``[B, T]``, no ``cu_seqlens``) and fixed windows of
     its held-out end. Otherwise: random packed rows of the training documents and fixed rows of the held-out
-    documents, each batch flattened into one row ``[1, B*T]`` with its ``cu_seqlens``."""
+    documents, each batch flattened into one row ``[1, B*T]`` with its ``cu_seqlens``.
+
+    ``data`` is the corpus's bytes (read whole) or a ``TokenCache`` (``_cache_batches``)."""
+    if isinstance(data, TokenCache):
+        return _cache_batches(data, tc, label)
     if tc.documents == "none":
         train_data, val_data = corpus.split(data, tc.val_fraction, tc.seq_len)
 
@@ -220,6 +279,55 @@ def _batches(data: bytes, tc: TrainConfig) -> tuple[Callable[[torch.Generator], 
     return pick, rows, corpus.fixed_packed_batches(val_rows, tc.batch_size, tc.eval_batches)
 
 
+def _cache_batches(
+    cache: TokenCache, tc: TrainConfig, label: str = "the data"
+) -> tuple[Callable[[torch.Generator], Any], Callable[[Any], tuple], list]:
+    """``_batches`` from a memory-mapped token cache; each batch reads only the tokens it needs.
+
+    ``documents="none"``: the last ``int(N * val_fraction)`` tokens are held out, and the windows are those the
+    in-memory path gives for the same tokens and generator (same starts). Otherwise the last ``val_fraction``
+    of the documents is held out; a training row starts at a random token (``TokenCache.random_positions``) and
+    packs the rest of its document, then the documents after it, by ``models.data.pack_documents``'s rules;
+    validation takes rows at positions spread evenly over the held-out documents (``TokenCache.fixed_packed``).
+    """
+    if tc.documents == "none":
+        check_corpus_size(len(cache), tc, label, "tokens")
+        train_part, val_part = cache.split(tc.val_fraction, by="tokens")
+
+        def starts(gen: torch.Generator) -> torch.Tensor:
+            return train_part.random_window_starts(tc.batch_size, tc.seq_len, gen)
+
+        def windows(picked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, int]:
+            x, y = train_part.windows_at(picked, tc.seq_len)
+            return x, y, None, x.numel()
+
+        return starts, windows, val_part.fixed_windows(tc.batch_size, tc.seq_len, tc.eval_batches)
+    lengths = torch.diff(cache.doc_starts, append=torch.tensor([len(cache)]))
+    usable = int((lengths >= 2).sum())
+    if usable >= 2:
+        train_part, val_part = cache.split(tc.val_fraction)
+    if usable < 2 or not _has_target(train_part) or not _has_target(val_part):
+        raise corpus.DocumentError(
+            f"the data holds {usable} document(s) of 2 or more tokens; training and validation need at least one "
+            f"each: give more documents"
+        )
+
+    def pick(gen: torch.Generator) -> torch.Tensor:
+        return train_part.random_positions(tc.batch_size, gen)
+
+    def rows(picked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        packed = train_part.rows_at(picked, tc.seq_len)
+        x, y, cu_seqlens = packed.batch(torch.arange(len(packed)))
+        return x, y, cu_seqlens, int(packed.n_real.sum())
+
+    return pick, rows, val_part.fixed_packed(tc.batch_size, tc.seq_len, tc.eval_batches)
+
+
+def _has_target(part: TokenCache) -> bool:
+    """Whether some document of ``part`` has 2 or more tokens (something to predict)."""
+    return bool((torch.diff(part.doc_starts, append=torch.tensor([len(part)])) >= 2).any())
+
+
 def _context_parallel(k: int, world: World, parallel: str, tc: TrainConfig) -> ContextParallel | None:
     """The context parallelism of a run over ``k`` ranks (``None`` for k = 1), checked against the run."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -238,6 +346,25 @@ def _context_parallel(k: int, world: World, parallel: str, tc: TrainConfig) -> C
     if problems:
         raise ConfigError(f"context_parallel={k}: " + "; ".join(problems))
     return ContextParallel.of()
+
+
+def _on_main(world: World, shared: bool, what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 while the other ranks wait (every rank, when not ``shared``); returns its result there
+    and ``None`` on the others. A failure on rank 0 is raised there, and on the others as a ``ConfigError`` (the
+    wait is a collective that also tells every rank whether rank 0 failed, so that none hangs)."""
+    if not shared or world.size == 1:
+        return fn()
+    result, failed = None, False
+    if world.main:
+        try:
+            result = fn()
+        except Exception:
+            failed = True
+            distributed.all_sum(1, world)
+            raise
+    if distributed.all_sum(int(failed), world):
+        raise ConfigError(f"rank 0 could not {what}: see its error")
+    return result
 
 
 def micro_batches(picked: torch.Tensor, accumulate: int, world: World) -> list[torch.Tensor]:
@@ -262,8 +389,13 @@ def train(
     parallel: str = "none",
     resume: str | Path | None = None,
     context_parallel: int = 1,
+    source: str | Path | None = None,
 ) -> TrainResult:
-    """Train a model from scratch on ``data`` (default: the embedded corpus).
+    """Train a model from scratch on ``data`` (default: the embedded corpus), or on ``source``: a text file, a
+    folder of text and JSONL files, or a JSONL file, streamed from disk into a memory-mapped token cache
+    (``out/cache/tokens.bin``, reused while the files and options are unchanged; docs/training-data.md).
+    ``train_config.tokenizer="bpe"`` trains a BPE tokenizer on the data first and saves it to
+    ``out/tokenizer.json``; ``result.tokenizer`` is the run's tokenizer.
 
     With ``out``, the checkpoint ``out/model.safetensors`` is written at every validation (atomically), and
     ``out/best.safetensors`` whenever the validation loss is the lowest so far.
@@ -293,7 +425,7 @@ def train(
         with _StopSignals() as stop:
             run = _Run(
                 model_config, train_config, data, out, world, parallel, progress, label, divergence_margin,
-                context_parallel,
+                context_parallel, source=source, resume=resume,
             )  # fmt: skip
             with run.log:  # closed however the run ends
                 return run.loop(stop, resume)
@@ -316,12 +448,10 @@ class _Run:
         label: str,
         divergence_margin: float,
         context_parallel_ranks: int = 1,
+        *,
+        source: str | Path | None = None,
+        resume: str | Path | None = None,
     ) -> None:
-        if model_config.vocab_size < corpus.BYTE_VOCAB:
-            raise ConfigError(
-                f"vocab_size={model_config.vocab_size} is too small for the byte tokenizer, which needs "
-                f">= {corpus.BYTE_VOCAB}"
-            )
         share = (1 if context_parallel_ranks > 1 else world.size) * tc.accumulate
         if tc.batch_size % share:
             raise ConfigError(
@@ -331,8 +461,12 @@ class _Run:
         self.tc, self.world, self.parallel, self.margin = tc, world, parallel, divergence_margin
         self.cp = _context_parallel(context_parallel_ranks, world, parallel, tc)
         self.grad_norm = math.nan
+        corpus_or_cache, self.tokenizer, model_config, notes = self._data(
+            model_config, tc, data, source, Path(out) if out is not None else None, resume
+        )
         self.model_config = model_config
-        self.draw, self.make, self.val_batches = _batches(corpus.load_corpus() if data is None else data, tc)
+        data_label = f"data {str(source)!r}" if source is not None else "the data"
+        self.draw, self.make, self.val_batches = _batches(corpus_or_cache, tc, data_label)
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
         plain = LanguageModel(model_config).to(world.device)
         plain.checkpoint_blocks = tc.checkpoint_activations
@@ -343,11 +477,121 @@ class _Run:
         self.out = Path(out) if out is not None else None
         self.checkpoint = Path(out) / LAST if out is not None else None
         self.best = Path(out) / BEST if out is not None else None
-        self.result = TrainResult(model=plain, checkpoint=self.checkpoint)
+        self.result = TrainResult(model=plain, checkpoint=self.checkpoint, tokenizer=self.tokenizer)
         self.bar = Progress(tc.steps, label, enabled=progress and world.main)
+        for note in notes:
+            self.bar.log(note)
         self.tokens = 0  # the real tokens trained on so far, over all ranks (padding not counted)
         log_path = self.out / LOG if self.out is not None else Path(LOG)
         self.log = RunLog(log_path, every=tc.log_every, enabled=world.main and out is not None, device=world.device)
+
+    def _data(
+        self,
+        model_config: ModelConfig,
+        tc: TrainConfig,
+        data: bytes | None,
+        source: str | Path | None,
+        out: Path | None,
+        resume: str | Path | None,
+    ) -> tuple[bytes | TokenCache, Tokenizer, ModelConfig, list[str]]:
+        """The run's corpus (bytes in memory, or a token cache), tokenizer, model config (its ``vocab_size`` set
+        to a BPE tokenizer's) and notes for the log.
+
+        Bytes without ``source``: ``data`` (default: the embedded corpus) in memory, as it always was. With a
+        ``source`` (a file or folder), or with BPE (in-memory ``data`` is then written to ``CACHE_DIR/data.txt``
+        to be read like a file), rank 0 builds or reuses the token cache ``out/cache/tokens.bin`` (a temporary
+        folder without ``out``: then each rank builds its own), while the others wait, then open it. With BPE,
+        rank 0 first trains the tokenizer on the training texts and saves it to ``out/tokenizer.json``; a
+        resumed run loads the one saved in the run it resumes instead."""
+        world, notes = self.world, []
+        if data is not None and source is not None:
+            raise ConfigError("give the training data as bytes (data) or as a path (source), not both")
+        if model_config.vocab_size < corpus.BYTE_VOCAB:
+            which = "the byte tokenizer, which needs" if tc.tokenizer == "bytes" else "a BPE tokenizer, which has"
+            raise ConfigError(
+                f"vocab_size={model_config.vocab_size} is too small for {which} >= {corpus.BYTE_VOCAB}"
+                f"{' ids' if tc.tokenizer == 'bpe' else ''}"
+            )
+        if tc.tokenizer == "bytes" and source is None:
+            return corpus.load_corpus() if data is None else data, ByteTokenizer(), model_config, notes
+        shared = out is not None  # one folder for every rank: rank 0 builds, the others open
+        if out is not None:
+            folder = out / CACHE_DIR
+        else:
+            folder = Path(tempfile.mkdtemp(prefix="seqmixers-cache-"))
+            weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)  # removed with the run
+        if source is None:  # in-memory data with BPE: a file, read like any other
+            source = folder / "data.txt"
+            text = corpus.load_corpus() if data is None else data
+
+            def write() -> None:
+                if not (source.is_file() and source.stat().st_size == len(text) and source.read_bytes() == text):
+                    folder.mkdir(parents=True, exist_ok=True)
+                    source.write_bytes(text)  # rewritten only when it changed: an unchanged file keeps its cache
+
+            _on_main(world, shared, "write the data", write)
+        source = Path(source)
+        options = cache_options(tc)
+        source_files(source, fmt=options["fmt"])  # FileNotFoundError for a missing path, on every rank
+        if tc.tokenizer == "bpe":
+            tokenizer = self._bpe(tc, source, options, out, resume, shared, notes)
+            if model_config.vocab_size < tokenizer.vocab_size:
+                raise ConfigError(
+                    f"vocab_size={model_config.vocab_size} in the model config is smaller than the BPE tokenizer's "
+                    f"{tokenizer.vocab_size} ids (train.bpe_vocab={tc.bpe_vocab}): set the model's vocab_size to "
+                    f"{tokenizer.vocab_size} or more (it is then set to the tokenizer's), or lower bpe_vocab"
+                )
+            if model_config.vocab_size > tokenizer.vocab_size:
+                notes.append(
+                    f"vocab_size {model_config.vocab_size} -> {tokenizer.vocab_size}, the BPE tokenizer's size"
+                )
+                model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
+        else:
+            tokenizer = ByteTokenizer()
+        path = folder / CACHE_NAME
+        build = lambda: build_token_cache(source, tokenizer, path, **options)  # noqa: E731
+        cache = _on_main(world, shared, "build the token cache", build)
+        if cache is None:
+            cache = open_token_cache(path)
+        if world.main:
+            how = "built" if cache.built else "reused"
+            notes.append(f"token cache {how}: {path} ({len(cache):,} tokens, {cache.n_documents:,} documents)")
+        return cache, tokenizer, model_config, notes
+
+    def _bpe(
+        self,
+        tc: TrainConfig,
+        source: Path,
+        options: dict,
+        out: Path | None,
+        resume: str | Path | None,
+        shared: bool,
+        notes: list[str],
+    ) -> BPETokenizer:
+        """A resumed run's saved tokenizer, or one trained (on rank 0) on ``source`` and saved to ``out``."""
+        if resume is not None:
+            if not (Path(resume) / TOKENIZER_FILE).is_file():
+                raise ConfigError(
+                    f"the run in {resume} trains with a BPE tokenizer, but {Path(resume) / TOKENIZER_FILE} is missing"
+                )
+            tokenizer = BPETokenizer.load(resume)
+            if out is not None and self.world.main and Path(resume).resolve() != out.resolve():
+                tokenizer.save(out)
+            notes.append(f"BPE tokenizer: {Path(resume) / TOKENIZER_FILE} ({tokenizer.vocab_size} ids)")
+            return tokenizer
+
+        def make() -> BPETokenizer:
+            trained = BPETokenizer.train(iter_texts(source, **options), tc.bpe_vocab)
+            if out is not None:
+                trained.save(out)
+            return trained
+
+        tokenizer = _on_main(self.world, shared, "train the BPE tokenizer", make)
+        if tokenizer is None:
+            tokenizer = BPETokenizer.load(out)
+        where = f"saved to {out / TOKENIZER_FILE}" if out is not None else "not saved (no run folder)"
+        notes.append(f"BPE tokenizer: trained on {source}, {tokenizer.vocab_size} ids, {where}")
+        return tokenizer
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast for ``precision="bf16"`` (under FSDP, its mixed-precision policy does it instead)."""
@@ -510,11 +754,12 @@ class _Run:
                 r.model = LanguageModel(self.model_config)
                 r.model.load_state_dict(state)
         if tc.sample_tokens and self.world.main:
-            prompt = corpus.encode(tc.sample_prompt) if tc.sample_prompt else torch.tensor([ord("\n")])
+            tok = self.tokenizer
+            prompt = torch.tensor(tok.encode(tc.sample_prompt or "\n"), dtype=torch.long)  # bytes: corpus.encode
             out_tokens = r.model.generate(
                 prompt, tc.sample_tokens, temperature=tc.temperature, top_k=tc.top_k, seed=tc.seed
             )  # (T + new,)
-            r.sample = corpus.decode(out_tokens)
+            r.sample = tok.decode(out_tokens)
         r.model.eval()
         return r
 

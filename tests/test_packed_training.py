@@ -290,4 +290,4 @@ def test_cli_trains_on_jsonl_documents(tmp_path, capsys):
     argv = ["train", "--config", str(config), "--data", str(bad), "--out", str(tmp_path / "x"), "--documents", "jsonl"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert "seqmixers train: error: JSONL line 3: no field 'text'" in err
+    assert f"seqmixers train: error: {bad}:3: no field 'text'" in err  # streamed: the file and line are named
