@@ -93,13 +93,13 @@ class MixerState:
     def cat(cls: type[S], states: list[S]) -> S:
         """One state whose rows are those of ``states``, in order (an op state's own ``cat`` is used where it
         has one: KV caches of different capacities join that way)."""
-        from mixers.ops.packed import _join
+        from mixers.ops.packed import join_rows
 
         first = states[0]
         changes = {}
         for f in dataclasses.fields(first):
             values = [getattr(s, f.name) for s in states]
-            changes[f.name] = None if values[0] is None else _join(values)
+            changes[f.name] = None if values[0] is None else join_rows(values)
         return dataclasses.replace(first, **changes)
 
     @property
@@ -262,12 +262,6 @@ class TokenMixer(nn.Module, abc.ABC):
         return Packing.of(cu_seqlens, x.shape[1], x.device)
 
 
-def takes_packing(mixer: TokenMixer) -> bool:
-    """Whether ``mixer.forward`` takes ``cu_seqlens`` itself (the built-in mixers do); other mixers are run once
-    per sequence by ``mix_packed``."""
-    return bool(getattr(mixer, "packs", False))
-
-
 def mix_packed(
     mixer: TokenMixer,
     x: Tensor,
@@ -283,7 +277,7 @@ def mix_packed(
     A mixer that takes ``cu_seqlens`` (``packs = True``) gets it; any other runs once per sequence, from that
     sequence's rows of ``state``, which is exact for every mixer and costs a call per sequence."""
     packing = mixer.packing(x, cu_seqlens)
-    if takes_packing(mixer):
+    if mixer.packs:
         return mixer(x, state, mode=mode, chunk_size=chunk_size, cu_seqlens=packing)
     mixer.check_input(x)
     state = mixer.check_state(state, 1, x.device, packing)
@@ -308,11 +302,9 @@ def mix_padded(
     """Any mixer over a padded batch ``x [B, T, d]``: row b's tokens are where ``attention_mask [B, T]`` is 1
     (left or right padding). The real tokens are packed (the padding dropped, whatever it holds) and run by
     ``mix_packed``; outputs at the padding are zeros, and row b's state is that of its real tokens."""
-    from mixers.ops.packed import unpad
+    from mixers.ops.packed import repad, unpad
 
     B, T = mixer.check_input(x)
     mask, packing = unpad(attention_mask, B, T, x.device)
     y, state = mix_packed(mixer, x[mask][None], state, packing, mode=mode, chunk_size=chunk_size)
-    out = y.new_zeros(B, T, y.shape[-1])
-    out[mask] = y[0]
-    return out, state
+    return repad(y, mask), state

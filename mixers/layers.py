@@ -259,7 +259,8 @@ class ProjectedMixer(TokenMixer):
     """The frame of the built-in mixers: ``in_proj`` to q, k, v (and a gate), an optional short convolution on
     q, k, v, the op (the subclass's ``forward``), an optional per-head norm and swish gate, and ``out_proj``.
 
-    A subclass sets up its modules with ``init_frame`` and calls ``project`` and ``output`` around its op.
+    A subclass sets up its modules with ``init_frame`` and implements ``mix``, calling ``project`` and ``output``
+    around its op; ``forward`` checks the inputs and handles packed and padded batches for all of them.
 
     Context parallelism (``mixers.context_parallel``): a subclass that calls its op through ``run_op`` and sets
     ``context_parallel = True`` runs split over ranks inside ``with context_parallel(group):``; ``begin``
@@ -310,17 +311,35 @@ class ProjectedMixer(TokenMixer):
         self.conv = None if conv_size is None else ShortConv(sum(widths), conv_size)
         self.set_backend(backend)
 
-    def begin(
-        self, x: Tensor, state: MixerState | None, cu_seqlens: object
-    ) -> tuple[int, int, MixerState | None, Packing | None]:
-        """The checks every forward pass starts with: ``(B, T, state, packing)``, where with ``cu_seqlens`` the
-        state has a row per sequence."""
-        B, T = self.check_input(x)
+    def forward(
+        self,
+        x: Tensor,
+        state: MixerState | None = None,
+        *,
+        mode: str = "parallel",
+        chunk_size: int | None = None,
+        cu_seqlens: Tensor | Packing | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> tuple[Tensor, MixerState]:
+        """Mix ``x [B, T, d_model]`` from ``state`` (see ``TokenMixer.forward``): the checks, packed sequences
+        (``cu_seqlens``: a state row per sequence) and padded batches (``attention_mask``: unpadded, run packed,
+        padded back) are done here for every subclass, which computes the rest in ``mix``."""
+        if attention_mask is not None:
+            if cu_seqlens is not None:
+                raise ValueError("give cu_seqlens (packed sequences) or attention_mask (a padded batch), not both")
+            return mix_padded(self, x, state, attention_mask, mode=mode, chunk_size=chunk_size)
+        B, _ = self.check_input(x)
         packing = self.packing(x, cu_seqlens)
         state = self.check_state(state, B, x.device, packing)
         if (cp := current_context_parallel()) is not None:
             state = cp.begin(self, x, state, packing)  # at position r L; no op state or window (from the ranks)
-        return B, T, state, packing
+        return self.mix(x, state, packing, mode, self.chunk(chunk_size))
+
+    def mix(
+        self, x: Tensor, state: MixerState | None, packing: Packing | None, mode: str, chunk_size: int | None
+    ) -> tuple[Tensor, MixerState]:
+        """The subclass's computation on checked inputs: ``(y, new state)``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement mix()")
 
     def project(
         self, x: Tensor, state: MixerState | None, packing: Packing | None = None
@@ -348,15 +367,6 @@ class ProjectedMixer(TokenMixer):
         if g is not None:
             y = F.silu(g).view(B, T, H, Dv) * y  # written in the gate's (B, T, H, Dv) layout
         return self.out_proj(rearrange(y, "b t h d -> b t (h d)"))
-
-    def padded(
-        self, x: Tensor, state: MixerState | None, attention_mask: Tensor, cu_seqlens: object, mode: str,
-        chunk_size: int | None,
-    ) -> tuple[Tensor, MixerState]:  # fmt: skip
-        """``forward`` of a padded batch (``attention_mask``): unpadded once, run packed, padded back."""
-        if cu_seqlens is not None:
-            raise ValueError("give cu_seqlens (packed sequences) or attention_mask (a padded batch), not both")
-        return mix_padded(self, x, state, attention_mask, mode=mode, chunk_size=chunk_size)
 
     def chunk(self, chunk_size: int | None) -> int | None:
         return chunk_size if chunk_size is not None else self.chunk_size

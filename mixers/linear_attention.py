@@ -134,20 +134,10 @@ class LinearAttention(ProjectedMixer):
         conv = None if self.conv is None else self.conv.init_window(batch_size, device=device, dtype=dtype)
         return MixerState.start(op, batch_size, device=device, conv=conv)
 
-    def forward(
-        self,
-        x: Tensor,
-        state: MixerState | None = None,
-        *,
-        mode: str = "parallel",
-        chunk_size: int | None = None,
-        cu_seqlens: Tensor | Packing | None = None,
-        attention_mask: Tensor | None = None,
+    def mix(
+        self, x: Tensor, state: MixerState | None, packing: Packing | None, mode: str, chunk_size: int | None
     ) -> tuple[Tensor, MixerState]:
-        """Mix ``x [B, T, d_model]`` from ``state``; see ``TokenMixer.forward`` (packed and padded inputs too)."""
-        if attention_mask is not None:
-            return self.padded(x, state, attention_mask, cu_seqlens, mode, chunk_size)
-        B, T, state, packing = self.begin(x, state, cu_seqlens)
+        B, T = x.shape[:2]
         H, Dk, Dv = self.num_heads, self.head_dim, self.value_head_dim
         qkv, g, window = self.project(x, state, packing)
         q, k, v = qkv.split(self.widths[:3], dim=-1)
@@ -158,7 +148,7 @@ class LinearAttention(ProjectedMixer):
             k,
             v.view(B, T, H, Dv),
             mode=mode,
-            chunk_size=self.chunk(chunk_size),
+            chunk_size=chunk_size,
             initial_state=None if state is None else state.op,
             normalize=self.normalize,
             eps=self.eps,

@@ -137,20 +137,10 @@ class MultiScaleRetention(ProjectedMixer):
         conv = None if self.conv is None else self.conv.init_window(batch_size, device=device, dtype=dtype)
         return MixerState.start(kv, batch_size, device=device, conv=conv)
 
-    def forward(
-        self,
-        x: Tensor,
-        state: MixerState | None = None,
-        *,
-        mode: str = "parallel",
-        chunk_size: int | None = None,
-        cu_seqlens: Tensor | Packing | None = None,
-        attention_mask: Tensor | None = None,
+    def mix(
+        self, x: Tensor, state: MixerState | None, packing: Packing | None, mode: str, chunk_size: int | None
     ) -> tuple[Tensor, MixerState]:
-        """Mix ``x [B, T, d_model]`` from ``state``; see ``TokenMixer.forward`` (packed and padded inputs too)."""
-        if attention_mask is not None:
-            return self.padded(x, state, attention_mask, cu_seqlens, mode, chunk_size)
-        B, T, state, packing = self.begin(x, state, cu_seqlens)
+        B, T = x.shape[:2]
         H, Dk, Dv = self.num_heads, self.head_dim, self.value_head_dim
         qkv, g, window = self.project(x, state, packing)
         qk, v = qkv.split([2 * H * Dk, self.widths[2]], dim=-1)
@@ -167,7 +157,7 @@ class MultiScaleRetention(ProjectedMixer):
             v.view(B, T, H, Dv),
             self.gammas,
             mode=mode,
-            chunk_size=self.chunk(chunk_size),
+            chunk_size=chunk_size,
             initial_state=None if state is None else state.op,
             backend=self.backend,
             cu_seqlens=packing,

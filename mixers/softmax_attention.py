@@ -89,20 +89,10 @@ class SoftmaxAttention(ProjectedMixer):
         length = torch.zeros(batch_size, dtype=torch.int64, device=device)
         return MixerState.start(KVCache(k, v, length), batch_size, device=device)
 
-    def forward(
-        self,
-        x: Tensor,
-        state: MixerState | None = None,
-        *,
-        mode: str = "parallel",
-        chunk_size: int | None = None,
-        cu_seqlens: Tensor | Packing | None = None,
-        attention_mask: Tensor | None = None,
+    def mix(
+        self, x: Tensor, state: MixerState | None, packing: Packing | None, mode: str, chunk_size: int | None
     ) -> tuple[Tensor, MixerState]:
-        """Mix ``x [B, T, d_model]`` from ``state``; see ``TokenMixer.forward`` (packed and padded inputs too)."""
-        if attention_mask is not None:
-            return self.padded(x, state, attention_mask, cu_seqlens, mode, chunk_size)
-        B, T, state, packing = self.begin(x, state, cu_seqlens)
+        B, T = x.shape[:2]
         H, Hkv, Dk = self.num_heads, self.num_kv_heads, self.head_dim
         qkv, _, _ = self.project(x, state, packing)
         q, k, v = qkv.split(self.widths, dim=-1)
@@ -115,7 +105,7 @@ class SoftmaxAttention(ProjectedMixer):
             k,
             v,
             mode=mode,
-            chunk_size=self.chunk(chunk_size),
+            chunk_size=chunk_size,
             initial_state=None if state is None else state.op,
             backend=self.backend,
             cu_seqlens=packing,

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from models import data as _data
-from models.data import BYTE_VOCAB, DocumentError
+from models.data import BYTE_VOCAB, jsonl_text
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -118,26 +118,9 @@ def _separated(f, separator: str, block_chars: int) -> Iterator[tuple[str, bool]
 
 
 def _jsonl_pieces(path: Path, field: str) -> Iterator[tuple[str, bool]]:
-    expected = f"one JSON object per line with a string field {field!r}"
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise DocumentError(f"{where}: not valid JSON ({exc}); expected {expected}") from None
-            if not isinstance(record, dict):
-                raise DocumentError(f"{where}: a {type(record).__name__}, not an object; expected {expected}")
-            if field not in record:
-                raise DocumentError(f"{where}: no field {field!r} (it has {sorted(record)[:10]}); expected {expected}")
-            text = record[field]
-            if not isinstance(text, str):
-                raise DocumentError(
-                    f"{where}: field {field!r} is a {type(text).__name__}, not a string; expected {expected}"
-                )
-            if text:
+            if line.strip() and (text := jsonl_text(line, field, f"{path}:{number}")):
                 yield text, True
 
 

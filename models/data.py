@@ -130,28 +130,30 @@ def documents(data: bytes, how: str, *, separator: str = "\n\n", field: str = "t
     if how == "lines":
         return [line for line in data.splitlines() if line]
     docs = []
-    expected = f"one JSON object per line with a string field {field!r}"
     for number, line in enumerate(data.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DocumentError(f"JSONL line {number}: not valid JSON ({exc}); expected {expected}") from None
-        if not isinstance(record, dict):
-            raise DocumentError(f"JSONL line {number}: a {type(record).__name__}, not an object; expected {expected}")
-        if field not in record:
-            raise DocumentError(
-                f"JSONL line {number}: no field {field!r} (it has {sorted(record)[:10]}); expected {expected}"
-            )
-        text = record[field]
-        if not isinstance(text, str):
-            raise DocumentError(
-                f"JSONL line {number}: field {field!r} is a {type(text).__name__}, not a string; expected {expected}"
-            )
-        if text:
-            docs.append(text.encode("utf-8"))
+        if line.strip():
+            text = jsonl_text(line, field, f"JSONL line {number}")
+            if text:
+                docs.append(text.encode("utf-8"))
     return docs
+
+
+def jsonl_text(line: bytes, field: str, where: str) -> str:
+    """The string ``field`` of the JSON object on one JSONL ``line``; a line that is not one raises
+    ``DocumentError`` naming ``where`` it is and what was expected."""
+    expected = f"one JSON object per line with a string field {field!r}"
+    try:
+        record = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DocumentError(f"{where}: not valid JSON ({exc}); expected {expected}") from None
+    if not isinstance(record, dict):
+        raise DocumentError(f"{where}: a {type(record).__name__}, not an object; expected {expected}")
+    if field not in record:
+        raise DocumentError(f"{where}: no field {field!r} (it has {sorted(record)[:10]}); expected {expected}")
+    text = record[field]
+    if not isinstance(text, str):
+        raise DocumentError(f"{where}: field {field!r} is a {type(text).__name__}, not a string; expected {expected}")
+    return text
 
 
 def tokenize_documents(docs: list[bytes]) -> list[Tensor]:

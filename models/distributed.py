@@ -121,13 +121,18 @@ def full_state_dict(model: nn.Module, parallel: str) -> dict[str, torch.Tensor] 
     return state if dist.get_rank() == 0 else None
 
 
+def all_sums(values: list[float | int], world: World) -> list[float]:
+    """Each of ``values`` summed over the ranks, in one collective (themselves in one process)."""
+    if world.size == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=world.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def all_sum(value: float | int, world: World) -> float:
     """``value`` summed over the ranks (itself in one process)."""
-    if world.size == 1:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=world.device)
-    dist.all_reduce(t)
-    return float(t.item())
+    return all_sums([value], world)[0]
 
 
 def barrier(world: World) -> None:

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mixers import MixerState
 from mixers.functional import MODES
-from mixers.ops.packed import Packing, unpad
+from mixers.ops.packed import Packing, repad, unpad
 from models.blocks import Block, make_norm
 from models.config import ModelConfig, as_model_config
 
@@ -199,9 +199,7 @@ class LanguageModel(nn.Module):
         logits, new_states = self._forward(packed, states, mode, chunk_size, False, packing)
         if last_only:
             return self._last(logits, packing), new_states  # (B, 1, V)
-        out = logits.new_zeros(B, T, logits.shape[-1])
-        out[mask] = logits[0]
-        return out, new_states
+        return repad(logits, mask), new_states
 
     @staticmethod
     def _last(logits: Tensor, packing: Packing) -> Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import shutil
 import signal
@@ -302,11 +303,10 @@ def _cache_batches(
             return x, y, None, x.numel()
 
         return starts, windows, val_part.fixed_windows(tc.batch_size, tc.seq_len, tc.eval_batches)
-    lengths = torch.diff(cache.doc_starts, append=torch.tensor([len(cache)]))
-    usable = int((lengths >= 2).sum())
+    usable = _documents_with_a_target(cache)
     if usable >= 2:
         train_part, val_part = cache.split(tc.val_fraction)
-    if usable < 2 or not _has_target(train_part) or not _has_target(val_part):
+    if usable < 2 or not _documents_with_a_target(train_part) or not _documents_with_a_target(val_part):
         raise corpus.DocumentError(
             f"the data holds {usable} document(s) of 2 or more tokens; training and validation need at least one "
             f"each: give more documents"
@@ -323,9 +323,9 @@ def _cache_batches(
     return pick, rows, val_part.fixed_packed(tc.batch_size, tc.seq_len, tc.eval_batches)
 
 
-def _has_target(part: TokenCache) -> bool:
-    """Whether some document of ``part`` has 2 or more tokens (something to predict)."""
-    return bool((torch.diff(part.doc_starts, append=torch.tensor([len(part)])) >= 2).any())
+def _documents_with_a_target(part: TokenCache) -> int:
+    """How many documents of ``part`` have 2 or more tokens (something to predict)."""
+    return int((torch.diff(part.doc_starts, append=torch.tensor([len(part)])) >= 2).sum())
 
 
 def _context_parallel(k: int, world: World, parallel: str, tc: TrainConfig) -> ContextParallel | None:
@@ -549,7 +549,7 @@ class _Run:
         else:
             tokenizer = ByteTokenizer()
         path = folder / CACHE_NAME
-        build = lambda: build_token_cache(source, tokenizer, path, **options)  # noqa: E731
+        build = functools.partial(build_token_cache, source, tokenizer, path, **options)
         cache = _on_main(world, shared, "build the token cache", build)
         if cache is None:
             cache = open_token_cache(path)
@@ -604,18 +604,23 @@ class _Run:
         r = self.result
         return {"step": step, "best_step": r.best_step, "best_val_loss": r.best_val_loss, "train": self.tc.to_dict()}
 
+    def whole_model(self) -> LanguageModel | None:
+        """The whole language model on rank 0 (``None`` on the others): the model itself, or under FSDP a copy
+        gathered from the shards (every rank must call this then)."""
+        if self.parallel != "fsdp":
+            return distributed.unwrapped(self.model) if self.world.main else None
+        state = distributed.full_state_dict(self.model, "fsdp")
+        if not self.world.main:
+            return None
+        whole = LanguageModel(self.model_config)
+        whole.load_state_dict(state)
+        return whole
+
     def save(self, paths: list[Path], info: dict) -> None:
         """Write the whole model to ``paths`` from rank 0 (under FSDP every rank takes part in gathering it)."""
-        if self.parallel == "fsdp":
-            state = distributed.full_state_dict(self.model, "fsdp")
-            if self.world.main:
-                whole = LanguageModel(self.model_config)
-                whole.load_state_dict(state)
-                for path in paths:
-                    whole.save(path, metadata=info)
-        elif self.world.main:
-            for path in paths:
-                distributed.unwrapped(self.model).save(path, metadata=info)
+        whole = self.whole_model()
+        for path in paths if whole is not None else ():
+            whole.save(path, metadata=info)
         distributed.barrier(self.world)
 
     def validate(self, step: int) -> None:
@@ -687,8 +692,9 @@ class _Run:
         self.grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf))
         self.optimizer.step()
         real = sum(n for *_, n in micro)
-        self.tokens += real if cp is not None else int(distributed.all_sum(real, world))
-        return distributed.all_sum(total, world) / counted
+        total, real_everywhere = distributed.all_sums([total, real], world)
+        self.tokens += real if cp is not None else int(real_everywhere)  # context-parallel ranks share their rows
+        return total / counted
 
     def measures(self, step: int) -> dict[str, float | None]:
         """What the run log records at ``step`` besides a validation loss."""
@@ -749,10 +755,7 @@ class _Run:
             raise Interrupted(stop.signum, tc.steps, self.checkpoint)
         r.tokens_per_s = self.tokens / r.train_s
         if self.parallel == "fsdp":  # the result holds the whole model (on rank 0)
-            state = distributed.full_state_dict(self.model, "fsdp")
-            if self.world.main:
-                r.model = LanguageModel(self.model_config)
-                r.model.load_state_dict(state)
+            r.model = self.whole_model() or r.model
         if tc.sample_tokens and self.world.main:
             tok = self.tokenizer
             prompt = torch.tensor(tok.encode(tc.sample_prompt or "\n"), dtype=torch.long)  # bytes: corpus.encode
@@ -764,19 +767,17 @@ class _Run:
         return r
 
 
-def _sync_gradients(model: torch.nn.Module, parallel: str, *, last: bool) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def _sync_gradients(model: torch.nn.Module, parallel: str, *, last: bool) -> Iterator[None]:
     """Reduce gradients over the ranks only in the last micro-batch's backward pass (the others accumulate)."""
     if last or parallel == "none":
-        return contextlib.nullcontext()
-    if parallel == "ddp":
-        return model.no_sync()
-    model.set_requires_gradient_sync(False, recurse=True)  # FSDP2: until the last micro-batch turns it back on
-    return _resync(model)
-
-
-@contextlib.contextmanager
-def _resync(model: torch.nn.Module) -> Iterator[None]:
-    try:
         yield
-    finally:
-        model.set_requires_gradient_sync(True, recurse=True)
+    elif parallel == "ddp":
+        with model.no_sync():
+            yield
+    else:  # FSDP2
+        model.set_requires_gradient_sync(False, recurse=True)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True, recurse=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import strategies as st
@@ -73,3 +76,20 @@ def assert_states_close(actual: list[MixerState], expected: list[MixerState], rt
     assert len(actual) == len(expected)
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         kit_assert_states_close(a, e, rtol, f"layer {i} state")
+
+
+def tiny_run_file(path, *, model: dict | None = None, **train) -> Path:
+    """Write a run file (TOML) of a one-layer retention model with 2 heads, d_model 16, and a 2-step training of
+    2 x 16 tokens without a sample to ``path``; ``model`` and ``train`` change or add fields. Returns the path."""
+    model_fields = {"d_model": 16, "n_layers": 1, "layers": ["retention"], "ffn_dim": 16, **(model or {})}
+    train_fields = {
+        "steps": 2, "batch_size": 2, "seq_len": 16, "eval_every": 2, "eval_batches": 1, "sample_tokens": 0, **train
+    }  # fmt: skip
+
+    def toml(fields: dict) -> str:
+        return "".join(f"{k} = {json.dumps(v)}\n" for k, v in fields.items())
+
+    text = f"[model]\n{toml(model_fields)}\n[model.mixer_options]\nretention = {{ num_heads = 2 }}\n\n"
+    path = Path(path)
+    path.write_text(text + f"[train]\n{toml(train_fields)}")
+    return path

@@ -22,6 +22,7 @@ from models import data as corpus
 from models.config import ConfigError, ModelConfig, TrainConfig
 from models.train import train
 from tests.dist_helpers import train_on_ranks
+from tests.models_helpers import tiny_run_file
 
 MODEL = ModelConfig(
     d_model=32,
@@ -90,12 +91,7 @@ def test_a_batch_that_does_not_split_over_ranks_and_micro_batches_is_refused():
 def test_torchrun_runs_the_command_with_fsdp(tmp_path):
     """``torchrun --nproc_per_node 2 -m models.cli train --parallel fsdp``: the model is sharded over 2 ranks,
     rank 0 alone prints and writes the whole model to one loadable file."""
-    config = tmp_path / "tiny.toml"
-    config.write_text(
-        '[model]\nd_model = 16\nn_layers = 2\nlayers = ["retention"]\nffn_dim = 16\n'
-        "[model.mixer_options]\nretention = { num_heads = 2 }\n"
-        "[train]\nsteps = 2\nbatch_size = 2\nseq_len = 16\neval_every = 2\neval_batches = 1\nsample_tokens = 0\n"
-    )
+    config = tiny_run_file(tmp_path / "tiny.toml", model={"n_layers": 2})
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
     command += ["models.cli", "train", "--config", str(config), "--out", str(out), "--parallel", "fsdp", "--quiet"]
@@ -126,12 +122,7 @@ def test_the_command_resumes_logs_plots_and_exports(tmp_path, capsys):
     from models import cli
     from models.runlog import read_log
 
-    config = tmp_path / "tiny.toml"
-    config.write_text(
-        '[model]\nd_model = 16\nn_layers = 1\nlayers = ["retention"]\nffn_dim = 16\n'
-        "[model.mixer_options]\nretention = { num_heads = 2 }\n"
-        "[train]\nsteps = 4\nbatch_size = 2\nseq_len = 16\neval_every = 2\neval_batches = 1\nsample_tokens = 0\n"
-    )
+    config = tiny_run_file(tmp_path / "tiny.toml", steps=4)
     out = tmp_path / "run"
     base = ["train", "--config", str(config), "--out", str(out), "--quiet", "--log-every", "1"]
     assert cli.main([*base, "--save-every", "2", "--steps", "2"]) == 0

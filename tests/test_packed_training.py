@@ -18,7 +18,10 @@ from models import data as corpus
 from models.config import ConfigError, ModelConfig, TrainConfig
 from models.lm import build_model
 from models.train import evaluate, train
-from tests.models_helpers import one_thread  # noqa: F401  (autouse fixture)
+from tests.models_helpers import (
+    one_thread,  # noqa: F401  (autouse fixture)
+    tiny_run_file,
+)
 
 # documents -----------------------------------------------------------------------------------------------
 
@@ -255,29 +258,8 @@ def test_train_config_checks_the_document_fields():
     assert TrainConfig().documents == "none"
 
 
-TINY_RUN = """
-[model]
-d_model = 16
-n_layers = 1
-layers = ["retention"]
-ffn_dim = 16
-
-[model.mixer_options]
-retention = { num_heads = 2 }
-
-[train]
-steps = 2
-batch_size = 2
-seq_len = 24
-eval_every = 2
-eval_batches = 1
-sample_tokens = 0
-"""
-
-
 def test_cli_trains_on_jsonl_documents(tmp_path, capsys):
-    config = tmp_path / "tiny.toml"
-    config.write_text(TINY_RUN)
+    config = tiny_run_file(tmp_path / "tiny.toml", seq_len=24)
     data = tmp_path / "docs.jsonl"
     data.write_text("\n".join(json.dumps({"text": f"document {k}: some words, {k * 'x'}"}) for k in range(30)))
     out = tmp_path / "run"

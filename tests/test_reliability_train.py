@@ -16,35 +16,17 @@ import pytest
 from models import cli, read_header
 from models import data as corpus
 from models.config import load_run_config
-from tests.models_helpers import one_thread  # noqa: F401  (autouse fixture)
+from tests.models_helpers import (
+    one_thread,  # noqa: F401  (autouse fixture)
+    tiny_run_file,
+)
 
 training = importlib.import_module("models.train")  # the module: `models.train` is also the function
-
-TINY = """
-[model]
-d_model = 16
-n_layers = 1
-layers = ["retention"]
-ffn_dim = 16
-
-[model.mixer_options]
-retention = { num_heads = 2 }
-
-[train]
-steps = 4
-batch_size = 2
-seq_len = 16
-eval_every = 2
-eval_batches = 1
-sample_tokens = 0
-"""
 
 
 @pytest.fixture
 def tiny(tmp_path) -> Path:
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY)
-    return path
+    return tiny_run_file(tmp_path / "tiny.toml", steps=4)
 
 
 def test_a_second_run_does_not_overwrite_a_checkpoint_without_force(tiny, tmp_path, capsys):
@@ -101,8 +83,7 @@ def test_a_rise_within_the_margin_is_not_divergence(tiny, tmp_path, monkeypatch)
 
 def test_lr_10_exits_3_with_the_best_checkpoint_kept(tiny, tmp_path, capsys):
     """The issue's run, on a tiny model: lr=10 diverges (finite or not); the command says so and exits 3."""
-    config = tmp_path / "hot.toml"
-    config.write_text(TINY.replace("steps = 4", "steps = 40\nlr = 10.0\nwarmup_steps = 1"))
+    config = tiny_run_file(tmp_path / "hot.toml", steps=40, lr=10.0, warmup_steps=1)
     out = tmp_path / "run"
     assert cli.main(["train", "--config", str(config), "--out", str(out), "--quiet"]) == 3
     err = capsys.readouterr().err

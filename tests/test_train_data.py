@@ -18,7 +18,10 @@ from models import cli, load, read_header
 from models import data as memory
 from models.config import ConfigError, ModelConfig, TrainConfig
 from models.corpus import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, TextStream, build_token_cache, load_tokenizer
-from tests.models_helpers import one_thread  # noqa: F401  (autouse fixture)
+from tests.models_helpers import (
+    one_thread,  # noqa: F401  (autouse fixture)
+    tiny_run_file,
+)
 
 pytest.importorskip("tokenizers")
 training = importlib.import_module("models.train")  # the module: `models.train` is also the function
@@ -27,26 +30,6 @@ MODEL = ModelConfig(
     d_model=16, n_layers=1, layers=["retention"], ffn_dim=16, mixer_options={"retention": {"num_heads": 2}}
 )
 TC = TrainConfig(steps=2, batch_size=2, seq_len=16, eval_every=2, eval_batches=1, sample_tokens=0)
-
-TINY = """
-[model]
-d_model = 16
-n_layers = 1
-layers = ["retention"]
-ffn_dim = 16
-vocab_size = 1000
-
-[model.mixer_options]
-retention = { num_heads = 2 }
-
-[train]
-steps = 2
-batch_size = 2
-seq_len = 16
-eval_every = 2
-eval_batches = 1
-sample_tokens = 0
-"""
 
 
 def lines(i: int, n: int = 30) -> str:
@@ -148,8 +131,7 @@ def test_cache_packed_rows_equal_the_in_memory_rows_for_lines(tmp_path):
 
 
 def test_bpe_run_saves_its_tokenizer_and_generate_uses_it(folder, tmp_path, capsys):
-    config = tmp_path / "tiny.toml"
-    config.write_text(TINY)
+    config = tiny_run_file(tmp_path / "tiny.toml", model={"vocab_size": 1000})
     out = tmp_path / "run"
     argv = ["train", "--config", str(config), "--data", str(folder), "--out", str(out), "--quiet"]
     assert cli.main([*argv, "--tokenizer", "bpe", "--bpe-vocab", "300"]) == 0
@@ -219,8 +201,7 @@ def test_errors_are_clear(folder, tmp_path, capsys):
     with pytest.raises(ConfigError, match="bpe_vocab must be an int >= 256"):
         TrainConfig(bpe_vocab=100)
 
-    config = tmp_path / "tiny.toml"
-    config.write_text(TINY)
+    config = tiny_run_file(tmp_path / "tiny.toml", model={"vocab_size": 1000})
     code = cli.main(["train", "--config", str(config), "--data", str(tmp_path / "nope"), "--out", str(out)])
     assert code == 2 and "neither a file nor a folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()

@@ -192,9 +192,12 @@ class Op:
     def _call(self, backend: str, *args: Any, **kwargs: Any) -> tuple[Tensor, Any]:
         call = self.prepare(*args, **kwargs)
         impl = resolve_backend(self.name, backend, device=call.device, dtype=call.dtype, mode=call.mode)
-        # An op keeps its own precision (float32 accumulation for low-precision inputs): under autocast, its
-        # matmuls would otherwise run, and write into float32 buffers, in the autocast dtype.
-        with torch.autocast(call.device.type, enabled=False):
+        if torch.is_autocast_enabled(call.device.type):
+            # An op keeps its own precision (float32 accumulation for low-precision inputs): under autocast, its
+            # matmuls would otherwise run, and write into float32 buffers, in the autocast dtype.
+            with torch.autocast(call.device.type, enabled=False):
+                result = impl.fn(*call.args, **call.kwargs)
+        else:  # the usual case, and every decode step: no context to enter
             result = impl.fn(*call.args, **call.kwargs)
         key = (self.name, impl.name, impl.fn, call.key)
         o, state = _verified(impl, call.mode, key, result, call.describe, call.o, call.state, call.device)

@@ -118,7 +118,7 @@ def _rows(state: Any, n: int) -> Any:
     return map_structure(state, lambda t: t[n : n + 1])
 
 
-def _join(states: list[Any]) -> Any:
+def join_rows(states: list[Any]) -> Any:
     """One state whose rows are ``states`` (each a batch of one): a state type's own ``cat`` where it has one
     (a KV cache pads capacities to the longest), else each tensor concatenated along the batch."""
     first = states[0]
@@ -185,7 +185,7 @@ def packed_call(
         o, final = call(**piece)
         outs.append(o)
         finals.append(final)
-    return torch.cat(outs, dim=1), _join(finals)
+    return torch.cat(outs, dim=1), join_rows(finals)
 
 
 def check_attention_mask(mask: object, B: int, T: int, device: torch.device) -> Tensor:
@@ -216,6 +216,14 @@ def check_attention_mask(mask: object, B: int, T: int, device: torch.device) -> 
     return mask
 
 
+def repad(y: Tensor, mask: Tensor) -> Tensor:
+    """Packed outputs ``y [1, N, ...]`` (of the real tokens, row by row) put back in the padded batch of ``mask``
+    ``[B, T]``: ``[B, T, ...]``, zeros at the padding (the inverse of ``x[mask][None]``)."""
+    out = y.new_zeros(*mask.shape, *y.shape[2:])
+    out[mask] = y[0]
+    return out
+
+
 def padded_call(
     op: Op,
     call: Callable[..., tuple[Tensor, Any]],
@@ -239,6 +247,4 @@ def padded_call(
         if isinstance(t, Tensor):
             arguments[name] = t[mask][None]  # (1, sum of lengths, ...): row by row, in order
     o, state = packed_call(op, call, (), arguments, cu, sequences, state_name)
-    out = o.new_zeros(B, T, *o.shape[2:])
-    out[mask] = o[0]
-    return out, state
+    return repad(o, mask), state

@@ -539,6 +539,13 @@ def _packs(draw: st.DrawFn, target: MixerTarget) -> tuple[list[int], int, str, i
     return lengths, prefix, mode, draw(st.integers(1, 5)), draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
 
 
+def _start(mixer: TokenMixer, target: MixerTarget, rows: int, prefix: int, seed: int) -> MixerState | None:
+    """The state after ``prefix`` tokens in each of ``rows`` rows (``None`` for none), without its history."""
+    if not prefix:
+        return None
+    return mixer(target.inputs(B=rows, T=prefix, seed=seed), mode=_first_mode(target))[1].detach()
+
+
 def _separate(mixer: TokenMixer, pieces: list[Tensor], state: MixerState | None, mode: str, chunk: int):
     """Each sequence run alone (from its row of ``state``): outputs and states, the reference of packing."""
     runs = []
@@ -558,10 +565,7 @@ def check_packed_equals_separate(target: MixerTarget, max_examples: int | None =
     def packed_equals_separate(case):
         lengths, prefix, mode, chunk, _, seed = case
         N, T = len(lengths), sum(lengths)
-        state = None
-        if prefix:
-            _, state = mixer(target.inputs(B=N, T=prefix, seed=seed + 1), mode=_first_mode(target))
-            state = state.detach()
+        state = _start(mixer, target, N, prefix, seed + 1)
         x = target.inputs(B=1, T=T, seed=seed).requires_grad_(True)
         cu = torch.tensor([0, *itertools.accumulate(lengths)], device=target.device)
         _at(mode)
@@ -596,10 +600,7 @@ def check_padded_equals_separate(target: MixerTarget, max_examples: int | None =
     def padded_equals_separate(case):
         lengths, prefix, mode, chunk, left, seed = case
         B, T = len(lengths), max(lengths)
-        state = None
-        if prefix:
-            _, state = mixer(target.inputs(B=B, T=prefix, seed=seed + 1), mode=_first_mode(target))
-            state = state.detach()
+        state = _start(mixer, target, B, prefix, seed + 1)
         real = target.inputs(B=B, T=T, seed=seed)
         mask = torch.zeros(B, T, dtype=torch.long, device=target.device)
         x = torch.full_like(real, float("nan"))
