@@ -6,7 +6,10 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,3 +42,15 @@ def write_json(path: Path, result: dict) -> None:
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(path)
     print(f"\nwrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, *, warmup: bool = False) -> float:
+    """The median wall time of ``fn`` over ``repeats`` runs (after one untimed run, with ``warmup``)."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

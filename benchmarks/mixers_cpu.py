@@ -21,7 +21,6 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,20 +29,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import mixers  # noqa: E402
-from benchmarks.common import run_info, write_json  # noqa: E402
+from benchmarks.common import median_seconds, run_info, write_json  # noqa: E402
 
 CHUNK = 64
-
-
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def measure(mixer: mixers.TokenMixer, T: int, d_model: int, steps: int, repeats: int) -> dict:
@@ -79,7 +67,7 @@ def measure(mixer: mixers.TokenMixer, T: int, d_model: int, steps: int, repeats:
         "state_bytes": state.nbytes,
         "decode_s": decode_s,
         "prefill_s": prefill_s,
-        "chunkwise_fwd_bwd_s": timed(train, repeats),
+        "chunkwise_fwd_bwd_s": median_seconds(train, repeats, warmup=True),
     }
 
 

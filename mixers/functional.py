@@ -1,8 +1,8 @@
 """Public functional ops: the stable names and signatures that mixers, other issues and plugins rely on.
 
 Each function here calls its op's ``Op`` object (``mixers/ops/<op>/``), which validates the inputs once, picks
-a registered backend and checks what the backend returned (structure, shapes, dtypes, devices) on its first
-call per shape class, so that a wrong backend fails here, named with its plugin and distribution, rather than
+a registered backend and checks what the backend returned (structure, shapes, dtypes, devices) on every
+call, so that a wrong backend fails here, named with its plugin and distribution, rather than
 somewhere downstream. Layout everywhere: ``[B, T, H, D]`` (batch, time, heads, head dim).
 
 The shared validators, the state types and the output check are re-exported here, where plugins found them.
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from mixers.ops.base import _CHECKED, Spec, check_backend_outputs  # noqa: F401 (_CHECKED: tests inspect it here)
+from mixers.ops.base import Spec, check_backend_outputs  # noqa: F401 (re-exported for plugins)
 from mixers.ops.checks import (
     DEFAULT_CHUNK_SIZE,
     MODES,

@@ -47,7 +47,7 @@ def register_backends(register: BackendRegistrar) -> None:
     implement an op of its own and dispatch to it with ``mixers.registry.resolve_backend``.
     For an op with a built-in backend, ``backend="auto"`` picks a plugin's backend only where the user
     allows it (``SEQMIXERS_AUTO_PLUGINS`` / ``mixers.allow_plugin_backends``); by name it always runs.
-    What the backend returns is checked at the op on its first call per shape class.
+    What the backend returns is checked at the op on every call (its structure, shapes, dtypes and devices).
     Raising here (``SystemExit`` included) marks this plugin as broken; the other plugins still load.
     """
 

@@ -15,8 +15,8 @@ Environment variables:
   built-in backend. Unset, ``""`` or ``"0"``: none (a named backend always works); ``"1"``: all;
   ``"a,b"``: the plugins so named. ``allow_plugin_backends()`` sets the same from Python.
 
-A plugin that raises while it is imported or its hooks run, ``SystemExit`` included, is recorded as broken;
-``KeyboardInterrupt`` still gets through.
+A plugin that raises while it is imported or its hooks run, ``SystemExit`` and ``KeyboardInterrupt`` included, is
+recorded as broken; the user's Ctrl-C (a SIGINT that arrives while plugins load) still gets through.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import importlib
 import importlib.metadata
 import inspect
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,8 +64,48 @@ class BackendOutputError(RuntimeError):
 
 
 # What a plugin may raise while it is imported or its hooks run and still count as merely broken: a plugin
-# calling sys.exit() must not end the process that loads the registry, but Ctrl-C must still stop it.
+# calling sys.exit() must not end the process that loads the registry, but Ctrl-C must still stop it. While the
+# registry loads, a KeyboardInterrupt that no SIGINT caused is the plugin's own doing too (``_CtrlC``).
 PLUGIN_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)
+
+
+class _CtrlC:
+    """Whether the user pressed Ctrl-C while plugins load, to tell it from a plugin's own ``raise
+    KeyboardInterrupt`` (which must not end ``seqmixers list`` as if the user had stopped it)."""
+
+    def __init__(self, known: bool = True) -> None:
+        self.pressed = False
+        self.known = known  # False: a SIGINT handler this process cannot watch (set outside Python)
+
+    @property
+    def failures(self) -> tuple[type[BaseException], ...]:
+        """What a plugin's failure is, read when an exception is matched (after any SIGINT it raised from)."""
+        return PLUGIN_FAILURES if self.pressed or not self.known else (*PLUGIN_FAILURES, KeyboardInterrupt)
+
+
+@contextlib.contextmanager
+def _watching_ctrl_c() -> Iterator[_CtrlC]:
+    """Note each SIGINT while the block runs, then handle it as before (by wrapping the current handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield _CtrlC()  # signals are handled in the main thread only: a KeyboardInterrupt here is raised by code
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):  # SIG_IGN, SIG_DFL: Ctrl-C never raises KeyboardInterrupt; None: not Python's
+        yield _CtrlC(known=previous is not None)
+        return
+    watch = _CtrlC()
+
+    def note(signum: int, frame: Any) -> Any:
+        watch.pressed = True
+        return previous(signum, frame)
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield watch
+    finally:
+        if signal.getsignal(signal.SIGINT) is note:  # a plugin that set its own handler keeps it
+            signal.signal(signal.SIGINT, previous)
+
 
 # The plugin a backend added with ``Registry.register_backend`` is recorded as, when it names none.
 RUNTIME_PLUGIN = "<runtime>"
@@ -85,6 +127,8 @@ def _auto_plugins_from_env() -> bool | frozenset[str]:
 def _failure(exc: BaseException) -> str:
     if isinstance(exc, SystemExit):
         return f"SystemExit (the plugin called sys.exit({exc.code!r}))"
+    if isinstance(exc, KeyboardInterrupt):
+        return "KeyboardInterrupt (raised by the plugin itself, not a Ctrl-C)"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -266,14 +310,18 @@ class Registry:
 
     # -- loading -----------------------------------------------------------------------------
     def load(self, builtins: Iterable[str] = DEFAULT_PLUGINS, entry_points: bool = True) -> Registry:
+        with _watching_ctrl_c() as ctrl_c:
+            return self._load(builtins, entry_points, ctrl_c)
+
+    def _load(self, builtins: Iterable[str], entry_points: bool, ctrl_c: _CtrlC) -> Registry:
         for module_name in builtins:
             info = PluginInfo(module_name, builtin=True)
             try:
                 module = importlib.import_module(module_name)
-            except PLUGIN_FAILURES as exc:  # a broken built-in is reported like any other plugin
+            except ctrl_c.failures as exc:  # a broken built-in is reported like any other plugin
                 self._fail(info, f"failed to import: {_failure(exc)}")
                 continue
-            self._add_plugin(info, module)
+            self._add_plugin(info, module, ctrl_c)
         if entry_points:
             wanted = os.environ.get("SEQMIXERS_PLUGINS")
             names = None if wanted is None else {n.strip() for n in wanted.split(",") if n.strip()}
@@ -299,10 +347,10 @@ class Registry:
                     continue
                 try:
                     obj = ep.load()
-                except PLUGIN_FAILURES as exc:
+                except ctrl_c.failures as exc:
                     self._fail(info, f"failed to import {ep.value!r}: {_failure(exc)}")
                     continue
-                self._add_plugin(info, obj)
+                self._add_plugin(info, obj, ctrl_c)
         return self
 
     @staticmethod
@@ -333,14 +381,14 @@ class Registry:
             self.plugins[f"{earlier.name} ({earlier.distribution or 'built-in'})"] = earlier
         self.plugins[info.name] = info
 
-    def _add_plugin(self, info: PluginInfo, obj: object) -> None:
+    def _add_plugin(self, info: PluginInfo, obj: object, ctrl_c: _CtrlC) -> None:
         if self.pm.is_registered(obj):
             other = self.pm.get_name(obj)
             self._fail(info, f"is the same object as plugin {other!r}, already loaded; this one is ignored")
             return
         try:
             self.pm.register(obj, name=info.name)
-        except PLUGIN_FAILURES as exc:  # pluggy validates hook names and signatures here
+        except ctrl_c.failures as exc:  # pluggy validates hook names and signatures here
             if self.pm.get_plugin(info.name) is obj:  # pluggy keeps what it registered before the failure
                 self.pm.unregister(name=info.name)
             self._fail(info, f"is not a valid plugin: {_pluggy_message(exc)}")
@@ -356,7 +404,7 @@ class Registry:
         for hook_name, registrar in hooks:
             try:
                 self.call_plugin_hook(info.name, hook_name, register=registrar)
-            except PLUGIN_FAILURES as exc:
+            except ctrl_c.failures as exc:
                 self.pm.unregister(name=info.name)
                 self._fail(info, f"{hook_name} raised {_failure(exc)}")
                 return

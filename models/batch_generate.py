@@ -13,6 +13,9 @@ batch (``MixerState.reorder``) so that it costs nothing afterwards.
 
 ``beam_search``: ``num_beams`` beams per prompt, scored by the sum of their tokens' log-probabilities; the
 states follow the surviving beams through ``reorder`` after every step.
+
+Both first check that their states fit in the device's memory (``LanguageModel.check_state_memory``, counting
+the copies a ``reorder`` makes) and raise ``NotEnoughMemory`` before allocating anything if they do not.
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ def generate_batch(
             max_len = max(lengths) + max(budgets[i] for i in batch)
         else:
             max_len = max(t + budgets[i] for t, i in zip(lengths, batch, strict=True))
+        # Dropping finished rows copies the states (reorder) while the old ones are still held.
+        model.check_state_memory(len(batch), max_len, copies=1 if compile or len(batch) == 1 else 2)
         with _eval(model), torch.no_grad():
             logits, states = _prefill(model, [rows[i] for i in batch], max_len, prefill_mode, chunk_size)
             done = [False] * len(batch)  # only compiled decoding keeps finished rows
@@ -159,6 +164,8 @@ def beam_search(
     if batch:
         device = model.device
         max_len = max(rows[i].numel() + budgets[i] for i in batch)
+        # K rows per prompt, copied by every step's reorder while the old ones are still held.
+        model.check_state_memory(len(batch) * K, max_len, copies=2)
         with _eval(model), torch.no_grad():
             logits, states = _prefill(model, [rows[i] for i in batch], max_len, prefill_mode, chunk_size)
             P = len(batch)

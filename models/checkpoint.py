@@ -5,18 +5,23 @@ temporary file in the same folder, synced, then renamed over the target: a crash
 checkpoint or the new one, never half of one; a later save removes what a killed writer left). Loading
 never unpickles: the header is JSON and the tensors are raw bytes. A SHA-256 over the tensors and one over
 the rest of the header (which holds the first) catch corrupted data or config that still parses; a
-missing, truncated, foreign or mismatched file raises ``CheckpointError`` naming the file and what is
-wrong. A save refuses to write what a load would refuse.
+truncated, foreign or mismatched file raises ``CheckpointError`` naming the file and what is wrong (a path
+that is not a regular file, an ``OSError`` saying what it is). The config is checked against the tensors'
+names and shapes before a model is built, so a crafted header costs nothing; each tensor keeps its dtype.
+A save refuses to write what a load would refuse, and names weights holding NaN or inf.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import socket
+import stat
 import struct
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -74,23 +79,23 @@ def header_checksum(meta: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The tensor names and shapes a load of ``config`` expects, built on the meta device (no memory, no
-    init), or on the CPU for a mixer that cannot be built there. Neither draws from the global RNG, so a
-    save in a training loop does not change the run."""
+def _template(config: ModelConfig) -> dict[str, Tensor]:
+    """The tensors (names, shapes, dtypes) a load of ``config`` expects, built on the meta device (no memory, no
+    init), or on the CPU for a mixer that cannot be built there. Neither draws from the global RNG, so a save in a
+    training loop does not change the run."""
     try:
         with torch.device("meta"):
             model = LanguageModel(config)
     except Exception:  # a plugin's mixer may compute its init; then build it for real, as load does
         with torch.random.fork_rng(devices=[]):
-            return {k: tuple(v.shape) for k, v in _tensors(LanguageModel(config)).items()}
-    out: dict[str, tuple[int, ...]] = {}
+            return _tensors(LanguageModel(config))
+    out: dict[str, Tensor] = {}
     seen: set[int] = set()  # meta tensors have no data pointers: tied weights are the same Parameter object
     for name, t in model.state_dict(keep_vars=True).items():
         if t.numel() and id(t) in seen:
             continue
         seen.add(id(t))
-        out[name] = tuple(t.shape)
+        out[name] = t.detach()
     return out
 
 
@@ -103,9 +108,47 @@ def _misfit(saved: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[i
         for k in sorted(set(expected) & set(saved))
         if tuple(saved[k]) != tuple(expected[k])
     ]
-    if not (missing or unexpected or wrong):
-        return None
-    return f"its weights do not fit its config; missing {missing}, unexpected {unexpected}, wrong shapes {wrong}"
+    parts = [f"{what} {names}" for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
+    parts += [f"wrong shapes {wrong}"] if wrong else []
+    return f"its weights do not fit its config; {', '.join(parts)}" if parts else None
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "floating-point" if dtype.is_floating_point else "integer"
+
+
+def _wrong_dtype(saved: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> str | None:
+    """The first saved tensor whose dtype is of another kind than the model's (an int32 weight, a float step
+    counter): a load keeps each tensor's dtype, and a cast would silently change what was saved."""
+    for name in sorted(set(saved) & set(expected)):
+        got, needed = saved[name].dtype, expected[name].dtype
+        if _kind(got) != _kind(needed):
+            return f"tensor {name!r} is {got}, but the model holds a {_kind(needed)} tensor there ({needed})"
+    return None
+
+
+def _check_depth_and_embedding(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """Refuse at once a config that cannot be that of tensors of ``shapes``: the number of layers their names
+    imply, and the embedding's shape. Checked before anything is built: a crafted ``n_layers = 100000`` would cost
+    minutes of building, a ``vocab_size = 1e12`` an allocation failure. What these do not cover is checked
+    against a model built on the meta device, whose size the tensors then bound."""
+    layers = {int(m.group(1)) for name in shapes if (m := re.match(r"blocks\.([0-9]+)\.", name))}
+    if len(layers) != config.n_layers:
+        raise CheckpointError(
+            f"{where}: its weights do not fit its config; n_layers={config.n_layers}, but its tensors are those "
+            f"of {len(layers)} layers"
+        )
+    embedding = (config.vocab_size, config.d_model)
+    problem = _misfit(
+        {k: shapes[k] for k in ("tok_emb.weight", "lm_head.weight") if k in shapes},
+        {k: embedding for k in ("tok_emb.weight", "lm_head.weight") if k in shapes or k == "tok_emb.weight"},
+    )
+    if problem is not None:
+        raise CheckpointError(f"{where}: {problem}")
 
 
 def _check_loadable(model: LanguageModel, header: Mapping[str, str], tensors: Mapping[str, Tensor], where: str) -> None:
@@ -119,7 +162,10 @@ def _check_loadable(model: LanguageModel, header: Mapping[str, str], tensors: Ma
         raise CheckpointError(
             f"{where}: load would refuse it: its config does not survive JSON: {model.config} reads back as {config}"
         )
-    problem = _misfit({k: tuple(t.shape) for k, t in tensors.items()}, _layout(config))
+    expected = _template(config)
+    problem = _misfit({k: tuple(t.shape) for k, t in tensors.items()}, {k: tuple(t.shape) for k, t in expected.items()})
+    if problem is None:
+        problem = _wrong_dtype(tensors, expected)
     if problem is None:
         return
     shared = model.lm_head.weight is model.tok_emb.weight
@@ -128,6 +174,19 @@ def _check_loadable(model: LanguageModel, header: Mapping[str, str], tensors: Ma
     elif shared and not config.tie_embeddings:
         problem += " (the head was tied after the model was built: build it with tie_embeddings=True)"
     raise CheckpointError(f"{where}: load would refuse it: {problem}")
+
+
+def nonfinite(tensors: Mapping[str, Tensor], *, most: int = 5) -> list[str]:
+    """The floating-point tensors holding NaN or infinite values, each as ``"name (k of n)"`` (the first ``most``,
+    then how many more): weights like these cannot generate, and usually mean a training run diverged."""
+    out = []
+    for name, t in tensors.items():
+        if not (t.is_floating_point() or t.is_complex()) or torch.isfinite(t.sum()):  # a NaN or inf spreads to the sum
+            continue
+        k = int(t.numel() - torch.isfinite(t).sum())  # counted only when the sum says so (or overflowed)
+        if k:
+            out.append(f"{name} ({k} of {t.numel()})")
+    return out if len(out) <= most else [*out[:most], f"{len(out) - most} more tensors"]
 
 
 def _host() -> str:
@@ -181,7 +240,8 @@ def save(model: LanguageModel, path: str | Path, *, metadata: Mapping[str, Any] 
 
     ``metadata`` (JSON-able, e.g. the training step and validation loss) is stored alongside and comes
     back from ``read_header``. Raises ``CheckpointError``, before touching ``path``, if ``load`` would
-    refuse the file. Returns the path written.
+    refuse the file; warns (``RuntimeWarning``, naming them) of weights holding NaN or inf. Returns the path
+    written.
     """
     path = Path(path)
     where = f"cannot save to {str(path)!r}"
@@ -200,6 +260,15 @@ def save(model: LanguageModel, path: str | Path, *, metadata: Mapping[str, Any] 
         raise CheckpointError(f"{where}: config or metadata is not JSON: {exc}") from exc
     header["header_sha256"] = header_checksum(header)
     _check_loadable(model, header, tensors, where)
+    parameters = {name for name, _ in model.named_parameters()}
+    bad = nonfinite({k: t for k, t in tensors.items() if k in parameters})
+    if bad:  # written all the same (a training run's last state may be worth inspecting); generate refuses it
+        warnings.warn(
+            f"saving {str(path)!r}: non-finite weights (NaN or inf) in {', '.join(bad)}: generate refuses such a "
+            "checkpoint (did training diverge?)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     data = safetensors.torch.save(tensors, metadata=header)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
@@ -222,12 +291,35 @@ def save(model: LanguageModel, path: str | Path, *, metadata: Mapping[str, Any] 
     return path
 
 
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"))
+
+
+def _check_file(path: Path, where: str) -> None:
+    """Raise an ``OSError`` saying what ``path`` is when it is not a regular file (a FIFO is never opened: its
+    read would wait for a writer forever)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        dangling = f" (a symbolic link to {os.readlink(path)!r}, which does not exist)" if path.is_symlink() else ""
+        raise FileNotFoundError(f"{where} does not exist{dangling}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(f"{where} is a symbolic link loop (following it never reaches a file)") from None
+        raise OSError(f"{where} cannot be read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        inside = path / "model.safetensors"
+        hint = f" (the checkpoint of a run folder is {str(inside)!r})" if inside.is_file() else ""
+        raise IsADirectoryError(f"{where} is a directory, not a checkpoint file{hint}")
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "a block device or another special file")
+        raise OSError(f"{where} is not a regular file ({kind})")
+
+
 def _read(path: Path) -> tuple[bytes, dict[str, str]]:
     """The file's bytes and its header metadata, checked to be a seqmixers checkpoint."""
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    data = path.read_bytes()
     where = f"checkpoint {str(path)!r}"
+    _check_file(path, where)
+    data = path.read_bytes()
     if len(data) < 8:
         raise CheckpointError(f"{where} is truncated or not a safetensors file: it holds only {len(data)} bytes")
     (n,) = struct.unpack("<Q", data[:8])
@@ -291,33 +383,40 @@ def read_header(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
 
 
 def load(path: str | Path, *, device: torch.device | str = "cpu") -> LanguageModel:
-    """The model saved at ``path``, in the saved dtype, on ``device``, in eval mode.
+    """The model saved at ``path``, each tensor in its saved dtype, on ``device``, in eval mode.
 
-    Raises ``FileNotFoundError`` for a missing file and ``CheckpointError`` for a truncated, corrupt,
-    foreign or mismatched one (weights that do not fit the saved config).
+    Raises ``FileNotFoundError`` for a missing file (another ``OSError`` for a path that is not a regular file)
+    and ``CheckpointError`` for a truncated, corrupt, foreign or mismatched one: weights that do not fit the saved
+    config, checked before the model is built, or a tensor whose dtype is of another kind than the model's tensor
+    there (an int32 weight; a float64 one loads as float64).
     """
     path = Path(path)
     where = f"checkpoint {str(path)!r}"
     data, meta = _read(path)
     config = _config(meta, where)
     try:
-        config.check_against_registry()
-    except ConfigError as exc:
-        raise CheckpointError(f"{where} holds a config this installation cannot build: {exc}") from exc
-    try:
         tensors = safetensors.torch.load(data)
     except Exception as exc:  # safetensors raises its own SafetensorError
         raise CheckpointError(f"{where} has truncated or corrupt tensor data: {exc}") from exc
     if meta.get("sha256") != checksum(tensors):
         raise CheckpointError(f"{where} is corrupt: its tensors do not match the checksum saved with them")
-    model = LanguageModel(config)
-    problem = _misfit(
-        {k: tuple(t.shape) for k, t in tensors.items()}, {k: tuple(t.shape) for k, t in _tensors(model).items()}
-    )
+    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+    _check_depth_and_embedding(config, shapes, where)
+    try:
+        config.check_against_registry()
+    except ConfigError as exc:
+        raise CheckpointError(f"{where} holds a config this installation cannot build: {exc}") from exc
+    expected = _template(config)
+    problem = _misfit(shapes, {k: tuple(t.shape) for k, t in expected.items()}) or _wrong_dtype(tensors, expected)
     if problem is not None:
         raise CheckpointError(f"{where}: {problem}")
+    model = LanguageModel(config)
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    if len(dtypes) == 1:
+    if len(dtypes) == 1:  # the usual case: buffers that are not saved (computed at init) follow the weights
         model.to(dtypes.pop())
+    own = model.state_dict(keep_vars=True)
+    for name, t in tensors.items():  # each tensor keeps its dtype (a float64 mixer in a float32 model)
+        if own[name].dtype != t.dtype:
+            own[name].data = own[name].data.to(t.dtype)  # through .data: a tied weight changes for both uses
     model.load_state_dict(tensors, strict=False)  # only the tied copies are absent, checked above
     return model.to(device).eval()

@@ -2,10 +2,9 @@
 
 - ``seqmixers train --config FILE|PRESET [--data PATH] [--out DIR] [--force]``: train on the embedded corpus
   (or a text file, JSONL file or folder, streamed; ``--documents`` packs documents; ``--tokenizer bpe``) with a
-  progress bar and validation perplexity;
-  writes ``DIR/model.safetensors``
-  (last) and ``DIR/best.safetensors``, never over an earlier run's without ``--force``; exit code 3 when the
-  run diverges, 128 + the signal's number after SIGINT/SIGTERM (which save first).
+  progress bar and validation perplexity; writes ``DIR/model.safetensors`` (last) and ``DIR/best.safetensors``,
+  never over an earlier run's without ``--force``; exit code 3 when the run diverges, 128 + the signal's number
+  after SIGINT/SIGTERM (which save first).
 - ``seqmixers generate CHECKPOINT --prompt TEXT``: stream a sample (prefill, then O(1)-state decoding
   for the recurrent layers); ``--prompt`` several times: one batch of ragged prompts; ``--beams K``: beam search.
 - ``seqmixers export RUN --out FILE``: the model of a run's training state (sharded or not) as one file.
@@ -23,7 +22,9 @@ import importlib.resources
 import itertools
 import math
 import os
+import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from pathlib import Path
 def _cmd_train(args: argparse.Namespace) -> int:
     from models import data as corpus
     from models.config import load_run_config, resolve_config
+    from models.corpus import TokenizerInterrupted
     from models.train import Interrupted, TrainingDiverged, run_folder_checkpoints, train
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 speaks
@@ -45,19 +47,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.config is None and args.resume is None:
         say("seqmixers train: error: give --config FILE|PRESET (or --resume RUN_FOLDER)", file=sys.stderr)
         return 2
+    if args.allow_new_data and args.resume is None:
+        say("seqmixers train: error: --allow-new-data goes with --resume RUN_FOLDER", file=sys.stderr)
+        return 2
+    saved = None
+    if args.resume is not None:  # checked whole (checksums, every field) before anything else is done
+        from models import train_state
+
+        saved = train_state.read(args.resume)
     if args.config is not None:
         path = resolve_config(args.config)
         model_config, train_config = load_run_config(path)
     else:  # the run's own configs, from its saved training state
-        from models import train_state
-        from models.config import ModelConfig, TrainConfig
-
-        saved = train_state.where(args.resume)
-        if saved is None:
-            say(f"seqmixers train: error: no training state in {args.resume} to resume", file=sys.stderr)
-            return 2
-        meta = train_state.read_meta(saved)
-        model_config, train_config = ModelConfig.from_dict(meta["model"]), TrainConfig.from_dict(meta["train"])
+        model_config, train_config = saved.model, saved.train
         path = Path(args.resume)
     given = (
         ("steps", args.steps),
@@ -77,7 +79,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         train_config = dataclasses.replace(train_config, **overrides)
     out = Path(args.out) if args.out else Path(args.resume) if args.resume else Path("runs") / path.stem
     existing = run_folder_checkpoints(out)
-    if existing and not args.force and args.resume is None:
+    into_its_own_folder = saved is not None and out.resolve() == saved.path.parent.resolve()
+    if existing and not args.force and not into_its_own_folder:
         say(
             f"seqmixers train: error: {out} already holds a checkpoint ({'; '.join(existing)}), which this run "
             f"would overwrite at its first validation.\n  To train anew and keep it, write elsewhere: --out DIR.\n"
@@ -86,9 +89,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.data is None:  # the embedded corpus, in memory
+    if args.data is None and saved is not None:  # the data the run trained on, as its state records it
+        record, data = saved.data, {}
+        source = "the embedded corpus (pydoc help text)" if record["kind"] == "embedded" else record["path"]
+        source += ", as the run trained on it"
+        size = record["bytes"] if "bytes" in record else sum(f["size"] for f in record["files"])
+    elif args.data is None:  # the embedded corpus, in memory
         text, source = corpus.load_corpus(), "the embedded corpus (pydoc help text)"
-        size, data = len(text), {"data": text}
+        size, data = len(text), {}
         if train_config.documents == "none" and train_config.tokenizer == "bytes":
             _check_corpus(size, train_config, source)
     else:  # a file or a folder, streamed into the token cache OUT/cache/ by train()
@@ -110,7 +118,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"{train_config.batch_size} x {train_config.seq_len} tokens{packed}{bpe}",
         file=sys.stderr,
     )
-    if existing and args.resume is None:
+    if existing and not into_its_own_folder:
         say(f"--force: overwriting {'; '.join(existing)} in {out}", file=sys.stderr)
     try:
         result = train(
@@ -123,6 +131,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             parallel=args.parallel,
             resume=args.resume,
             context_parallel=args.context_parallel,
+            allow_new_data=args.allow_new_data,
         )
     except TrainingDiverged as exc:
         say(f"seqmixers train: error: {exc}", file=sys.stderr)
@@ -134,8 +143,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             )
         return 3
     except Interrupted as exc:
-        again = f"; go on with: seqmixers train --resume {out}" if exc.checkpoint is not None else ""
+        again = f"; go on with: {_resume_command(args, out)}" if exc.checkpoint is not None else ""
         say(f"seqmixers train: {exc}{again}", file=sys.stderr)
+        return 128 + exc.signum
+    except TokenizerInterrupted as exc:  # before the first step: nothing to save or resume
+        say(f"seqmixers train: {exc}", file=sys.stderr)
         return 128 + exc.signum
     say(
         f"done: val loss {result.val_loss:.3f} (ppl {result.val_ppl:.2f}), "
@@ -155,6 +167,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume_command(args: argparse.Namespace, out: Path) -> str:
+    """The command that goes on with an interrupted run exactly: its state holds the configs and the data; the
+    processes, device and parallelism are the command's (under torchrun, the same number of processes)."""
+    import shlex
+
+    options = ["--resume", str(out)]
+    if args.parallel != "none":
+        options += ["--parallel", args.parallel]
+    if args.context_parallel != 1:
+        options += ["--context-parallel", str(args.context_parallel)]
+    if args.device != "cpu":
+        options += ["--device", args.device]
+    if args.threads is not None:
+        options += ["--threads", str(args.threads)]
+    command = ["seqmixers", "train"]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        nodes = f"--nnodes {world // per_node} " if world != per_node else ""
+        command = [*f"torchrun {nodes}--nproc_per_node {per_node} -m models.cli train".split()]
+    return shlex.join([*command, *options])
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from models import train_state
 
@@ -172,7 +207,15 @@ def _checkpoint_tokenizer(checkpoint: str, model: object) -> object:
     from models.corpus import TOKENIZER_FILE, ByteTokenizer, load_tokenizer
 
     folder = Path(checkpoint).parent
-    tokenizer = load_tokenizer(folder)
+    try:
+        tokenizer = load_tokenizer(folder)
+    except ImportError as exc:  # the tokenizers library is missing: the message says how to install it
+        raise ConfigError(f"{folder / TOKENIZER_FILE} is a BPE tokenizer: {exc}") from None
+    except Exception as exc:  # noqa: BLE001  (the tokenizers library raises a bare Exception for a bad file)
+        raise ConfigError(
+            f"{folder / TOKENIZER_FILE} beside the checkpoint is not a readable tokenizer ({type(exc).__name__}: "
+            f"{str(exc).strip() or 'no details'}): put the run's own tokenizer.json there, or remove it to use bytes"
+        ) from None
     V = model.config.vocab_size
     if isinstance(tokenizer, ByteTokenizer):
         trained_with = (read_header(checkpoint)[1].get("train") or {}).get("tokenizer", "bytes")
@@ -195,10 +238,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from models import data as corpus
-    from models.checkpoint import load
+    from models.checkpoint import CheckpointError, load, nonfinite
     from models.corpus import ByteTokenizer, TextStream
 
     model = load(args.checkpoint, device=args.device)
+    bad = nonfinite(dict(model.named_parameters()))
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {args.checkpoint!r} holds non-finite weights: {', '.join(bad)} hold NaN or inf, so it "
+            "cannot generate (was it saved from a diverged run? use an earlier checkpoint, such as the run's best)"
+        )
     tokenizer = _checkpoint_tokenizer(args.checkpoint, model)
     model.config.check_backends(args.device)
     prompts = args.prompt or [DEFAULT_PROMPT]
@@ -217,16 +266,28 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         compile=args.compile,
     )
     first = next(tokens, None)  # the prefill: its bar is gone before the prompt is echoed
+    first_at, second_at = time.perf_counter(), None
     sys.stdout.write(prompts[0])
     for token in itertools.chain([] if first is None else [first], tokens):
+        if n == 1:  # the first decode step has run: the one that compiles, with --compile
+            second_at = time.perf_counter()
         sys.stdout.write(decoder(int(token)))
         sys.stdout.flush()
         n += 1
     sys.stdout.write(decoder.flush() + "\n")
     sys.stdout.flush()
-    dt = time.perf_counter() - t0
-    print(f"[{n} tokens in {dt:.2f} s, {dt / max(n, 1) * 1e3:.1f} ms/token]", file=sys.stderr)
+    compiling = second_at - first_at if args.compile and second_at is not None else None
+    print(_timing(n, time.perf_counter() - t0, compiling), file=sys.stderr)
     return 0
+
+
+def _timing(n: int, seconds: float, compiling: float | None = None) -> str:
+    """generate's timing line; with ``compiling`` (the first decode step's time, which compiles the step), the
+    time per token leaves that step out and the compilation is reported apart."""
+    if compiling is None:
+        return f"[{n} tokens in {seconds:.2f} s, {seconds / max(n, 1) * 1e3:.1f} ms/token]"
+    per_token = (seconds - compiling) / max(n - 1, 1)
+    return f"[{n} tokens in {seconds:.2f} s, {per_token * 1e3:.1f} ms/token; compile {compiling:.2f} s]"
 
 
 def _generate_batch(model, prompts: list[str], args: argparse.Namespace, tokenizer: object) -> int:
@@ -259,7 +320,9 @@ def _generate_batch(model, prompts: list[str], args: argparse.Namespace, tokeniz
         sys.stdout.write(prompt + tokenizer.decode(out[len(e) :]) + "\n")
     sys.stdout.flush()
     dt = time.perf_counter() - t0
-    print(f"[{n} tokens in {dt:.2f} s, {dt / max(n, 1) * 1e3:.1f} ms/token]", file=sys.stderr)
+    # A batch's steps are not timed one by one: with --compile, its compilation is in the time per token.
+    compiled = ", compilation included" if args.compile and args.beams is None else ""
+    print(f"[{n} tokens in {dt:.2f} s, {dt / max(n, 1) * 1e3:.1f} ms/token{compiled}]", file=sys.stderr)
     return 0
 
 
@@ -298,6 +361,17 @@ def _cmd_mixers_demo(args: argparse.Namespace) -> int:
 def _prompt_text(value: str) -> str:
     if not value:
         raise argparse.ArgumentTypeError("the prompt must hold at least one character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # bytes that are not UTF-8 reach argv as lone surrogates (PEP 383)
+        bad = value[exc.start : exc.end]
+        try:
+            shown = repr(bad.encode("utf-8", "surrogateescape"))  # the bytes given
+        except UnicodeEncodeError:  # a lone surrogate passed from Python, not bytes from argv
+            shown = ascii(bad)
+        raise argparse.ArgumentTypeError(
+            f"expected UTF-8 text, got {shown} at character {exc.start}, which is not (convert it, e.g. with iconv)"
+        ) from None
     return value
 
 
@@ -408,15 +482,39 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """The top-level help: the description's paragraphs and its bullets ("- " items, continued two spaces in) kept
+    as written, each filled to the terminal's width; the commands' help lines wrapped as argparse wraps them."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = []
+        for paragraph in re.split(r"\n\s*\n", text.strip()):
+            items = re.split(r"\n(?=- )", paragraph)
+            paragraphs.append(
+                "\n".join(
+                    textwrap.fill(
+                        " ".join(item.split()),
+                        width,
+                        initial_indent=indent,
+                        subsequent_indent=indent + ("  " if item.startswith("- ") else ""),
+                        break_long_words=False,
+                        break_on_hyphens=False,
+                    )
+                    for item in items
+                )
+            )
+        return "\n\n".join(paragraphs)
+
+
 DEVICE_HELP = "the torch device: cpu, cuda, cuda:N, mps (default: %(default)s)"
+# The train options that override a field of the run file's [train] (or of the resumed run's saved config).
+_FROM_CONFIG = "(default: the config's train.%s)"
 DEFAULT_PROMPT = "The "  # generate's prompt when no --prompt is given
 
 
 def parser(*, plugin_commands: bool = False) -> argparse.ArgumentParser:
     """The command's parser; with ``plugin_commands``, the plugins' commands too (this loads the registry)."""
-    p = argparse.ArgumentParser(
-        prog="seqmixers", description=__doc__.replace("``", ""), formatter_class=argparse.RawTextHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="seqmixers", description=__doc__.replace("``", ""), formatter_class=_HelpFormatter)
     p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -437,33 +535,42 @@ def parser(*, plugin_commands: bool = False) -> argparse.ArgumentParser:
     t.add_argument(
         "--tokenizer",
         choices=("bytes", "bpe"),
-        help="override train.tokenizer: UTF-8 bytes (vocabulary 256), or a BPE tokenizer trained on the data and\n"
-        "saved to OUT/tokenizer.json (needs the tokenizers library; the model's vocab_size must hold it)",
+        help="UTF-8 bytes (vocabulary 256), or a BPE tokenizer trained on the data and saved to\n"
+        "OUT/tokenizer.json (needs the tokenizers library; the model's vocab_size becomes its size unless\n"
+        f"the config sets another) {_FROM_CONFIG % 'tokenizer'}",
     )
     t.add_argument(
-        "--bpe-vocab", type=_int_at_least(256), metavar="N", help="override train.bpe_vocab (most BPE token ids)"
+        "--bpe-vocab", type=_int_at_least(256), metavar="N", help=f"most BPE token ids {_FROM_CONFIG % 'bpe_vocab'}"
     )
     t.add_argument("--out", type=_out_dir, help="output folder for model.safetensors (default: runs/<config name>)")
     t.add_argument("--force", action="store_true", help="overwrite the checkpoints already in --out")
-    t.add_argument("--steps", type=_int_at_least(1), help="override train.steps")
-    t.add_argument("--seed", type=int, help="override train.seed")
+    t.add_argument("--steps", type=_int_at_least(1), metavar="N", help=f"optimizer steps {_FROM_CONFIG % 'steps'}")
+    t.add_argument("--seed", type=int, metavar="N", help=f"seeds the weights and batches {_FROM_CONFIG % 'seed'}")
     t.add_argument(
         "--documents",
         choices=("none", "separator", "lines", "jsonl"),
-        help="override train.documents: train on random windows of the whole text (none), or on documents packed "
-        "into rows, split on --separator, one per line, or one JSON object per line (its train.jsonl_field)",
+        help="train on random windows of the whole text (none), or on documents packed into rows, split on\n"
+        "--separator, one per line, or one JSON object per line (its train.jsonl_field) "
+        f"{_FROM_CONFIG % 'documents'}",
     )
-    t.add_argument("--separator", help="override train.separator (with --documents separator; default: a blank line)")
+    t.add_argument(
+        "--separator",
+        help=f"what separates documents, with --documents separator {_FROM_CONFIG % 'separator'}",
+    )
     t.add_argument(
         "--parallel",
         choices=("none", "ddp", "fsdp"),
         default="none",
         help="data parallelism over the processes torchrun starts: DDP, or FSDP2 (sharded parameters, gradients\n"
-        "and optimizer state); run as: torchrun --nproc_per_node N -m models.cli train --parallel ddp ...",
+        "and optimizer state); run as: torchrun --nproc_per_node N -m models.cli train --parallel ddp ...\n"
+        "(default: %(default)s, one process)",
     )
-    t.add_argument("--precision", choices=("fp32", "bf16"), help="override train.precision (bf16: autocast)")
+    t.add_argument("--precision", choices=("fp32", "bf16"), help=f"bf16: autocast {_FROM_CONFIG % 'precision'}")
     t.add_argument(
-        "--accumulate", type=_int_at_least(1), help="override train.accumulate (micro-batches per optimizer step)"
+        "--accumulate",
+        type=_int_at_least(1),
+        metavar="N",
+        help=f"micro-batches per optimizer step {_FROM_CONFIG % 'accumulate'}",
     )
     t.add_argument(
         "--context-parallel",
@@ -471,18 +578,34 @@ def parser(*, plugin_commands: bool = False) -> argparse.ArgumentParser:
         default=1,
         metavar="K",
         help="split every sequence's time over K ranks (K = the number of torchrun processes; retention, linear\n"
-        "and softmax attention; see docs/distributed.md)",
+        "and softmax attention; see docs/distributed.md; default: %(default)s, none)",
     )
-    t.add_argument("--resume", metavar="RUN_FOLDER", help="go on with the run whose training state is in RUN_FOLDER")
     t.add_argument(
-        "--save-every", type=_int_at_least(1), help="override train.save_every (steps between training-state saves)"
+        "--resume",
+        metavar="RUN_FOLDER",
+        help="go on with the run whose training state is in RUN_FOLDER, with its configs and data (checked\n"
+        "against what it saved; default: a new run)",
     )
-    t.add_argument("--log-every", type=_int_at_least(1), help="override train.log_every (steps between log lines)")
+    t.add_argument(
+        "--allow-new-data",
+        action="store_true",
+        help="with --resume: train on data other than the run's (another --data, changed files, other\n"
+        "data options); its best validation so far is forgotten (default: refused)",
+    )
+    t.add_argument(
+        "--save-every",
+        type=_int_at_least(1),
+        metavar="N",
+        help=f"steps between training-state saves {_FROM_CONFIG % 'save_every'}",
+    )
+    t.add_argument(
+        "--log-every", type=_int_at_least(1), metavar="N", help=f"steps between log lines {_FROM_CONFIG % 'log_every'}"
+    )
     t.add_argument(
         "--checkpoint-activations",
         action="store_true",
         default=None,
-        help="recompute each block's activations in the backward pass (train.checkpoint_activations)",
+        help=f"recompute each block's activations in the backward pass {_FROM_CONFIG % 'checkpoint_activations'}",
     )
     t.add_argument("--device", default="cpu", type=_device, help=DEVICE_HELP)
     t.add_argument("--threads", type=_int_at_least(1), help="torch CPU threads (default: torch's choice)")
@@ -670,6 +793,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from models.checkpoint import CheckpointError
     from models.config import ConfigError
+    from models.lm import NotEnoughMemory
 
     if getattr(args, "threads", None) is not None:
         import torch
@@ -680,7 +804,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0 if code is None else code  # a plugin's command that returns nothing succeeded
     except BrokenPipeError:
         raise
-    except (ConfigError, CheckpointError, OSError) as exc:  # OSError: a file that is missing or unreadable
+    except (ConfigError, CheckpointError, OSError, NotEnoughMemory) as exc:  # OSError: a missing or unreadable file
         print(f"seqmixers {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -12,9 +12,15 @@ reading the whole file. See docs/training-data.md.
 from __future__ import annotations
 
 import array
+import contextlib
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import threading
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +30,7 @@ import torch
 from torch import Tensor
 
 from models import data as _data
+from models.config import ConfigError
 from models.data import BYTE_VOCAB, jsonl_text
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
@@ -31,8 +38,10 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 FORMATS = ("auto", "text", "jsonl")
 TEXT_DOCUMENTS = ("file", "lines", "separator")
 BLOCK_CHARS = 1 << 20  # the most characters of a text file read (and tokenized) at once
+BPE_PIECE_CHARS = 1 << 10  # the most characters BPE training sees at once (see BPETokenizer.train)
 TOKENIZER_FILE = "tokenizer.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the sidecar records checksums and the largest id
+SCAN_BYTES = 1 << 20  # a cache file is read this much at a time to check it
 
 
 # Reading files ------------------------------------------------------------------------------------------
@@ -236,6 +245,79 @@ def _tokenizers():
     return tokenizers
 
 
+def bounded_pieces(texts: Iterable[str], max_chars: int = BPE_PIECE_CHARS) -> Iterator[str]:
+    """``texts`` in pieces of at most ``max_chars`` characters that join to them: each cut just before the last
+    space or line end of the piece, where it has one (a word of BPE's pre-tokenizer starts there, so words stay
+    whole), else after ``max_chars`` characters (a run without whitespace). Empty texts give nothing."""
+    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1:
+        raise ValueError(f"max_chars must be an int >= 1, got {max_chars!r}")
+    for text in texts:
+        start = 0
+        while len(text) - start > max_chars:
+            end = start + max_chars
+            cut = max(text.rfind(c, start + 1, end + 1) for c in " \n\t")
+            cut = cut if cut > start else end
+            yield text[start:cut]
+            start = cut
+        if start < len(text):
+            yield text[start:]
+
+
+class TokenizerInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the training of a tokenizer (at once: there is nothing to save)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name} while training the BPE tokenizer")
+
+
+@contextlib.contextmanager
+def _stop_at_once() -> Iterator[None]:
+    """While entered in the main thread, SIGINT and SIGTERM (unless ignored) raise ``TokenizerInterrupted``,
+    whatever handlers were set before (restored on the way out)."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise TokenizerInterrupted(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def _train_in_worker(pieces: Iterable[str], options: dict) -> str:
+    """The JSON of a BPE tokenizer trained on ``pieces`` by ``models/_bpe_worker.py`` in a child process, which
+    is killed if anything goes wrong here (a signal, an error reading the texts)."""
+    worker = [sys.executable, str(Path(__file__).with_name("_bpe_worker.py")), str(os.getpid())]
+    with _stop_at_once(), subprocess.Popen(worker, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
+        try:
+            try:
+                proc.stdin.write(json.dumps(options).encode("utf-8") + b"\n")
+                for piece in pieces:
+                    data = piece.encode("utf-8")
+                    proc.stdin.write(len(data).to_bytes(4, "little") + data)
+                proc.stdin.write(bytes(4))  # the end
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # the worker stopped early: its exit code says so
+            trained = proc.stdout.read().decode("utf-8")
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(OSError):
+                proc.stdin.close()  # its buffer may hold what a killed worker never read
+    if code != 0 or not trained:
+        raise RuntimeError(f"training the BPE tokenizer failed: its worker process exited with code {code}")
+    return trained
+
+
 class BPETokenizer:
     """A byte-level BPE tokenizer (GPT-2 style) from the ``tokenizers`` library: every text encodes, and
     ``decode(encode(text)) == text``. Made with ``train`` (on the training data) or ``load``; ``save(dir)`` writes
@@ -248,24 +330,31 @@ class BPETokenizer:
         self._fingerprint = hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> BPETokenizer:
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        *,
+        min_frequency: int = 2,
+        show_progress: bool = True,
+        max_piece_chars: int = BPE_PIECE_CHARS,
+    ) -> BPETokenizer:
         """Learn merges from ``texts`` (e.g. ``iter_texts(source)``) up to ``vocab_size`` ids (at least 256: the
-        bytes come first); fewer if the text runs out of pairs seen ``min_frequency`` times."""
+        bytes come first); fewer if the text runs out of pairs seen ``min_frequency`` times.
+
+        The texts are fed in pieces of at most ``max_piece_chars`` characters (``bounded_pieces``): a long run
+        without whitespace is one "word" to BPE, and its cost grows with the word's length times the merges (a
+        1 MB line took minutes), so bounded pieces keep the time proportional to the text. The library trains in
+        a child process (``models/_bpe_worker.py``) fed through a pipe: in the main thread, SIGINT and SIGTERM
+        stop it at once, whatever handlers were set (nothing half-trained could be kept), by killing the child
+        and raising ``TokenizerInterrupted``. ``show_progress``: the library's progress bars on stderr (drawn
+        only on a terminal)."""
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < BYTE_VOCAB:
             raise ValueError(f"vocab_size must be an int >= {BYTE_VOCAB} (the bytes come first), got {vocab_size!r}")
         tk = _tokenizers()
-        tok = tk.Tokenizer(tk.models.BPE())
-        tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = tk.decoders.ByteLevel()
-        trainer = tk.trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
-            special_tokens=[],
-            show_progress=False,
-        )
-        tok.train_from_iterator(texts, trainer=trainer)
-        return cls(tok)
+        options = {"vocab_size": vocab_size, "min_frequency": min_frequency, "show_progress": bool(show_progress)}
+        trained = _train_in_worker(bounded_pieces(texts, max_piece_chars), options)
+        return cls(tk.Tokenizer.from_str(trained))
 
     @classmethod
     def load(cls, directory: str | Path) -> BPETokenizer:
@@ -372,21 +461,110 @@ def _fingerprint(source: str | Path, tokenizer: Tokenizer, fmt: str, field: str,
     }
 
 
+class TokenCacheError(ConfigError):
+    """A token cache that must not be trained on: damaged (its files do not hold what its sidecar records), or
+    holding ids its tokenizer does not have. A ``ConfigError``: ``seqmixers`` says it in one line (exit 2)."""
+
+
 def _read_meta(path: Path) -> dict | None:
+    """The sidecar, or ``None`` when there is none; one that is not a JSON object raises ``TokenCacheError``."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        meta = json.loads(path.read_bytes())
+    except FileNotFoundError:
         return None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise TokenCacheError(f"the token cache's sidecar {path} is damaged: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise TokenCacheError(f"the token cache's sidecar {path} is damaged: a {type(meta).__name__}, not an object")
+    return meta
 
 
-def _matches(meta: dict | None, want: dict, tokens: Path, starts: Path) -> bool:
-    if meta is None or any(meta.get(k) != v for k, v in want.items()):
-        return False
-    try:
-        itemsize = _DTYPES[meta["dtype"]].itemsize
-        return tokens.stat().st_size == meta["length"] * itemsize and starts.stat().st_size == meta["n_documents"] * 8
-    except (KeyError, OSError, TypeError):
-        return False
+def _largest(ids: Tensor) -> int:
+    """The largest of the unsigned ``ids`` (-1 when there are none). torch reduces uint16 and uint32 on the CPU
+    only through their signed views: flipping the top bit maps the unsigned order onto the signed one."""
+    if ids.numel() == 0:
+        return -1
+    if ids.dtype == torch.uint8:
+        return int(ids.max())
+    signed = ids.view(torch.int16 if ids.dtype == torch.uint16 else torch.int32)
+    low, high = torch.aminmax(signed)
+    if low >= 0:
+        return int(high)
+    half = 1 << (8 * signed.element_size() - 1)
+    return int((signed ^ -half).max()) + half
+
+
+def _scan(path: Path, dtype: torch.dtype) -> tuple[int, int]:
+    """``(CRC-32, largest value)`` of a cache file of ``dtype`` values (the largest only for token ids), read
+    ``SCAN_BYTES`` at a time."""
+    crc, largest, buffer = 0, -1, bytearray(SCAN_BYTES)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            chunk = memoryview(buffer)[:n]
+            crc = zlib.crc32(chunk, crc)
+            if dtype != torch.int64:
+                largest = max(largest, _largest(torch.frombuffer(chunk, dtype=dtype)))
+    return crc, largest
+
+
+def _check(meta: dict, tokens_path: Path, starts_path: Path, vocab_size: int | None = None) -> None:
+    """Raise ``TokenCacheError`` unless the cache files hold exactly what the sidecar ``meta`` records (sizes,
+    CRC-32 checksums, the largest id, ascending document starts inside the tokens) and every id is below
+    ``vocab_size`` (default: the vocabulary the sidecar records). Reads both files once."""
+    meta_name = tokens_path.with_suffix(".json").name
+
+    def damaged(what: str) -> TokenCacheError:
+        return TokenCacheError(f"the token cache {tokens_path} is damaged: {what}")
+
+    def whole(value: object, low: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    tok, crc = meta.get("tokenizer"), meta.get("crc32")
+    fields = {
+        "dtype": meta.get("dtype") in ("uint8", "uint16", "uint32"),
+        "length": whole(meta.get("length"), 0),
+        "n_documents": whole(meta.get("n_documents"), 0),
+        "max_id": whole(meta.get("max_id"), -1),
+        "crc32": isinstance(crc, dict) and all(whole(crc.get(k), 0) for k in ("tokens", "starts")),
+        "tokenizer": isinstance(tok, dict) and whole(tok.get("vocab_size"), 1),
+    }
+    if not all(fields.values()):
+        bad = ", ".join(k for k, ok in fields.items() if not ok)
+        raise damaged(f"its sidecar {meta_name} has no valid {bad}")
+    dtype = _DTYPES[meta["dtype"]]
+    if dtype != token_dtype(tok["vocab_size"]):
+        raise damaged(f"its sidecar records {meta['dtype']} ids for a vocabulary of {tok['vocab_size']}")
+    for path, n, itemsize in ((tokens_path, meta["length"], dtype.itemsize), (starts_path, meta["n_documents"], 8)):
+        size = path.stat().st_size if path.is_file() else None
+        if size != n * itemsize:
+            has = "is missing" if size is None else f"holds {size} bytes"
+            raise damaged(f"{path.name} {has}, where {meta_name} records {n} values of {itemsize} bytes")
+    tokens_crc, largest = _scan(tokens_path, dtype)
+    if tokens_crc != meta["crc32"]["tokens"]:
+        raise damaged(f"{tokens_path.name} does not match its checksum (CRC-32 {tokens_crc:08x}, recorded "
+                      f"{meta['crc32']['tokens']:08x})")  # fmt: skip
+    if largest != meta["max_id"]:
+        raise damaged(f"its largest token id is {largest}, where {meta_name} records {meta['max_id']}")
+    starts_crc, _ = _scan(starts_path, torch.int64)
+    if starts_crc != meta["crc32"]["starts"]:
+        raise damaged(f"{starts_path.name} does not match its checksum (CRC-32 {starts_crc:08x}, recorded "
+                      f"{meta['crc32']['starts']:08x})")  # fmt: skip
+    starts = _map(starts_path, meta["n_documents"], torch.int64)
+    if starts.numel() and not (
+        int(starts[0]) == 0 and int(starts[-1]) < meta["length"] and bool((starts[1:] > starts[:-1]).all())
+    ):
+        raise damaged(f"{starts_path.name} does not hold ascending document starts from 0 below {meta['length']}")
+    vocab = tok["vocab_size"] if vocab_size is None else vocab_size
+    if largest >= vocab:
+        raise TokenCacheError(
+            f"the token cache {tokens_path} holds token id {largest}, beyond the tokenizer's {vocab} ids (0 to "
+            f"{vocab - 1}): it was made for another tokenizer"
+        )
+
+
+def _matches(meta: dict | None, want: dict) -> bool:
+    """Whether the sidecar ``meta`` was written for ``want``'s files, options and tokenizer."""
+    return meta is not None and all(meta.get(k) == v for k, v in want.items())
 
 
 def build_token_cache(
@@ -405,12 +583,14 @@ def build_token_cache(
 
     Writes the tokens (``token_dtype(tokenizer.vocab_size)``, native byte order), every document's first token
     index (int64, ``NAME.starts.bin``) and a JSON sidecar (``NAME.json``: the source files with their sizes and
-    modification times, the tokenizer's name and fingerprint, dtype, length, number of documents), a block at a
-    time, to temporary files renamed into place, the sidecar last. If the sidecar already there matches (same
-    files, sizes, mtimes, format options and tokenizer) the cache is reused as it is (``TokenCache.built`` is
-    False); otherwise (or with ``rebuild``) it is built again. Processes building the same cache at once (the
-    ranks of a run) each write their own temporary files, and the last rename wins; better, rank 0 builds it
-    and the others ``open_token_cache`` it after a barrier.
+    modification times, the tokenizer's name and fingerprint, dtype, length, number of documents, the largest id
+    and both files' CRC-32), a block at a time, to temporary files renamed into place, the sidecar last. If the
+    sidecar already there matches (same files, sizes, mtimes, format options and tokenizer) and the files pass
+    ``open_token_cache``'s checks (checksums, sizes, ids below the vocabulary, document starts), the cache is
+    reused as it is (``TokenCache.built`` is False). Otherwise (or with ``rebuild``) it is built again; when an
+    existing cache failed the checks, ``TokenCache.damaged`` says how. Processes building the same cache at once
+    (the ranks of a run) each write their own temporary files, and the last rename wins; better, rank 0 builds
+    it and the others ``open_token_cache`` it after a barrier.
 
     Tokens are the concatenation of ``tokenizer.encode`` of each piece; for bytes that is the documents' UTF-8
     bytes exactly. For BPE, a document is tokenized whole unless it is longer than ``block_chars``; then it is
@@ -418,8 +598,15 @@ def build_token_cache(
     """
     tokens_path, starts_path, meta_path = cache_paths(cache_path)
     want = _fingerprint(source, tokenizer, fmt, field, documents, separator)
-    if not rebuild and _matches(_read_meta(meta_path), want, tokens_path, starts_path):
-        return open_token_cache(tokens_path, built=False)
+    damaged = None
+    if not rebuild:
+        try:
+            meta = _read_meta(meta_path)
+            if _matches(meta, want):
+                _check(meta, tokens_path, starts_path, tokenizer.vocab_size)
+                return _open(tokens_path, starts_path, meta, built=False)
+        except TokenCacheError as exc:
+            damaged = str(exc)
 
     dtype = token_dtype(tokenizer.vocab_size)
     code, start_code = _typecode(dtype), _typecode(torch.int64)
@@ -427,12 +614,13 @@ def build_token_cache(
     tag = f"{os.getpid()}.{os.urandom(4).hex()}"  # builders in several processes never share a temporary file
     tmp = {p: p.with_name(f".{p.name}.{tag}.tmp") for p in (tokens_path, starts_path, meta_path)}
     batch_chars = max(block_chars, 1 << 16)
-    n_tokens = n_docs = 0
+    n_tokens = n_docs = tokens_crc = starts_crc = 0
+    largest = -1
     try:
         with open(tmp[tokens_path], "wb") as ftok, open(tmp[starts_path], "wb") as fstart:
 
             def flush(pieces: list[tuple[str, bool]]) -> None:
-                nonlocal n_tokens, n_docs
+                nonlocal n_tokens, n_docs, tokens_crc, starts_crc, largest
                 if isinstance(tokenizer, ByteTokenizer):  # the same ids, without a list of ints per byte
                     encoded = [p.encode("utf-8") for p, _ in pieces]
                 elif hasattr(tokenizer, "encode_batch"):
@@ -450,6 +638,9 @@ def build_token_cache(
                         out.extend(ids)  # OverflowError if an id does not fit the dtype
                 starts.tofile(fstart)
                 out.tofile(ftok)
+                tokens_crc, starts_crc = zlib.crc32(out, tokens_crc), zlib.crc32(starts, starts_crc)
+                if out:
+                    largest = max(largest, _largest(torch.frombuffer(out, dtype=dtype)))
                 n_tokens += len(out)
                 n_docs += len(starts)
 
@@ -463,7 +654,16 @@ def build_token_cache(
                     pending, chars = [], 0
             if pending:
                 flush(pending)
-        meta = {**want, "dtype": str(dtype).removeprefix("torch."), "length": n_tokens, "n_documents": n_docs}
+        if largest >= tokenizer.vocab_size:
+            raise ValueError(f"the tokenizer {tokenizer!r} gave id {largest}, beyond its {tokenizer.vocab_size} ids")
+        meta = {
+            **want,
+            "dtype": str(dtype).removeprefix("torch."),
+            "length": n_tokens,
+            "n_documents": n_docs,
+            "max_id": largest,
+            "crc32": {"tokens": tokens_crc, "starts": starts_crc},
+        }
         tmp[meta_path].write_text(json.dumps(meta, indent=1) + "\n")
         meta_path.unlink(missing_ok=True)  # no moment where an old sidecar describes new tokens
         os.replace(tmp[tokens_path], tokens_path)
@@ -472,7 +672,7 @@ def build_token_cache(
     finally:
         for p in tmp.values():
             p.unlink(missing_ok=True)
-    return open_token_cache(tokens_path, built=True)
+    return _open(tokens_path, starts_path, meta, built=True, damaged=damaged)
 
 
 def _map(path: Path, n: int, dtype: torch.dtype) -> Tensor:
@@ -482,16 +682,42 @@ def _map(path: Path, n: int, dtype: torch.dtype) -> Tensor:
     return torch.from_file(str(path), shared=False, size=n, dtype=dtype)
 
 
-def open_token_cache(cache_path: str | Path, *, built: bool = False) -> TokenCache:
-    """The cache at ``cache_path`` (``NAME.bin``, beside it ``NAME.starts.bin`` and ``NAME.json``),
-    memory-mapped."""
-    tokens_path, starts_path, meta_path = cache_paths(cache_path)
-    meta = _read_meta(meta_path)
-    if meta is None or meta.get("version") != CACHE_VERSION:
-        raise FileNotFoundError(f"no token cache at {str(tokens_path)!r} (its sidecar {meta_path.name} is missing)")
+def _open(tokens_path: Path, starts_path: Path, meta: dict, *, built: bool, damaged: str | None = None) -> TokenCache:
     tokens = _map(tokens_path, meta["length"], _DTYPES[meta["dtype"]])
     starts = _map(starts_path, meta["n_documents"], torch.int64)
-    return TokenCache(tokens, starts, meta["tokenizer"]["vocab_size"], meta=meta, path=tokens_path, built=built)
+    vocab_size = meta["tokenizer"]["vocab_size"]
+    return TokenCache(tokens, starts, vocab_size, meta=meta, path=tokens_path, built=built, damaged=damaged)
+
+
+def open_token_cache(cache_path: str | Path, *, tokenizer: Tokenizer | None = None) -> TokenCache:
+    """The cache at ``cache_path`` (``NAME.bin``, beside it ``NAME.starts.bin`` and ``NAME.json``),
+    memory-mapped, after checking it: both files match the sizes and CRC-32 checksums its sidecar records, the
+    largest id (read again) is the one recorded and below the vocabulary (``tokenizer``'s, which must be the one
+    the cache was built with, else the one recorded), and the document starts ascend from 0 inside the tokens.
+    This reads both files once (docs/training-data.md gives the cost). A cache that fails raises
+    ``TokenCacheError`` naming the file and what is wrong: it is never trained on."""
+    tokens_path, starts_path, meta_path = cache_paths(cache_path)
+    meta = _read_meta(meta_path)
+    if meta is None:
+        raise FileNotFoundError(f"no token cache at {str(tokens_path)!r} (its sidecar {meta_path.name} is missing)")
+    if meta.get("version") != CACHE_VERSION:
+        raise TokenCacheError(
+            f"the token cache {tokens_path} has version {meta.get('version')!r}, not {CACHE_VERSION}: build it again "
+            f"(build_token_cache, or a run on its data, rebuilds it)"
+        )
+    if tokenizer is not None:
+        made_with = meta.get("tokenizer") if isinstance(meta.get("tokenizer"), dict) else {}
+        if made_with.get("fingerprint") != tokenizer.fingerprint:
+            raise TokenCacheError(
+                f"the token cache {tokens_path} was built with another tokenizer ({made_with.get('name')!r}, "
+                f"fingerprint {made_with.get('fingerprint')!r}) than {tokenizer!r}: its ids mean other tokens"
+            )
+    try:
+        _check(meta, tokens_path, starts_path, tokenizer.vocab_size if tokenizer is not None else None)
+    except TokenCacheError as exc:
+        raise TokenCacheError(f"{exc}; it is not used: delete {tokens_path.name}, {starts_path.name} and "
+                              f"{meta_path.name} and build it again from the data") from None  # fmt: skip
+    return _open(tokens_path, starts_path, meta, built=False)
 
 
 @dataclass
@@ -515,6 +741,7 @@ class TokenCache:
     meta: dict = field(default_factory=dict)
     path: Path | None = None
     built: bool = False
+    damaged: str | None = None  # why the cache found there was not reused (build_token_cache rebuilt it)
 
     def __len__(self) -> int:
         return self.tokens.numel()

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from models.config import ConfigError
+
 PARALLEL = ("none", "ddp", "fsdp")
 
 
@@ -76,12 +78,19 @@ def teardown(world: World) -> None:
 
 
 def check_parallel(parallel: str, world: World, context_parallel: int = 1) -> None:
+    """Refuse a parallelism that this process's group cannot run (``ConfigError``, saying how to launch it)."""
     if parallel not in PARALLEL:
-        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+        raise ConfigError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     if parallel == "none" and world.size > 1 and context_parallel == 1:
-        raise ValueError(
+        raise ConfigError(
             f"this process is one of {world.size} (started by torchrun): choose --parallel ddp or fsdp, or "
             f"--context-parallel {world.size}; got --parallel none"
+        )
+    if parallel != "none" and world.size == 1 and not dist.is_initialized():
+        raise ConfigError(
+            f"--parallel {parallel} trains over several processes, and this is one process: start them with "
+            f"torchrun, e.g. torchrun --nproc_per_node 2 -m models.cli train --parallel {parallel} ... "
+            f"(see docs/distributed.md); or train in this one process with --parallel none"
         )
 
 

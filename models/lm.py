@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -88,13 +89,45 @@ class LanguageModel(nn.Module):
 
     def init_states(self, batch_size: int, *, max_len: int | None = None) -> States:
         """The empty state of every layer (what ``states=None`` means); with ``max_len``, KV caches are
-        preallocated for that many tokens (the static decode path: nothing is reallocated while decoding)."""
-        states = []
+        preallocated for that many tokens (the static decode path: nothing is reallocated while decoding), after
+        ``check_state_memory`` (``NotEnoughMemory`` rather than an allocation failure or a machine swapping)."""
+        if max_len is not None:
+            self.check_state_memory(batch_size, max_len)
+        return [self._layer_state(block, batch_size, max_len, self.device) for block in self.blocks]
+
+    def _layer_state(
+        self, block: Block, batch_size: int, max_len: int | None, device: torch.device | str
+    ) -> MixerState:
+        init = block.mixer.init_state
+        extra = {"max_len": max_len} if max_len is not None and _takes(init, "max_len") else {}
+        return init(batch_size, device=device, dtype=self.dtype, **extra)
+
+    def state_memory(self, batch_size: int, max_len: int) -> int:
+        """Bytes the states of ``batch_size`` rows preallocated for ``max_len`` tokens hold (KV caches, retention
+        states, ...), from the mixers' own ``init_state`` on the meta device: nothing is allocated. A mixer whose
+        state cannot be made there (a plugin's) counts for nothing."""
+        total = 0
         for block in self.blocks:
-            init = block.mixer.init_state
-            extra = {"max_len": max_len} if max_len is not None and _takes(init, "max_len") else {}
-            states.append(init(batch_size, device=self.device, dtype=self.dtype, **extra))
-        return states
+            try:
+                total += self._layer_state(block, batch_size, max_len, "meta").nbytes
+            except Exception:  # noqa: BLE001  (an estimate: a plugin's state may need a real device)
+                continue
+        return total
+
+    def check_state_memory(self, batch_size: int, max_len: int, *, copies: int = 1) -> None:
+        """Raise ``NotEnoughMemory`` when ``copies`` of the states of ``batch_size`` rows preallocated for
+        ``max_len`` tokens (``state_memory``) need more than the memory available on the model's device
+        (``available_memory``; nothing is checked where that is unknown). ``copies``: how many such states are
+        alive at once (``MixerState.reorder`` copies them while the old ones are still held)."""
+        needed = copies * self.state_memory(batch_size, max_len)
+        available = available_memory(self.device)
+        if available is not None and needed > available:
+            rows = f"{batch_size} row{'s' if batch_size != 1 else ''}" + (f" x {copies} copies" if copies > 1 else "")
+            raise NotEnoughMemory(
+                f"generating needs {_bytes(needed)} for the layers' states ({rows}, KV caches preallocated for "
+                f"{max_len:,} tokens), but only {_bytes(available)} is available on {self.device}: lower "
+                "max_new_tokens (--max-new-tokens), shorten the prompt, or generate fewer rows (prompts, beams) at once"
+            )
 
     def set_backend(self, backend: str, *, layers: Sequence[int] | None = None) -> None:
         """Run the mixers of ``layers`` (default: all) on ``backend`` (``"auto"`` or a registered backend name,
@@ -260,6 +293,8 @@ class LanguageModel(nn.Module):
         check_seed(seed)
         if not isinstance(compile, (bool, str)):
             raise TypeError(f"compile must be a bool or a torch.compile mode name, got {compile!r}")
+        if max_new_tokens:  # now, not at the first token: the states are preallocated for the whole generation
+            self.check_state_memory(tokens.shape[0], tokens.shape[1] + max_new_tokens)
         step = self._compiled_step(compile) if compile else self._decode_step
         return self._stream(tokens, max_new_tokens, temperature, top_k, seed, prefill_mode, chunk_size, progress, step)
 
@@ -354,7 +389,9 @@ class LanguageModel(nn.Module):
         ``progress=True`` shows a progress bar on stderr (on a terminal) while a prompt longer than
         ``PREFILL_PIECE`` tokens is prefilled.
 
-        Attention layers decode against KV caches preallocated for ``T + max_new_tokens`` tokens. ``compile=True``
+        Attention layers decode against KV caches preallocated for ``T + max_new_tokens`` tokens, after
+        ``check_state_memory``: states that would not fit in the device's memory raise ``NotEnoughMemory`` before
+        anything is allocated. ``compile=True``
         (or a ``torch.compile`` mode name, such as ``"reduce-overhead"`` for CUDA graphs) compiles the decode
         step, once per model: the first call pays the compilation, later ones reuse it. The tokens are the same
         as without it, up to rounding of the logits.
@@ -466,9 +503,15 @@ def as_token_batch(prompt: Tensor | Sequence[int], device: torch.device) -> Tens
             raise TypeError(f"prompt must be a tensor or a list of int token ids, got {_short(list(prompt))}")
         prompt = torch.tensor(list(prompt), dtype=torch.long)
     if prompt.dtype == torch.bool or prompt.is_floating_point() or prompt.is_complex():
+        if prompt.dtype == torch.bool:
+            why = "True and False are not token ids"
+        elif prompt.is_complex():
+            why = "a complex 1+2j is not a token"
+        else:
+            why = "a float 1.5 is not a token"
         raise TypeError(
-            f"prompt must hold integer token ids, got dtype {prompt.dtype} (a float 1.5 is not a token; "
-            f"convert explicitly with .long() if the values are whole numbers)"
+            f"prompt must hold integer token ids, got dtype {prompt.dtype} ({why}; convert explicitly with "
+            ".long() if the values are whole numbers)"
         )
     if prompt.dim() == 1:
         prompt = prompt[None]
@@ -516,6 +559,45 @@ def sample(logits: Tensor, temperature: float, top_k: int | None, generator: tor
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, -math.inf)
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
+
+class NotEnoughMemory(MemoryError):
+    """Generation would need more memory for its states than the device has available (raised before
+    anything is allocated)."""
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Bytes that can still be allocated on ``device``; ``None`` where that is unknown (a device other than the
+    CPU and CUDA, or a system that does not say). CPU: ``MemAvailable`` of ``/proc/meminfo`` (memory that can be
+    had without swapping), else the free physical pages; CUDA: the free memory plus what torch's caching
+    allocator holds unused."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system, or a name it does not know
+        return None
+
+
+def _bytes(n: int) -> str:
+    """``n`` bytes, readably: ``512 B``, ``12.2 MiB``, ``7.3 TiB``."""
+    value, unit = float(n), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{n} B" if unit == "B" else f"{value:,.1f} {unit}"
 
 
 def state_nbytes(states: Sequence[MixerState]) -> int:

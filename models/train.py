@@ -12,9 +12,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import math
+import os
 import shutil
 import signal
+import socket
+import sys
 import tempfile
 import threading
 import time
@@ -28,9 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from mixers.context_parallel import ContextParallel, context_parallel, reduce_gradients
+from mixers.registry import get_registry
 from models import data as corpus
 from models import distributed, train_state
-from models.checkpoint import read_header
+from models.checkpoint import read_header, remove_stale_temporaries
 from models.config import ConfigError, ModelConfig, TrainConfig
 from models.corpus import (
     TOKENIZER_FILE,
@@ -47,6 +52,11 @@ from models.distributed import World
 from models.lm import LanguageModel
 from models.progress import Progress
 from models.runlog import RunLog
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover (Windows: no advisory locks; a run folder is then not locked)
+    fcntl = None
 
 
 @dataclass
@@ -239,6 +249,108 @@ def cache_options(tc: TrainConfig) -> dict[str, str]:
     }
 
 
+# The train-config fields that decide what a run trains and validates on: a resumed run keeps them.
+DATA_FIELDS = (
+    "documents", "separator", "jsonl_field", "tokenizer", "bpe_vocab", "seq_len", "batch_size", "val_fraction",
+    "eval_batches",
+)  # fmt: skip
+
+
+def data_record(data: bytes | None, source: str | Path | None, tc: TrainConfig) -> dict[str, Any]:
+    """What a run trains on, as saved in its training state (without its tokenizer, added once known): the
+    embedded corpus or in-memory bytes by SHA-256, or a path with each file's size and modification time (the
+    token cache's own test of change, so that recording costs no read of the data)."""
+    if source is None:
+        text = corpus.load_corpus() if data is None else data
+        kind = "embedded" if data is None else "bytes"
+        return {"kind": kind, "sha256": hashlib.sha256(text).hexdigest(), "bytes": len(text)}
+    files = []
+    for path, _ in source_files(source, fmt=cache_options(tc)["fmt"]):
+        st = path.stat()
+        files.append({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return {"kind": "path", "path": str(Path(source).resolve()), "files": files}
+
+
+def _describe_data(record: dict[str, Any]) -> str:
+    if record["kind"] == "path":
+        return f"{record['path']} ({len(record['files'])} file(s))"
+    what = "the embedded corpus" if record["kind"] == "embedded" else "bytes given to train(data=...)"
+    return f"{what} ({record['bytes']:,} bytes, sha256 {record['sha256'][:12]})"
+
+
+def data_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """How the data ``now`` differs from the ``saved`` record (tokenizers aside); [] when it is the same."""
+    if any(saved.get(key) != now.get(key) for key in ("kind", "path", "sha256")):
+        return [f"the data was {_describe_data(saved)}, now {_describe_data(now)}"]
+    if saved["kind"] != "path":
+        return []
+    was, is_ = {f["path"]: f for f in saved["files"]}, {f["path"]: f for f in now["files"]}
+    changes = [f"{path} is missing" for path in was if path not in is_]
+    changes += [f"{path} is new" for path in is_ if path not in was]
+    for path in was.keys() & is_.keys():
+        a, b = was[path], is_[path]
+        if a["size"] != b["size"]:
+            changes.append(f"{path} changed size: {a['size']:,} -> {b['size']:,} bytes")
+        elif a["mtime_ns"] != b["mtime_ns"]:
+            changes.append(f"{path} was modified (same size, another modification time)")
+    return sorted(changes)
+
+
+class RunLocked(ConfigError):
+    """Another process is training into the same run folder."""
+
+
+LOCK = ".lock"  # in the run folder: who holds it, while a run trains into that folder
+
+
+@contextlib.contextmanager
+def run_folder_lock(out: Path | None, world: World) -> Iterator[None]:
+    """Hold an exclusive lock on run folder ``out`` (rank 0 takes it, every rank learns whether it could) while a
+    run writes there: a second run, or a second ``--resume`` of the same run, is refused with who holds it.
+    Once the lock is held, the temporaries that killed writers left in the folder are removed."""
+    if out is None or fcntl is None:
+        yield
+        return
+
+    def take() -> Any:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunLocked(
+                f"the run folder {out} is in use by {holder}: two runs writing one folder would overwrite each "
+                f"other's checkpoints and training state; wait for that one to end, or write elsewhere (--out DIR)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {started} ({' '.join(sys.argv)})\n")
+        handle.flush()
+        _remove_stale_temporaries(out)
+        return handle
+
+    handle = _on_main(world, True, "lock the run folder", take)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Remove what writers of the run folder killed mid-save left (their process is gone): checkpoint,
+    tokenizer, plot and token-cache temporaries, and an unfinished training-state save."""
+    for name in (LAST, BEST, CURVES, TOKENIZER_FILE):
+        remove_stale_temporaries(out / name)
+    for path in (out / CACHE_DIR).glob(".*.tmp"):  # only a run into this folder builds its cache: none is now
+        path.unlink(missing_ok=True)
+    shutil.rmtree(out / f"{train_state.STATE}.tmp", ignore_errors=True)  # the lock: no save is under way
+
+
 def _batches(
     data: bytes | TokenCache, tc: TrainConfig, label: str = "the data"
 ) -> tuple[Callable[[torch.Generator], Any], Callable[[Any], tuple], list]:
@@ -390,6 +502,7 @@ def train(
     resume: str | Path | None = None,
     context_parallel: int = 1,
     source: str | Path | None = None,
+    allow_new_data: bool = False,
 ) -> TrainResult:
     """Train a model from scratch on ``data`` (default: the embedded corpus), or on ``source``: a text file, a
     folder of text and JSONL files, or a JSONL file, streamed from disk into a memory-mapped token cache
@@ -408,7 +521,13 @@ def train(
     With ``out``, the whole training state (model, optimizer, every rank's RNG, the data position, the step and
     curves) is saved to ``out/train_state`` every ``save_every`` steps and when the run is interrupted
     (``models.train_state``); ``resume`` (a run folder holding one) continues that run where it stopped: with
-    one process, the result is bit-identical to the uninterrupted run.
+    one process, the result is bit-identical to the uninterrupted run. The state is checked first (every file
+    against its checksum, every field of its ``meta.json``). A resumed run trains on the data the state records
+    (the embedded corpus, or the same path) when neither ``data`` nor ``source`` is given; data that differs from
+    the saved run's (other files, changed files, other ``DATA_FIELDS``) is refused with what changed, unless
+    ``allow_new_data`` (the best validation so far is then forgotten: it measured other data). Resuming into
+    another ``out`` first copies the run's checkpoints and log there.
+    While a run trains into ``out``, the folder is locked (``run_folder_lock``): a second run into it is refused.
 
     ``context_parallel`` (K > 1, equal to the number of ranks, with ``parallel="none"``): every rank takes the
     whole global batch and its K-th of each sequence's time (``mixers.context_parallel``); the gradients are
@@ -422,15 +541,81 @@ def train(
     world = distributed.setup(device)
     try:
         distributed.check_parallel(parallel, world, context_parallel)
-        with _StopSignals() as stop:
+        out = Path(out) if out is not None else None
+        saved = _saved_state(resume, train_config) if resume is not None else None
+        if saved is not None and data is None and source is None:
+            data, source = _saved_data(saved)
+        with _StopSignals() as stop, run_folder_lock(out, world):
+            if saved is not None and out is not None and world.main:
+                _carry_over(saved.path.parent, out)
             run = _Run(
                 model_config, train_config, data, out, world, parallel, progress, label, divergence_margin,
-                context_parallel, source=source, resume=resume,
+                context_parallel, source=source, saved=saved, allow_new_data=allow_new_data,
             )  # fmt: skip
             with run.log:  # closed however the run ends
-                return run.loop(stop, resume)
+                return run.loop(stop)
     finally:
         distributed.teardown(world)
+
+
+def _saved_state(resume: str | Path, tc: TrainConfig) -> train_state.Saved:
+    """The checked training state of run ``resume``, refused when it leaves no step to train."""
+    saved = train_state.read(resume)
+    if saved.step >= tc.steps:
+        raise train_state.ResumeError(
+            f"the run in {resume} has done {saved.step} steps and this resume asks for {tc.steps} in all: nothing is "
+            f"left to train; give --steps (train.steps) greater than {saved.step} to go on"
+        )
+    return saved
+
+
+def _saved_data(saved: train_state.Saved) -> tuple[bytes | None, str | None]:
+    """``(data, source)`` that give the data a saved run trained on."""
+    record = saved.data
+    if record["kind"] == "bytes":
+        raise train_state.ResumeError(
+            f"the run in {saved.path.parent} trained on bytes given to train(data=...), which its state does not "
+            f"hold: give the same bytes again"
+        )
+    return None, record["path"] if record["kind"] == "path" else None
+
+
+def _resumed_data_changes(saved: train_state.Saved, record: dict[str, Any], tc: TrainConfig, allow: bool) -> list[str]:
+    """What differs between the data a saved run trained on and this resume's; refused unless ``allow``."""
+    changes = data_changes(saved.data, record) + [
+        f"train.{name}: saved {getattr(saved.train, name)!r}, now {getattr(tc, name)!r}"
+        for name in DATA_FIELDS
+        if getattr(saved.train, name) != getattr(tc, name)
+    ]
+    if changes and not allow:
+        raise train_state.ResumeError(
+            f"the run in {saved.path.parent} trained on other data than this resume would: {'; '.join(changes)}. "
+            f"To go on as it was, resume without --data or data options; to train on this data anyway, add "
+            f"--allow-new-data (allow_new_data=True; its best validation so far is then forgotten)"
+        )
+    return changes
+
+
+def _parallel_note(world: World, parallel: str, tc: TrainConfig, cp_ranks: int) -> str:
+    """The log line that says over how many ranks, and how, a run trains."""
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "?"
+    how = f"context parallelism over {cp_ranks} ranks" if cp_ranks > 1 else parallel.upper()
+    rows = tc.batch_size if cp_ranks > 1 else tc.batch_size // (world.size * tc.accumulate)
+    split = "every rank" if cp_ranks > 1 else f"{world.size} ranks x"
+    return (
+        f"parallel: {how} on {world.size} ranks ({backend}, {world.device.type}); each step's {tc.batch_size} rows: "
+        f"{split} {rows} rows x {tc.accumulate} micro-batch(es)"
+    )
+
+
+def _carry_over(run_folder: Path, out: Path) -> None:
+    """Resuming run ``run_folder`` into another folder ``out``: copy its checkpoints and log there first, so that
+    ``out`` holds the whole run (its best checkpoint included) and not only what is trained from now on."""
+    if run_folder.resolve() == out.resolve():
+        return
+    for name in (LAST, BEST, LOG):
+        if (run_folder / name).is_file():
+            shutil.copy2(run_folder / name, out / name)
 
 
 class _Run:
@@ -450,7 +635,8 @@ class _Run:
         context_parallel_ranks: int = 1,
         *,
         source: str | Path | None = None,
-        resume: str | Path | None = None,
+        saved: train_state.Saved | None = None,
+        allow_new_data: bool = False,
     ) -> None:
         share = (1 if context_parallel_ranks > 1 else world.size) * tc.accumulate
         if tc.batch_size % share:
@@ -461,9 +647,27 @@ class _Run:
         self.tc, self.world, self.parallel, self.margin = tc, world, parallel, divergence_margin
         self.cp = _context_parallel(context_parallel_ranks, world, parallel, tc)
         self.grad_norm = math.nan
+        self.micro: list[tuple] = []  # the last step's micro-batches (a divergence is diagnosed on them)
+        self.progress = progress and world.main
+        self.saved, self.data_changed = saved, []
+        if data is not None and source is not None:
+            raise ConfigError("give the training data as bytes (data) or as a path (source), not both")
+        record = data_record(data, source, tc)
+        if saved is not None:
+            self.data_changed = _resumed_data_changes(saved, record, tc, allow_new_data)
         corpus_or_cache, self.tokenizer, model_config, notes = self._data(
-            model_config, tc, data, source, Path(out) if out is not None else None, resume
+            model_config, tc, data, source, Path(out) if out is not None else None, saved
         )
+        self.data_record = {**record, "tokenizer": self.tokenizer.fingerprint}
+        if saved is not None and saved.data["tokenizer"] != self.tokenizer.fingerprint and not self.data_changed:
+            raise train_state.ResumeError(
+                f"the tokenizer of the run in {saved.path.parent} is not the one it trained with (fingerprint "
+                f"{saved.data['tokenizer']!r}, now {self.tokenizer.fingerprint!r}): was its {TOKENIZER_FILE} replaced?"
+            )
+        if self.data_changed:
+            notes.append(f"data changed since the saved state (--allow-new-data): {'; '.join(self.data_changed)}")
+        if world.size > 1:
+            notes.append(_parallel_note(world, parallel, tc, context_parallel_ranks))
         self.model_config = model_config
         data_label = f"data {str(source)!r}" if source is not None else "the data"
         self.draw, self.make, self.val_batches = _batches(corpus_or_cache, tc, data_label)
@@ -478,7 +682,7 @@ class _Run:
         self.checkpoint = Path(out) / LAST if out is not None else None
         self.best = Path(out) / BEST if out is not None else None
         self.result = TrainResult(model=plain, checkpoint=self.checkpoint, tokenizer=self.tokenizer)
-        self.bar = Progress(tc.steps, label, enabled=progress and world.main)
+        self.bar = Progress(tc.steps, label, enabled=self.progress)
         for note in notes:
             self.bar.log(note)
         self.tokens = 0  # the real tokens trained on so far, over all ranks (padding not counted)
@@ -492,7 +696,7 @@ class _Run:
         data: bytes | None,
         source: str | Path | None,
         out: Path | None,
-        resume: str | Path | None,
+        saved: train_state.Saved | None,
     ) -> tuple[bytes | TokenCache, Tokenizer, ModelConfig, list[str]]:
         """The run's corpus (bytes in memory, or a token cache), tokenizer, model config (its ``vocab_size`` set
         to a BPE tokenizer's) and notes for the log.
@@ -504,8 +708,6 @@ class _Run:
         rank 0 first trains the tokenizer on the training texts and saves it to ``out/tokenizer.json``; a
         resumed run loads the one saved in the run it resumes instead."""
         world, notes = self.world, []
-        if data is not None and source is not None:
-            raise ConfigError("give the training data as bytes (data) or as a path (source), not both")
         if model_config.vocab_size < corpus.BYTE_VOCAB:
             which = "the byte tokenizer, which needs" if tc.tokenizer == "bytes" else "a BPE tokenizer, which has"
             raise ConfigError(
@@ -534,18 +736,19 @@ class _Run:
         options = cache_options(tc)
         source_files(source, fmt=options["fmt"])  # FileNotFoundError for a missing path, on every rank
         if tc.tokenizer == "bpe":
-            tokenizer = self._bpe(tc, source, options, out, resume, shared, notes)
-            if model_config.vocab_size < tokenizer.vocab_size:
+            tokenizer = self._bpe(tc, source, options, out, saved.path.parent if saved else None, shared, notes)
+            V, size = model_config.vocab_size, tokenizer.vocab_size
+            if V == corpus.BYTE_VOCAB and size != V:  # the byte default: the config did not choose one for BPE
+                notes.append(f"vocab_size {V} -> {size}, the BPE tokenizer's size")
+                model_config = dataclasses.replace(model_config, vocab_size=size)
+            elif V < size:
                 raise ConfigError(
-                    f"vocab_size={model_config.vocab_size} in the model config is smaller than the BPE tokenizer's "
-                    f"{tokenizer.vocab_size} ids (train.bpe_vocab={tc.bpe_vocab}): set the model's vocab_size to "
-                    f"{tokenizer.vocab_size} or more (it is then set to the tokenizer's), or lower bpe_vocab"
+                    f"vocab_size={V} in the model config is smaller than the BPE tokenizer's {size} ids "
+                    f"(train.bpe_vocab={tc.bpe_vocab}): remove vocab_size from the config (it is then the "
+                    f"tokenizer's), set it to {size} or more, or lower bpe_vocab"
                 )
-            if model_config.vocab_size > tokenizer.vocab_size:
-                notes.append(
-                    f"vocab_size {model_config.vocab_size} -> {tokenizer.vocab_size}, the BPE tokenizer's size"
-                )
-                model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
+            elif V > size:
+                notes.append(f"vocab_size {V} (the config's; the BPE tokenizer uses the first {size} ids)")
         else:
             tokenizer = ByteTokenizer()
         path = folder / CACHE_NAME
@@ -554,7 +757,7 @@ class _Run:
         if cache is None:
             cache = open_token_cache(path)
         if world.main:
-            how = "built" if cache.built else "reused"
+            how = "reused" if not cache.built else f"rebuilt ({cache.damaged})" if cache.damaged else "built"
             notes.append(f"token cache {how}: {path} ({len(cache):,} tokens, {cache.n_documents:,} documents)")
         return cache, tokenizer, model_config, notes
 
@@ -581,7 +784,7 @@ class _Run:
             return tokenizer
 
         def make() -> BPETokenizer:
-            trained = BPETokenizer.train(iter_texts(source, **options), tc.bpe_vocab)
+            trained = BPETokenizer.train(iter_texts(source, **options), tc.bpe_vocab, show_progress=self.progress)
             if out is not None:
                 trained.save(out)
             return trained
@@ -634,14 +837,15 @@ class _Run:
             line += f"  train loss {r.train_curve[-1][1]:.3f}  {self.tokens / r.train_s:,.0f} tok/s"
         self.bar.log(line)
         if not val <= r.best_val_loss + self.margin:  # NaN included
-            why = "is not finite" if not math.isfinite(val) else f"is more than {self.margin} above the best"
-            self.bar.close()
-            raise TrainingDiverged(
-                f"training diverged at step {step}: validation loss {val:.3f} {why}; best {r.best_val_loss:.3f} "
-                f"(step {r.best_step}); lower lr (now {tc.lr})",
-                step=step,
-                result=r,
+            finite = math.isfinite(val)
+            why = f"is more than {self.margin} above the best" if finite else "is not finite"
+            best = (
+                f"best {r.best_val_loss:.3f} (step {r.best_step})" if r.best_step is not None else "none finite before"
             )
+            hint = f"lower lr (now {tc.lr})" if finite else self.nonfinite_origin(self.val_batches, sharded=False)
+            self.bar.close()
+            message = f"training diverged at step {step}: validation loss {val:.3f} {why}; {best}; {hint}"
+            raise TrainingDiverged(message, step=step, result=r)
         improved = val < r.best_val_loss
         if improved:
             r.best_step, r.best_val_loss, r.best = step, val, self.best
@@ -668,6 +872,7 @@ class _Run:
         micro = [self.make(rows) for rows in micro_batches(self.draw(self.gen), tc.accumulate, data_world)]
         if cp is not None:  # ... and its own part of their time: tokens [r L, (r+1) L)
             micro = [(cp.shard(x), cp.shard(y), cu, n) for x, y, cu, n in micro]
+        self.micro = micro  # what a divergence is diagnosed on
         # The loss is the mean over the global batch's counted targets: each micro-batch's sum over that count
         # (not a mean per micro-batch, which would weigh a micro-batch of few targets as much as a full one),
         # times the data-parallel ranks, whose gradients DDP and FSDP average (context-parallel ranks' are summed).
@@ -696,6 +901,57 @@ class _Run:
         self.tokens += real if cp is not None else int(real_everywhere)  # context-parallel ranks share their rows
         return total / counted
 
+    def nonfinite_origin(self, batches: list[tuple], *, sharded: bool) -> str:
+        """Where a non-finite loss came from, for the divergence message: the first parameter that is not finite,
+        or else the first layer (and the backend its mixer runs on) whose output is not finite on ``batches``
+        (``(x, y)`` or ``(x, y, cu_seqlens or None, ...)``; ``sharded``: cut for context parallelism, as in
+        ``step``). Every rank runs the same forward passes (FSDP and context parallelism need them all)."""
+        tc, plain = self.tc, distributed.unwrapped(self.model)
+        for name, param in plain.named_parameters():
+            if not bool(torch.isfinite(param).all()):
+                return f"the weight {name} is not finite (an update made it so); lower lr (now {tc.lr})"
+        found: list[str] = []
+
+        def watch(label: str) -> Callable:
+            def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+                y = output[0] if isinstance(output, tuple) else output
+                if not found and isinstance(y, torch.Tensor) and not bool(torch.isfinite(y).all()):
+                    found.append(label)
+
+            return hook
+
+        handles = [plain.tok_emb.register_forward_hook(watch("the embedding"))]
+        for i, block in enumerate(plain.blocks):
+            handles.append(block.mixer.register_forward_hook(watch(f"layer {i}'s mixer {self._mixer_name(i)}")))
+            handles.append(block.ffn.register_forward_hook(watch(f"layer {i}'s FFN")))
+        try:
+            with torch.no_grad(), self.autocast(), self.context() if sharded else contextlib.nullcontext():
+                for x, _, *packed in batches:
+                    cu_seqlens = packed[0].to(self.world.device) if packed and packed[0] is not None else None
+                    self.model(x.to(self.world.device), mode=tc.mode, chunk_size=tc.chunk_size, cu_seqlens=cu_seqlens)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if found:
+            return f"the first non-finite output is {found[0]}, whose inputs were finite"
+        return f"every layer's output is finite: the loss or the backward pass is not; lower lr (now {tc.lr})"
+
+    def _mixer_name(self, layer: int) -> str:
+        """``'retention' (backend 'torch' of plugin ...)``: the mixer of ``layer`` and the backends it runs on."""
+        mixer = distributed.unwrapped(self.model).blocks[layer].mixer
+        spec = self.model_config.layer_specs()[layer].mixer
+        registry, dtype = get_registry(), torch.bfloat16 if self.tc.precision == "bf16" else torch.float32
+        backends = []
+        for op in getattr(mixer, "ops", ()):
+            try:
+                chosen = registry.resolve_backend(
+                    op, mixer.backend, device=self.world.device, dtype=dtype, mode=self.tc.mode
+                )
+                backends.append(registry.describe_backend(chosen))
+            except (KeyError, ValueError, RuntimeError):
+                backends.append(f"backend {mixer.backend!r} of op {op!r}")
+        return f"{spec!r} ({'; '.join(backends) or 'no registered op'})"
+
     def measures(self, step: int) -> dict[str, float | None]:
         """What the run log records at ``step`` besides a validation loss."""
         r = self.result
@@ -718,13 +974,16 @@ class _Run:
         agreed = distributed.all_sum(stop.signum or 0, self.world)
         return stop.signum or (int(agreed) if agreed else None)
 
-    def loop(self, stop: _StopSignals, resume: str | Path | None = None) -> TrainResult:
+    def loop(self, stop: _StopSignals) -> TrainResult:
         tc, r = self.tc, self.result
-        if resume is None and self.log.enabled:
+        if self.saved is None and self.log.enabled:
             self.log.path.unlink(missing_ok=True)  # a new run's log (a resumed one appends)
-        if resume is not None:
-            done = train_state.load(self, resume)
-            self.bar.log(f"resumed {resume} after step {done}")
+        if self.saved is not None:
+            done = train_state.load(self, self.saved)
+            self.bar.log(f"resumed {self.saved.path.parent} after step {done}")
+            if self.data_changed and r.best_step is not None:  # its validation measured other data
+                self.bar.log(f"best so far forgotten (step {r.best_step}, val loss {r.best_val_loss:.3f}): other data")
+                r.best, r.best_step, r.best_val_loss = None, None, math.inf
         else:
             done = 0
             self.validate(0)
@@ -736,9 +995,10 @@ class _Run:
             t0 = time.perf_counter()
             loss_value = self.step(step)
             if not math.isfinite(loss_value):
+                origin = self.nonfinite_origin(self.micro, sharded=True)
                 self.bar.close()
                 raise TrainingDiverged(
-                    f"training diverged at step {step}: loss {loss_value}; lower lr (now {tc.lr})", step=step, result=r
+                    f"training diverged at step {step}: loss {loss_value}; {origin}", step=step, result=r
                 )
             r.train_s += time.perf_counter() - t0
             r.train_curve.append((step, loss_value))

@@ -271,7 +271,7 @@ OUTPUT_PLUGIN = (
     SEEN = []
 
     def right_once(q, k, v, gamma, **kwargs):
-        # right on its first call, then it drops the last head: only a new shape class is checked again
+        # right on its first call, then it drops the last head: caught only if every call is checked
         o, state = torch_retention.retention(q, k, v, gamma, **kwargs)
         SEEN.append(tuple(q.shape))
         return (o if len(SEEN) == 1 else o[:, :, :-1]), state

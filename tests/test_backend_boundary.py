@@ -1,8 +1,8 @@
 """What a backend returns is checked at the op boundary, and ``"auto"`` leaves plugin backends alone unless allowed.
 
-A backend returning the wrong structure, shape, dtype or state shape fails at the op, on its first call per
-shape class, with an error naming the backend, its plugin and distribution (not far away in a mixer's
-layers). A plugin backend that returns zeros of the right shape passes that check; what keeps it from
+A backend returning the wrong structure, shape, dtype or state shape fails at the op, on any call (structure
+is metadata, checked on every call), with an error naming the backend, its plugin and distribution (not far
+away in a mixer's layers). A plugin backend that returns zeros of the right shape passes that check; what keeps it from
 taking over every model is the ``"auto"`` policy: for an op with a built-in backend, ``"auto"`` picks a
 plugin's backend only when the user allows it (``SEQMIXERS_AUTO_PLUGINS`` / ``mixers.allow_plugin_backends``),
 while a backend named explicitly always runs.
@@ -10,12 +10,16 @@ while a backend named explicitly always runs.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mixers
 from mixers import functional
 from mixers import registry as registry_module
+from mixers.ops import base
 from mixers.registry import BackendOutputError, Registry
 from tests.fake_plugins import OUTPUT_DISTRIBUTION, OUTPUT_VERSION, forget_other_fake_modules, write_output_distribution
 
@@ -94,28 +98,84 @@ def test_wrong_attention_states_fail_at_the_op(reg):
     )
 
 
-def test_outputs_are_checked_on_the_first_call_of_each_shape_class(reg):
-    """``right_once`` is right on its first call only: later calls of that shape class are trusted (one set
-    lookup per call), a new shape class is checked again."""
+# -- every call is checked (issue 21, item 6) -------------------------------------------------------------
+# The check reads only metadata (types, shapes, dtypes, devices), so it runs on every call of every backend, the
+# built-in ones included: benchmarks/backend_checks.py measures it at about 1% of an eager decode step of the
+# tiny presets (docs/registry.md).
+
+
+def test_a_plugin_backend_wrong_after_its_first_call_fails_on_that_call(reg):
     q, k, v = qkv()
-    functional.retention(q, k, v, 0.9, mode="recurrent", backend="right_once")
     o, _ = functional.retention(q, k, v, 0.9, mode="recurrent", backend="right_once")
-    assert o.shape == (2, 5, 2, 4)  # not checked again: the check costs nothing per decoded token
-    q, k, v = qkv(T=1)
-    fails(lambda: functional.retention(q, k, v, 0.9, mode="recurrent", backend="right_once"), "o of shape [2, 1, 2, 4]")
+    assert o.shape == (2, 5, 3, 4)
+    fails(
+        lambda: functional.retention(q, k, v, 0.9, mode="recurrent", backend="right_once"),
+        f"backend 'right_once' of op 'retention' ({PLUGIN})",
+        "o of shape [2, 5, 2, 4]; expected [2, 5, 3, 4] ([B, T, H, Dv])",
+    )
 
 
-def test_decoding_into_a_growing_kv_cache_is_checked_once_not_per_token(reg):
-    """The cache gains a token per step, so its length must not be part of the shape class: otherwise every
-    decoded token would run the full check and add an entry to the set of checked classes."""
+def test_a_builtin_backend_is_checked_on_every_call_too(reg, monkeypatch):
+    """The torch backend of softmax attention, made to forget the cache from its third decoding step on."""
+    torch_backend = reg.backends["softmax_attention"]["torch"]
+    calls = []
+
+    def forgets_later(q, k, v, *, mode, chunk_size, initial_state):
+        o, cache = torch_backend.fn(q, k, v, mode=mode, chunk_size=chunk_size, initial_state=initial_state)
+        calls.append(mode)
+        return o, (cache.k[:, :, :1], cache.v, cache.length) if len(calls) >= 3 else cache
+
+    wrong_later = dataclasses.replace(torch_backend, fn=forgets_later)
+    monkeypatch.setitem(reg.backends["softmax_attention"], "torch", wrong_later)
     q, k, v = qkv(T=1)
-    _, cache = functional.softmax_attention(q, k, v, mode="recurrent")
-    _, cache = functional.softmax_attention(q, k, v, mode="recurrent", initial_state=cache)
-    before = len(functional._CHECKED)
-    for _ in range(5):
-        _, cache = functional.softmax_attention(q, k, v, mode="recurrent", initial_state=cache)
-    assert cache.length.tolist() == [7, 7] and cache.k.shape[2] == 8  # capacity doubled: 1, 2, 4, 8
-    assert len(functional._CHECKED) == before
+    _, cache = functional.softmax_attention(q, k, v, mode="recurrent", backend="torch")
+    _, cache = functional.softmax_attention(q, k, v, mode="recurrent", initial_state=cache, backend="torch")
+    fails(
+        lambda: functional.softmax_attention(q, k, v, mode="recurrent", initial_state=cache, backend="torch"),
+        "backend 'torch' of op 'softmax_attention'",
+        "final_state.k of shape [2, 3, 1, 4]",
+    )
+
+
+def test_the_check_runs_no_tensor_operation():
+    """Host metadata only: no aten op runs inside it, so nothing waits for a device."""
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = qkv()
+    call = functional.RETENTION.prepare(q, k, v, 0.9, mode="recurrent")
+    result = functional.retention(q, k, v, 0.9, mode="recurrent", backend="torch")
+    with Ops() as ops:
+        checked = base._verified(None, call.mode, result, call.describe, call.o, call.state, call.device)
+    assert checked is result and ops.seen == []
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        "not a pair",
+        (torch.zeros(2, 5, 3, 4),),
+        (torch.zeros(2, 5, 3, 4), "no state"),
+        (torch.zeros(2, 5, 3, 4, dtype=torch.float64), torch.zeros(2, 3, 4, 4)),
+        (torch.zeros(2, 5, 3, 4), torch.zeros(2, 3, 4, 4, device="meta")),
+    ],
+    ids=["not-a-pair", "one-item", "state-not-a-tensor", "wrong-dtype", "wrong-device"],
+)
+def test_the_quick_test_and_the_explained_check_agree(reg, result):
+    """``_fits`` is the quick test every call takes; what it refuses, the full check explains (and raises)."""
+    q, k, v = qkv()
+    call = functional.RETENTION.prepare(q, k, v, 0.9, mode="recurrent")
+    assert not base._fits(result, [call.o, *call.state], call.device)
+    backend = reg.backends["retention"]["torch"]
+    with pytest.raises(BackendOutputError):
+        base._verified(backend, call.mode, result, call.describe, call.o, call.state, call.device)
 
 
 def test_builtin_backends_pass_the_boundary_check(reg):

@@ -62,7 +62,6 @@ def prepare_double(x: Tensor, *, mode: str, chunk_size: int | None = None, initi
         mode=mode,
         o=("y", tuple(x.shape), "[B, T]", x.dtype),
         state=[("total", (x.shape[0],), "[B]", x.dtype)],
-        key=(mode, x.dtype, x.shape),
         describe=lambda: f"x {list(x.shape)}",
     )
 

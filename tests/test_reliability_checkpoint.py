@@ -153,8 +153,8 @@ def test_a_save_removes_temporary_files_of_dead_writers(saved):
 def test_the_layout_a_save_checks_is_the_one_load_builds(mixer, tie):
     """A save checks against a model built on the meta device (no memory, no init); load builds a real one."""
     config = tiny_config([mixer, "softmax_attention"], tie_embeddings=tie, ffn="swiglu")
-    real = {k: tuple(t.shape) for k, t in ckpt._tensors(LanguageModel(config)).items()}
-    assert ckpt._layout(config) == real
+    real = {k: (tuple(t.shape), t.dtype) for k, t in ckpt._tensors(LanguageModel(config)).items()}
+    assert {k: (tuple(t.shape), t.dtype) for k, t in ckpt._template(config).items()} == real
 
 
 @pytest.mark.parametrize("meta", [True, False])

@@ -105,7 +105,7 @@ def test_a_state_from_another_setup_is_refused(tmp_path):
     run(out, dataclasses.replace(TRAIN, save_every=4))
     other = dataclasses.replace(MODEL, d_model=32)
     with pytest.raises(train_state.ResumeError, match="another setup: model"):
-        training.train(other, TRAIN, data=DATA, progress=False, resume=out)
+        training.train(other, dataclasses.replace(TRAIN, steps=9), data=DATA, progress=False, resume=out)
     with pytest.raises(train_state.ResumeError, match="no training state in"):
         run(None, resume=tmp_path / "nothing")
 

@@ -131,7 +131,7 @@ def test_cache_packed_rows_equal_the_in_memory_rows_for_lines(tmp_path):
 
 
 def test_bpe_run_saves_its_tokenizer_and_generate_uses_it(folder, tmp_path, capsys):
-    config = tiny_run_file(tmp_path / "tiny.toml", model={"vocab_size": 1000})
+    config = tiny_run_file(tmp_path / "tiny.toml")  # no vocab_size: the tokenizer's is taken
     out = tmp_path / "run"
     argv = ["train", "--config", str(config), "--data", str(folder), "--out", str(out), "--quiet"]
     assert cli.main([*argv, "--tokenizer", "bpe", "--bpe-vocab", "300"]) == 0
@@ -162,7 +162,7 @@ def test_bpe_run_saves_its_tokenizer_and_generate_uses_it(folder, tmp_path, caps
 
 def test_a_resumed_bpe_run_reuses_its_tokenizer_and_cache(folder, tmp_path):
     tc = dataclasses.replace(TC, tokenizer="bpe", bpe_vocab=300, save_every=1)
-    big = dataclasses.replace(MODEL, vocab_size=512)
+    big = MODEL  # the byte default: the tokenizer's size, in the first run and the resumed one
     out = tmp_path / "run"
     first = training.train(big, tc, source=folder, out=out, progress=False)
     assert first.model.config.vocab_size == first.tokenizer.vocab_size <= 300
@@ -189,10 +189,10 @@ def test_errors_are_clear(folder, tmp_path, capsys):
         training.train(MODEL, TC, source=tmp_path / "missing", progress=False)
     out = tmp_path / "small"
     tc = dataclasses.replace(TC, tokenizer="bpe", bpe_vocab=300)
-    with pytest.raises(ConfigError) as caught:
-        training.train(MODEL, tc, source=folder, out=out, progress=False)  # vocab_size 256 < the tokenizer's
+    with pytest.raises(ConfigError) as caught:  # a vocab_size chosen, and smaller than the tokenizer's
+        training.train(dataclasses.replace(MODEL, vocab_size=257), tc, source=folder, out=out, progress=False)
     size = load_tokenizer(out).vocab_size
-    assert f"vocab_size=256 in the model config is smaller than the BPE tokenizer's {size} ids" in str(caught.value)
+    assert f"vocab_size=257 in the model config is smaller than the BPE tokenizer's {size} ids" in str(caught.value)
     with pytest.raises(ConfigError, match=r"data '.*tiny\.txt' holds \d+ tokens; seq_len=16"):
         (tmp_path / "tiny.txt").write_text("a few words only")
         training.train(MODEL, dataclasses.replace(TC, tokenizer="bpe"), source=tmp_path / "tiny.txt", progress=False)

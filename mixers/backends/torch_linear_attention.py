@@ -6,6 +6,9 @@ hand-written backward) rather than a second copy of it. The normaliser ``q_t . z
 with every value replaced by 1, so the values get a column of ones appended: one pass carries
 ``[kv | z]`` as a single ``[Dk, Dv + 1]`` state and yields numerator and denominator together.
 
+Non-finite inputs are excluded as in the retention backend; with gradients, before the normaliser, whose
+backward would otherwise meet the NaN of a later output with a zero gradient.
+
 Inputs arrive validated by ``mixers.functional.linear_attention``. Computation runs in float32
 (float64 for float64 inputs); ``o`` is cast back to the input dtype.
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mixers.backends import torch_retention
+from mixers.backends import nonfinite, torch_retention
 from mixers.functional import LinearState, state_dtype
 
 
@@ -45,11 +48,17 @@ def linear_attention(
         if initial_state is None:
             initial_state = LinearState(q.new_zeros(B, H, Dk, Dv, dtype=acc), q.new_zeros(B, H, Dk, dtype=acc))
         return v.new_empty(B, 0, H, Dv), initial_state
+    found = None
+    if torch_retention.recording(q, k, v, state):  # (the normaliser's backward too must meet no NaN)
+        (q, k, v), found = nonfinite.finite_parts(q, k, v)
     v = torch.cat([v.to(acc), v.new_ones(B, T, H, 1, dtype=acc)], dim=-1)  # the ones column makes the normaliser
     no_decay = torch.ones(H, dtype=torch.float64, device=q.device)
-    o, state = torch_retention.retention(
+    o, state = torch_retention.compute(
         q.to(acc), k.to(acc), v, no_decay, mode=mode, chunk_size=chunk_size, initial_state=state
     )  # (B, T, H, Dv + 1)
     num, den = o[..., :Dv], o[..., Dv:]
-    o = num / guard(den, eps) if normalize else num
-    return o.to(out_dtype), LinearState(state[..., :Dv].contiguous(), state[..., Dv].contiguous())
+    o = (num / guard(den, eps) if normalize else num).to(out_dtype)
+    kv, z = state[..., :Dv].contiguous(), state[..., Dv].contiguous()
+    if found is None:
+        return o, LinearState(kv, z)
+    return o + found.o, LinearState(kv + found.state(), z + found.keys)

@@ -5,17 +5,22 @@ once: the parallel form is a single chunk of T tokens; the chunkwise form is N f
 tail chunk (so any chunk size works, dividing T or not). Every decay power is ``exp(e * log gamma)``
 with ``0 <= e <= C``, never ``gamma^(-t)``, so nothing overflows on long sequences.
 
-Causality with non-finite inputs. Future positions are excluded, not multiplied by zero (``0 * NaN`` is
-NaN): the scores of later keys are zeroed by ``tril_`` (which writes zeros), and later values never enter
-an earlier output: the ``C x C`` product takes the values with non-finite entries zeroed, and those entries
-are added back from their own position on (``_intra``; skipped on the CPU when the values are all finite).
-A NaN or inf at position t thus leaves every output before t as it was, in every mode, and still makes the
-outputs from t on non-finite.
+Causality with non-finite inputs. A NaN or inf at position t leaves every output before t as it was, in every
+mode, and makes the outputs from t on non-finite; with gradients, it leaves the gradients of the inputs before t
+as they were too. With gradients, the computation runs on the finite parts of q, k, v and the non-finite
+entries are marked NaN where they reach (``mixers.backends.nonfinite``), so nothing non-finite meets a zero in
+the backward. Without gradients, the forward excludes later positions itself, without copying the inputs: the
+scores of later keys are zeroed by ``tril_`` (which writes zeros), and the ``C x C`` product takes the values
+with non-finite entries zeroed, those entries added back from their own position on (``_intra``; skipped on the
+CPU when the values are all finite); token by token, nothing later is ever read.
 
 Memory. Without gradients, chunkwise mode runs ``GROUP`` chunks at a time (``_streamed``), so besides the
 inputs and the output it keeps a bounded number of ``[B, H, Dk, Dv]`` states whatever T is. With gradients
 it keeps the state entering every chunk for the backward pass (``N`` states); inside
 ``checkpoint_states()`` it keeps one state every few chunks and recomputes the others in the backward.
+Recurrent mode with gradients keeps no state per token (``_Recurrent``): its backward recomputes the states
+in a forward sweep (for ``dq``) and runs the state's gradient in a backward sweep (for ``dk``, ``dv``), two
+``[B, H, Dk, Dv]`` tensors alive whatever T is, as fla's fused recurrent kernel does.
 
 Inputs arrive validated by ``mixers.functional.retention``; ``gamma`` is a float64 tensor ``[H]``.
 Computation runs in float32 (float64 for float64 inputs); ``o`` is cast back to the input dtype.
@@ -31,6 +36,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from mixers.backends import nonfinite
 from mixers.functional import state_dtype
 
 GROUP = 8  # chunks computed at once without gradients: at most 2 * GROUP + 1 states are alive
@@ -122,15 +128,6 @@ def _scores(a: Tensor, b: Tensor, intra: Tensor) -> Tensor:
     return _bmm(a, b.transpose(-1, -2)).mul_(intra).tril_()
 
 
-def may_be_nonfinite(*tensors: Tensor) -> bool:
-    """Whether the tensors may hold a NaN or inf: always on a GPU, where asking would make the host wait for
-    the device, and while compiling, where asking would break the graph; on the CPU, whether their sum is not
-    finite (it is not whenever an entry is not)."""
-    if torch.compiler.is_compiling() or any(t.device.type != "cpu" for t in tensors):
-        return True
-    return not all(bool(torch.isfinite(t.sum())) for t in tensors)
-
-
 def _intra(scores: Tensor, v: Tensor, out: Tensor, exclude: bool) -> Tensor:
     """``out += scores @ v`` with the future values excluded: ``scores`` is zero right of the diagonal, but
     ``0 * NaN`` would still be NaN. So, with ``exclude``, the product takes ``v`` with its non-finite entries
@@ -204,11 +201,10 @@ class _Chunks(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, q: Tensor, k: Tensor, v: Tensor, state: Tensor, log_g: Tensor, every: int | None
+        ctx, q: Tensor, k: Tensor, v: Tensor, state: Tensor, log_g: Tensor, every: int | None, exclude: bool
     ) -> tuple[Tensor, Tensor]:
         N = q.shape[2]
         decays = _decays(log_g, q.shape[-2])
-        exclude = may_be_nonfinite(v)
         if every is None:
             o, saved, final = _forward(q, k, v, state, decays, exclude)
         else:
@@ -233,7 +229,7 @@ class _Chunks(torch.autograd.Function):
         every = ctx.every
         if every is None:
             dq, dk, dv, dstate = _backward(q, k, v, do, saved, dfinal, decays)
-            return dq, dk, dv, dstate, None, None
+            return dq, dk, dv, dstate, None, None, None
         N = q.shape[2]
         k_decay, chunk_decay = decays[2][:, None, :, None], decays[3]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -245,17 +241,18 @@ class _Chunks(torch.autograd.Function):
             dq[:, :, n0:n1], dk[:, :, n0:n1], dv[:, :, n0:n1], dstate = _backward(
                 qg, kg, vg, dog, incoming, dstate, decays
             )
-        return dq, dk, dv, dstate, None, None
+        return dq, dk, dv, dstate, None, None, None
 
 
 def _chunks(
-    q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, state: Tensor | None, every: int | None = None
+    q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, state: Tensor | None, exclude: bool, every: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Retention over ``q, k: [B, H, N, C, Dk]``, ``v: [B, H, N, C, Dv]`` from ``state [B, H, Dk, Dv]``."""
+    """Retention over ``q, k: [B, H, N, C, Dk]``, ``v: [B, H, N, C, Dv]`` from ``state [B, H, Dk, Dv]``
+    (``exclude``: as ``_intra``'s)."""
     if state is None:
         B, H = q.shape[:2]
         state = q.new_zeros(B, H, q.shape[-1], v.shape[-1])
-    return _Chunks.apply(q, k, v, state, log_g, every)
+    return _Chunks.apply(q, k, v, state, log_g, every, exclude)
 
 
 def _streamed(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, state: Tensor | None, C: int) -> tuple[Tensor, Tensor]:
@@ -270,7 +267,7 @@ def _streamed(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, state: Tensor | No
     if state is None:
         state = q.new_zeros(B, H, Dk, Dv, dtype=acc)
     decays = _decays(log_g, C)
-    exclude = may_be_nonfinite(v)
+    exclude = nonfinite.may_be_nonfinite(v)
     full = T // C * C
     pieces = [(t0, min(t0 + GROUP * C, full), C) for t0 in range(0, full, GROUP * C)]
     if full < T:
@@ -291,19 +288,71 @@ def _streamed(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, state: Tensor | No
     return o.transpose(1, 2), state
 
 
-def _recurrent(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Token by token: ``S_t = gamma S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``. ``q, k, v: [B, T, H, D]``."""
-    B, T, H, Dk = q.shape
-    if state is None:
-        state = q.new_zeros(B, H, Dk, v.shape[-1])
-    g = gamma[:, None, None]
+def recording(*tensors: Tensor | None) -> bool:
+    """Whether autograd records a call on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _steps(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    """Token by token: ``S_t = gamma S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``. ``q, k, v: [B, T, H, D]``,
+    ``g = gamma [H, 1, 1]``."""
     outs = []
-    # Split once with unbind: indexing q[:, t] in the loop would make autograd zero-fill and add a
-    # full-size gradient per token (O(T^2) work in the backward).
     for q_t, k_t, v_t in zip(q.unbind(1), k.unbind(1), v.unbind(1), strict=True):
         state = g * state + k_t[..., :, None] * v_t[..., None, :]
         outs.append((q_t[..., None, :] @ state).squeeze(-2))  # (B, H, Dv)
     return torch.stack(outs, dim=1), state
+
+
+class _Recurrent(torch.autograd.Function):
+    """Recurrent retention whose backward keeps no state per token (autograd through ``_steps`` would keep
+    every ``S_t``, T x ``[B, H, Dk, Dv]``). With ``G_t`` the gradient of ``S_t`` (``G_T`` that of the final
+    state plus ``q_T^T do_T``; ``G_t = gamma G_{t+1} + q_t^T do_t``): ``dq_t = do_t S_t^T`` needs the states,
+    recomputed in a forward sweep; ``dk_t = G_t v_t`` and ``dv_t = k_t G_t`` need only ``G_t``, run backwards;
+    the initial state's gradient is ``gamma G_1``. It saves q, k, v and the initial state. Each sweep updates one
+    state in place and writes each token's result into a tensor made beforehand: no allocation lives from one
+    token to the next, which on the CPU would scatter the freed states and grow the heap with T."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, state: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(q, k, v, state, g)
+        B, T, H, _ = q.shape
+        S = state.clone()
+        o = q.new_empty(T, B, H, v.shape[-1])  # time first: o[t] is one contiguous block
+        for t, (q_t, k_t, v_t) in enumerate(zip(q.unbind(1), k.unbind(1), v.unbind(1), strict=True)):
+            S.mul_(g).addcmul_(k_t[..., :, None], v_t[..., None, :])
+            torch.matmul(q_t[..., None, :], S, out=o[t, ..., None, :])
+        return o.transpose(0, 1), S
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do: Tensor, dfinal: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, state, g = ctx.saved_tensors
+        qs, ks, vs, dos = (x.unbind(1) for x in (q, k, v, do))
+        dq, dk, dv = (x.new_empty(x.shape[1], x.shape[0], *x.shape[2:]) for x in (q, k, v))  # time first
+        S = state.clone()
+        for t, (k_t, v_t, do_t) in enumerate(zip(ks, vs, dos, strict=True)):
+            S.mul_(g).addcmul_(k_t[..., :, None], v_t[..., None, :])
+            torch.matmul(do_t[..., None, :], S.transpose(-1, -2), out=dq[t, ..., None, :])
+        grad = dfinal.clone()
+        for t in range(q.shape[1] - 1, -1, -1):
+            grad.addcmul_(qs[t][..., :, None], dos[t][..., None, :])  # G_t
+            torch.matmul(grad, vs[t][..., :, None], out=dk[t, ..., :, None])
+            torch.matmul(ks[t][..., None, :], grad, out=dv[t, ..., None, :])
+            grad.mul_(g)
+        dstate = grad if ctx.needs_input_grad[3] else None
+        return dq.transpose(0, 1), dk.transpose(0, 1), dv.transpose(0, 1), dstate, None
+
+
+def _recurrent(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Token by token: ``S_t = gamma S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``. ``q, k, v: [B, T, H, D]``; with
+    gradients, through ``_Recurrent``."""
+    B, T, H, Dk = q.shape
+    if state is None:
+        state = q.new_zeros(B, H, Dk, v.shape[-1])
+    g = gamma[:, None, None]
+    if recording(q, k, v, state):
+        return _Recurrent.apply(q, k, v, state, g)
+    return _steps(q, k, v, g, state)
 
 
 def retention(
@@ -316,7 +365,29 @@ def retention(
     chunk_size: int | None,
     initial_state: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """The torch backend of ``mixers.functional.retention`` (inputs already validated)."""
+    """The torch backend of ``mixers.functional.retention`` (inputs already validated). With gradients, it
+    computes on the finite parts of q, k, v and marks where the others reach (module docstring)."""
+    found = None
+    if recording(q, k, v, initial_state):
+        (q, k, v), found = nonfinite.finite_parts(q, k, v)
+    o, state = compute(q, k, v, gamma, mode=mode, chunk_size=chunk_size, initial_state=initial_state)
+    if found is None:
+        return o, state
+    return o + found.o, state + found.state()
+
+
+def compute(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gamma: Tensor,
+    *,
+    mode: str,
+    chunk_size: int | None,
+    initial_state: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Retention as ``retention`` computes it, but with gradients the inputs must be finite: the caller
+    passes their finite parts (``nonfinite.finite_parts``), as ``retention`` and ``linear_attention`` do."""
     out_dtype = q.dtype
     acc = state_dtype(q.dtype)
     B, T, H, Dk = q.shape
@@ -327,8 +398,8 @@ def retention(
     # log(gamma) from the float64 gamma: a tiny gamma (say 1e-300) rounds to 0 in float32, and
     # log(0) = -inf would turn the exponent-0 decays into 0 * inf = NaN.
     log_g = torch.log(gamma.to(torch.float64)).to(acc)
-    tracked = (q, k, v) if initial_state is None else (q, k, v, initial_state)
-    if mode == "chunkwise" and not (torch.is_grad_enabled() and any(t.requires_grad for t in tracked)):
+    tracked = recording(q, k, v, initial_state)
+    if mode == "chunkwise" and not tracked:
         return _streamed(q, k, v, log_g, initial_state, min(chunk_size, T))
 
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
@@ -336,6 +407,7 @@ def retention(
         o, state = _recurrent(q, k, v, gamma.to(acc), initial_state)
         return o.to(out_dtype), state
 
+    exclude = not tracked and nonfinite.may_be_nonfinite(v)  # (with gradients, the inputs are finite)
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     C = T if mode == "parallel" else min(chunk_size, T)
     N, tail = divmod(T, C)
@@ -349,6 +421,7 @@ def retention(
             vh[:, :, :full].reshape(B, H, N, C, Dv),
             log_g,
             state,
+            exclude,
             _checkpoint_every(N) if mode == "chunkwise" else None,
         )
         pieces.append(o.reshape(B, H, full, Dv))
@@ -359,6 +432,7 @@ def retention(
             vh[:, :, full:].unsqueeze(2),
             log_g,
             state,
+            exclude,
         )
         pieces.append(o.reshape(B, H, tail, Dv))
     o = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)

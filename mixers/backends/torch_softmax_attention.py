@@ -20,11 +20,12 @@ Chunkwise and recurrent run in float32 (float64 for float64 inputs); the cache k
 
 Causality with non-finite inputs. Parallel and chunkwise weigh a whole block of values by probabilities that
 are exactly 0 for later keys, and ``0 * NaN`` is NaN; SDPA with an explicit mask even adds ``-inf`` to a
-later key's NaN score. So they take the new keys and values with their non-finite entries zeroed, and
-``_excluded`` adds those entries back to the outputs from their own position on: a NaN or inf at position
-t leaves every output before t as it was, and makes the outputs from t on non-finite. The cache, which
-every new query sees whole, and the returned cache keep the values as given. (On the CPU, new keys and
-values that are all finite skip this: it would change nothing.)
+later key's NaN score; every backward meets a later NaN with a zero gradient. So every mode computes on the
+finite parts of the new queries, keys and values, and marks NaN where the non-finite entries reach
+(``mixers.backends.nonfinite``): a NaN or inf at position t leaves every output before t, and the gradients
+of every input before t, as they were, and makes the outputs from t on non-finite. The cache, which every
+new query sees whole, and the returned cache keep the values as given. (On the CPU, new tokens that are all
+finite skip this: it would change nothing; so does a single new token, which nothing earlier sees.)
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from einops import rearrange
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from mixers.backends.torch_retention import may_be_nonfinite
+from mixers.backends import nonfinite
 from mixers.functional import KVCache, state_dtype
 
 
@@ -126,19 +127,6 @@ def _parallel(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=H != Hkv).transpose(1, 2)
 
 
-def _excluded(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The new keys and values with non-finite entries zeroed, and what they lacked, summed over time:
-    ``[B, T, Hkv, Dv]``, zero before the first non-finite key or value of a head and non-finite from it on
-    (a non-finite key contributes NaN to every value channel). Added to the outputs, it makes each output
-    non-finite exactly when a non-finite key or value at or before its position enters it. No gradient
-    flows through it; through the zeroed inputs, finite entries get theirs unchanged."""
-    k_fin = torch.nan_to_num(k, nan=0.0, posinf=0.0, neginf=0.0)
-    v_fin = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
-    with torch.no_grad():
-        lacking = (v - v_fin).add_((k - k_fin).mul_(0).sum(-1, keepdim=True))  # x * 0: 0, or NaN if x is not finite
-    return k_fin, v_fin, lacking.cumsum_(1)
-
-
 def _recurrent(q5: Tensor, k: Tensor, v: Tensor, offset: int | Tensor, scale: float) -> Tensor:
     """Token by token: ``q5 [B, Hkv, T, G, Dk]`` against ``k, v [B, Hkv, L, D]``; returns ``[B, Hkv, T, G, Dv]``.
     With an int ``offset`` each query reads the keys up to its own; with per-row offsets ``[B]``, all ``L``
@@ -191,9 +179,8 @@ def softmax_attention(
 ) -> tuple[Tensor, KVCache]:
     """The torch backend of ``mixers.functional.softmax_attention`` (inputs already validated; a cache has room
     for the new tokens and its ``length``)."""
-    B, T, H, Dk = q.shape
-    Hkv, Dv = k.shape[2], v.shape[-1]
-    G = H // Hkv
+    B, T, H, _ = q.shape
+    Dv = v.shape[-1]
     if initial_state is None:  # the cache is the new keys and values, head-major views of them (no copy)
         cache = KVCache(k.transpose(1, 2), v.transpose(1, 2), torch.full((B,), T, dtype=torch.int64, device=q.device))
         offset: int | Tensor = 0
@@ -205,26 +192,28 @@ def softmax_attention(
         cache = KVCache(*write, offset + T)
     if T == 0:
         return q.new_empty(B, 0, H, Dv), cache
-    lacking = None
-    # Without a cache, token by token slices each query's keys, so it sees only what it may; with one, every mode
-    # reads the whole capacity, so later new tokens must be excluded (a single new token is seen only by itself).
-    exclude = T > 1 if initial_state is not None else mode != "recurrent"
-    if exclude and may_be_nonfinite(k, v):
-        k_fin, v_fin, lacking = _excluded(k, v)
-        if initial_state is None:
-            kh, vh = k_fin.transpose(1, 2), v_fin.transpose(1, 2)
-        else:  # compute on copies holding the zeroed tokens; the returned cache keeps them as given
-            kh, vh = (_write(c, n, index, in_place=False) for c, n in ((cache.k, k_fin), (cache.v, v_fin)))
-    else:
+    (q, k_fin, v_fin), found = nonfinite.finite_parts(q, k, v)
+    if found is None:
         kh, vh = cache.k, cache.v  # (B, Hkv, L, D)
+    elif initial_state is None:
+        kh, vh = k_fin.transpose(1, 2), v_fin.transpose(1, 2)
+    else:  # compute on copies holding the zeroed tokens; the returned cache keeps them as given
+        kh, vh = (_write(c, n, index, in_place=False) for c, n in ((cache.k, k_fin), (cache.v, v_fin)))
+    o = _attend(q, kh, vh, offset, mode, chunk_size, with_cache=initial_state is not None)
+    return (o if found is None else o + found.o), cache
+
+
+def _attend(
+    q: Tensor, kh: Tensor, vh: Tensor, offset: int | Tensor, mode: str, chunk_size: int | None, with_cache: bool
+) -> Tensor:
+    """``o [B, T, H, Dv]`` of ``q [B, T, H, Dk]`` against the keys and values ``kh, vh [B, Hkv, L, D]`` in
+    ``mode``; the new tokens are the last T (``offset``: the tokens before them, per row with a cache)."""
+    Dk, Hkv = q.shape[-1], kh.shape[1]
+    G = q.shape[2] // Hkv
     if mode == "parallel":
-        if initial_state is None:
-            o = _parallel(q, kh.transpose(1, 2), vh.transpose(1, 2))
-        else:
-            o = _parallel_per_row(q, kh, vh, offset)
-        if lacking is None:
-            return o, cache
-        return (o.unflatten(2, (Hkv, G)) + lacking[:, :, :, None]).flatten(2, 3), cache  # (SDPA saved o: not in place)
+        if not with_cache:
+            return _parallel(q, kh.transpose(1, 2), vh.transpose(1, 2))
+        return _parallel_per_row(q, kh, vh, offset)
 
     acc = state_dtype(q.dtype)
     scale = Dk**-0.5
@@ -237,7 +226,4 @@ def softmax_attention(
         rows = rearrange(q5, "b h t g d -> b h (t g) d")  # row r is token r // G
         o = _BlockwiseAttention.apply(rows, kh, vh, offset, G, chunk_size, scale)
         o5 = rearrange(o, "b h (t g) d -> b h t g d", g=G)
-    o = rearrange(o5, "b h t g d -> b t h g d")
-    if lacking is not None:
-        o = o + lacking[:, :, :, None].to(acc)
-    return rearrange(o, "b t h g d -> b t (h g) d").to(q.dtype), cache
+    return rearrange(o5, "b h t g d -> b t (h g) d").to(q.dtype)

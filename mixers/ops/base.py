@@ -10,7 +10,7 @@ that brings an op of its own gets all of that by writing ``prepare``.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,18 +19,6 @@ from torch import Tensor
 
 from mixers.ops.checks import _shape
 from mixers.registry import Backend, BackendOutputError, get_registry, resolve_backend
-
-# Shape classes whose outputs were checked, per backend: a backend is checked on its first call with each
-# (mode, chunk size, dtype, device, input shapes, state or not), then trusted, so the per-token cost of
-# decoding stays one set lookup. Bounded: forgotten wholesale when full (the checks are cheap to redo).
-_CHECKED: set[Hashable] = set()
-_MAX_CHECKED = 4096
-
-
-def _remember(key: Hashable) -> None:
-    if len(_CHECKED) >= _MAX_CHECKED:
-        _CHECKED.clear()
-    _CHECKED.add(key)
 
 
 def _backend_fault(impl: Backend, mode: str, inputs: str, problem: str) -> BackendOutputError:
@@ -73,22 +61,42 @@ def check_backend_outputs(
 Spec = tuple[str, Sequence[int], str, torch.dtype]  # (name, shape, layout, dtype) of one output tensor
 
 
+def _fits(result: object, specs: Sequence[Spec], device: torch.device) -> bool:
+    """Whether ``result`` is ``(o, final_state)`` as ``specs`` (``o``'s, then the state's) describe: the quick
+    test every call takes, host metadata only; ``_verified`` explains a failure."""
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        return False
+    out, final = result
+    if len(specs) > 2:  # a state of several tensors
+        if not isinstance(final, (tuple, list)):
+            return False
+        parts = (out, *final)
+    else:
+        parts = (out, final)
+    if len(parts) != len(specs):
+        return False
+    for t, (_, shape, _, dtype) in zip(parts, specs, strict=True):
+        if not isinstance(t, Tensor) or t.shape != shape or t.dtype != dtype or t.device != device:
+            return False
+    return True
+
+
 def _verified(
     impl: Backend,
     mode: str,
-    key: Hashable,
     result: object,
     inputs: Callable[[], str],
     o: Spec,
     state: Sequence[Spec],
     device: torch.device,
 ) -> tuple[Tensor, Any]:
-    """The ``(o, final_state)`` a backend returned, checked on its first call of the shape class ``key``
-    against the specs of ``o`` and of the state (one tensor, or a tuple for several specs); later calls of
-    the class cost one set lookup. ``inputs`` describes the call, for the message (built only if needed).
-    While compiling, every call is checked, at trace time only (nothing of it runs in the compiled graph)."""
-    compiling = torch.compiler.is_compiling()
-    if not compiling and key in _CHECKED:
+    """The ``(o, final_state)`` a backend returned, checked on every call against the specs of ``o`` and of
+    the state (one tensor, or a tuple for several specs): its structure, shapes, dtypes and devices are
+    metadata, read on the host without waiting for the device (the cost: docs/registry.md). ``inputs``
+    describes the call, for the message (built only if needed). While compiling, the check runs when the
+    graph is traced (nothing of it runs in the compiled graph)."""
+    specs = [o, *state]
+    if _fits(result, specs, device):
         return result  # type: ignore[return-value]
     where = inputs()
     out, final = _pair(impl, mode, where, result, "(o, final_state)")
@@ -96,11 +104,8 @@ def _verified(
     if len(state) > 1:
         names = ", ".join(spec[0].rsplit(".", 1)[-1] for spec in state)
         parts[1:] = _pair(impl, mode, where, final, f"({names}) as the final state", len(state))
-    specs = [o, *state]
     expected = [(name, t, shape, layout, dtype) for (name, shape, layout, dtype), t in zip(specs, parts, strict=True)]
     check_backend_outputs(impl, mode, where, expected, device)
-    if not compiling:
-        _remember(key)
     return result  # type: ignore[return-value]
 
 
@@ -110,8 +115,8 @@ class OpCall:
 
     ``args``/``kwargs`` go to the backend's ``fn``; ``device``, ``dtype`` and ``mode`` choose it. ``o`` and
     ``state`` are the specs ``(name, shape, layout, dtype)`` of what it must return (one spec: the state is one
-    tensor; several: a tuple of them). ``key`` is the call's shape class (what is checked once); ``describe``
-    says what the inputs were, for messages; ``make_state`` turns the backend's state into the op's state type.
+    tensor; several: a tuple of them), checked on every call. ``describe`` says what the inputs were, for
+    messages; ``make_state`` turns the backend's state into the op's state type.
     """
 
     args: tuple[Any, ...]
@@ -121,7 +126,6 @@ class OpCall:
     mode: str
     o: Spec
     state: Sequence[Spec]
-    key: Hashable
     describe: Callable[[], str]
     make_state: Callable[[Any], Any] = lambda state: state
 
@@ -199,8 +203,7 @@ class Op:
                 result = impl.fn(*call.args, **call.kwargs)
         else:  # the usual case, and every decode step: no context to enter
             result = impl.fn(*call.args, **call.kwargs)
-        key = (self.name, impl.name, impl.fn, call.key)
-        o, state = _verified(impl, call.mode, key, result, call.describe, call.o, call.state, call.device)
+        o, state = _verified(impl, call.mode, result, call.describe, call.o, call.state, call.device)
         return o, call.make_state(state)
 
     def load_reference(self) -> Callable[..., Any]:

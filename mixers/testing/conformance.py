@@ -8,7 +8,7 @@ on bad input.
 
 ``check_op_backend(op, backend)`` checks one backend of an op against a float64 reference written from
 the formula: every mode, any split with state hand-over, gradients, low precision, causality of a NaN or
-inf input, and bad input.
+inf input (of the outputs and of the gradients), and bad input.
 
 Both raise ``ConformanceError`` (an ``AssertionError``) listing every failed check; a property that
 hypothesis falsified comes with its shrunk counterexample, reported by the kit itself in one line
@@ -24,6 +24,7 @@ import contextlib
 import functools
 import inspect
 import itertools
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -140,9 +141,10 @@ class Check:
 
     @property
     def doc(self) -> str:
-        """The first sentence of the check's docstring."""
+        """The first sentence of the check's docstring: up to a full stop followed by a capital letter (so that an
+        abbreviation such as "w.r.t." does not end it)."""
         text = " ".join((self.fn.__doc__ or "").split())
-        return text.split(". ")[0].rstrip(".") + "." if text else ""
+        return re.split(r"(?<=\.) (?=[A-Z])", text)[0].rstrip(".") + "." if text else ""
 
 
 # -- hypothesis inside a function ----------------------------------------------------------------------
@@ -440,7 +442,7 @@ def check_empty_input_keeps_the_state(target: MixerTarget) -> None:
     for mode in target.modes:
         y, after = mixer(x[:, :0], state, mode=mode, chunk_size=4)
         assert tuple(y.shape) == (2, 0, target.d_model), f"{mode}: output shape {tuple(y.shape)} for an empty input"
-        assert_states_close(after, state, 0.0, f"{mode}: state after an empty input")
+        assert_states_close(after, state, 0.0, f"{mode}, an empty input: the state")
 
 
 def _grads(mixer: TokenMixer, x: Tensor, weight: Tensor, fn: Callable[[Tensor], Tensor]):
@@ -917,29 +919,47 @@ def check_op_low_precision(target: OpTarget, max_examples: int | None = None) ->
 
 
 def check_op_nonfinite_stays_causal(target: OpTarget, max_examples: int | None = None) -> None:
-    """A NaN or inf at position t of a sequence input (q, k or v) leaves every output before t unchanged and
-    finite, in every mode and from any initial state: later positions are excluded, not weighted by zero."""
+    """A NaN or inf at position t of a sequence input (q, k or v) leaves the outputs before t, and the gradients
+    of a loss on them w.r.t. every sequence input before t and the initial state, unchanged and finite, in every
+    mode and from any initial state. Later positions must be excluded, not weighted by zero: ``0 * NaN`` is NaN,
+    in a forward product and in a backward one that meets a later NaN with a zero gradient. (A weight of the op,
+    such as a convolution's, is not held to it: its gradient sums over every position, the NaN's included.)"""
 
     def nonfinite_stays_causal(case, position, which, value):
-        inputs = case.inputs(device=target.device)
+        inputs = case.inputs(requires_grad=True, device=target.device)
         names = sorted(inputs.seq)
         name = names[which % len(names)]
         T = inputs.seq[name].shape[1]
         if T < 2:
             return
         t = 1 + position % (T - 1)
-        poisoned = inputs.seq[name].clone()
+        poisoned = inputs.seq[name].detach().clone()
         poisoned[:, t] = float(value)
-        seq = {**inputs.seq, name: poisoned}
+        bad = OpInputs({**inputs.seq, name: poisoned.requires_grad_(True)}, inputs.const, inputs.state)
         rtol = _op_rtol(target, poisoned.dtype)
+
+        def run(x: OpInputs, mode: str) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+            """The output, and the gradients of a random weighting of the outputs before t (the same each call)."""
+            o, _ = target.call(x, x.state, mode=mode, chunk_size=case.chunk_size)
+            gen = torch.Generator().manual_seed(case.seed + 2)
+            weight = torch.randn(o[:, :t].shape, generator=gen, dtype=torch.float64).to(o.device)
+            leaves = [leaf for _, leaf in x.named_leaves()]
+            return o, torch.autograd.grad((o[:, :t].double() * weight).sum(), leaves, allow_unused=True)
+
         for mode in target.modes:
             _at(mode)
-            o, _ = target.call(inputs, inputs.state, mode=mode, chunk_size=case.chunk_size)
-            o_bad, _ = target.spec.call(
-                seq, inputs.const, inputs.state, mode=mode, chunk_size=case.chunk_size, backend=target.backend
-            )
-            what = f"mode {mode!r}, chunk size {case.chunk_size}: outputs before a {value} in {name}[:, {t}]"
-            assert_rel_close(o_bad[:, :t], o[:, :t], rtol, what)
+            o, grads = run(inputs, mode)
+            o_bad, grads_bad = run(bad, mode)
+            where = f"mode {mode!r}, chunk size {case.chunk_size}, a {value} in {name}[:, {t}]"
+            assert_rel_close(o_bad[:, :t], o[:, :t], rtol, f"{where}: outputs before it")
+            scale = torch.tensor(max((g.abs().max().item() for g in grads if g is not None and g.numel()), default=0))
+            for (leaf, _), g, g_bad in zip(inputs.named_leaves(), grads, grads_bad, strict=True):
+                if g is None or leaf in inputs.const:
+                    continue
+                assert g_bad is not None, f"{where}: no gradient reaches {leaf}"
+                if leaf in inputs.seq:  # positions before t; a state is before every position
+                    g, g_bad = g[:, :t], g_bad[:, :t]
+                assert_rel_close(g_bad, g, rtol, f"{where}: d/d{leaf} before it", scale=scale)
 
     _property(
         nonfinite_stays_causal,

@@ -1,7 +1,16 @@
 """Float64 references written straight from the formulas, independent of the library's code.
 
 Each op's reference lives in its folder (``mixers/ops/<op>/reference.py``) and is re-exported here; this
-module adds the references of the mixers' own pieces (the short convolution).
+module adds the references of the mixers' own pieces (the short convolution). Each takes inputs of any float
+dtype and returns the output and the final state as the op returns them, in float64:
+
+- ``retention_reference(q, k, v, gamma, initial_state=None) -> (o, S_T)``;
+- ``linear_attention_reference(q, k, v, initial_state=None, *, normalize=True, eps=1e-6) -> (o, LinearState)``;
+- ``softmax_attention_reference(q, k, v, initial_state=None) -> (o, KVCache)``, the cache as ``KVCache.held()``
+  gives it;
+- ``short_conv_reference(x, weight, window=None) -> y``.
+
+docs/testing-api.md documents them, with an example test.
 """
 
 from __future__ import annotations

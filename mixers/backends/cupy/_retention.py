@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mixers.backends import torch_retention
+from mixers.backends import nonfinite, torch_retention
 from mixers.backends.cupy._runtime import Runtime, cupy_runtime
 
 CHUNK = 64  # positions per chunk in the kernels (any T: the last chunk may be shorter)
@@ -224,9 +224,14 @@ def retention(
 def run(
     rt: Runtime, q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, *, mode: str, initial_state: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """Retention on ``rt``, differentiable when any input requires a gradient."""
+    """Retention on ``rt``, differentiable when any input requires a gradient.
+
+    The kernels' forward excludes later non-finite keys and values itself; their backward products would meet
+    a later NaN with a zero gradient, so with gradients they run on the finite parts of q, k, v and the others
+    are marked where they reach (``mixers.backends.nonfinite``)."""
     gamma = gamma.contiguous()
-    tracked = (q, k, v) if initial_state is None else (q, k, v, initial_state)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
-        return RetentionFunction.apply(q, k, v, initial_state, gamma, mode, rt)
-    return forward(rt, q, k, v, gamma, initial_state, mode)
+    if not torch_retention.recording(q, k, v, initial_state):
+        return forward(rt, q, k, v, gamma, initial_state, mode)
+    (q, k, v), found = nonfinite.finite_parts(q, k, v)
+    o, s = RetentionFunction.apply(q, k, v, initial_state, gamma, mode, rt)
+    return (o, s) if found is None else (o + found.o, s + found.state())

@@ -101,7 +101,6 @@ def prepare(
             ("final_state.kv", (B, H, Dk, Dv), "[B, H, Dk, Dv]", sd),
             ("final_state.z", (B, H, Dk), "[B, H, Dk]", sd),
         ],
-        key=(mode, chunk, q.dtype, q.device, q.shape, Dv, state is None),
         describe=lambda: f"q {_shape(q)}, v {_shape(v)}",
         make_state=lambda state: LinearState(*state),
     )

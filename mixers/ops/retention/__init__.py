@@ -56,7 +56,6 @@ def prepare(
         mode=mode,
         o=("o", (B, T, H, Dv), "[B, T, H, Dv]", q.dtype),
         state=[("final_state", (B, H, Dk, Dv), "[B, H, Dk, Dv]", sd)],
-        key=(mode, chunk, q.dtype, q.device, q.shape, Dv, initial_state is None),
         describe=lambda: f"q {_shape(q)}, v {_shape(v)}",
     )
 

@@ -178,8 +178,6 @@ def prepare(
             ("final_state.v", (B, Hkv, C, Dv), "[B, Hkv, C, Dv]", q.dtype),
             ("final_state.length", (B,), "[B]", torch.int64),
         ],
-        # A cache's capacity and lengths are not part of the shape class (with a cache or without).
-        key=(mode, chunk, q.dtype, q.device, q.shape, Hkv, Dv, cache is None),
         describe=lambda: f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}, a cache of capacity {C}",
         make_state=lambda state: KVCache(*state),
     )

@@ -66,7 +66,6 @@ def prepare(
         mode=mode,
         o=("y", (B, T, C), "[B, T, C]", x.dtype),
         state=[("final_state", (B, K - 1, C), "[B, K-1, C]", x.dtype)],
-        key=(mode, chunk, x.dtype, x.device, x.shape, K, bias is None, initial_state is None),
         describe=lambda: f"x {list(x.shape)}, weight {list(weight.shape)}",
     )
 

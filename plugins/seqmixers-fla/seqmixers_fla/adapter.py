@@ -12,7 +12,11 @@ fla's simple gated linear attention computes, per head, ``S_t = exp(g_t) S_{t-1}
 
 ``mode="recurrent"`` uses ``fused_recurrent_simple_gla``, the other modes ``chunk_simple_gla`` (whose
 chunk size is its own; ``chunk_size`` only changes how the torch backend splits the work, not the
-result). Inputs arrive validated by ``mixers.functional``. All arguments are passed by keyword: the names
+result). Non-finite inputs: fla's chunk kernels multiply a chunk's values by the zeroed scores of later
+positions (``0 * NaN`` is NaN), and every backward meets a later NaN with a zero gradient, so the kernels run
+on the finite parts of q, k, v and the non-finite entries are marked NaN where they reach
+(``mixers.backends.nonfinite``): outputs and gradients before a NaN stay as they were. Inputs arrive
+validated by ``mixers.functional``. All arguments are passed by keyword: the names
 used (``q, k, v, g, scale, initial_state, output_final_state``) are common to the fla sources read for
 this adapter (an older release with ``head_first`` and a current one with ``g_gamma``); not yet run on a GPU.
 """
@@ -23,6 +27,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from mixers.backends import nonfinite
 from mixers.backends.torch_linear_attention import guard  # the op's documented denominator guard
 from mixers.functional import state_dtype
 from torch import Tensor
@@ -59,8 +64,10 @@ def retention(
     if T == 0:  # nothing to run; the state passes through
         return q.new_zeros(B, 0, H, Dv), q.new_zeros(B, H, Dk, Dv, dtype=sd) if initial_state is None else initial_state
     g = torch.log(gamma).to(torch.float32)[None, None, :].expand(B, T, H).contiguous()  # (B, T, H), <= 0
+    (q, k, v), found = nonfinite.finite_parts(q, k, v)
     o, final = simple_gla(q, k, v, g, initial_state, mode=mode)
-    return o.to(q.dtype), final.to(sd)
+    o, final = o.to(q.dtype), final.to(sd)
+    return (o, final) if found is None else (o + found.o, final + found.state())
 
 
 def linear_attention(
@@ -82,6 +89,7 @@ def linear_attention(
     if T == 0:
         kv = q.new_zeros(B, H, Dk, Dv, dtype=sd) if kv0 is None else kv0
         return q.new_zeros(B, 0, H, Dv), (kv, z0)
+    (q, k, v), found = nonfinite.finite_parts(q, k, v)
     num, kv = simple_gla(q, k, v, None, kv0, mode=mode)  # (B, T, H, Dv): q_t (kv_0 + sum_{s<=t} k_s^T v_s)
     z = z0[:, None] + k.to(sd).cumsum(dim=1)  # (B, T, H, Dk): z_0 + sum_{s<=t} k_s
     if normalize:
@@ -89,4 +97,5 @@ def linear_attention(
         o = num.to(sd) / guard(den, eps)[..., None]
     else:
         o = num
-    return o.to(q.dtype), (kv.to(sd), z[:, -1])
+    o, kv, z = o.to(q.dtype), kv.to(sd), z[:, -1]
+    return (o, (kv, z)) if found is None else (o + found.o, (kv + found.state(), z + found.keys))

@@ -1,0 +1,68 @@
+"""Causality with non-finite inputs, forward and backward, for any backend of the built-in ops.
+
+A NaN or inf at position t must reach neither an output before t nor, through the backward, a gradient of the
+inputs before t. Masking by multiplication cannot give that: ``0 * NaN`` is NaN, in the forward product that
+weighs a later value by zero and in the backward product that meets a later NaN with a zero upstream gradient
+(``o[:, :t].sum().backward()``). So a backend computes on the finite parts of q, k and v (``finite_parts``:
+non-finite entries replaced by zeros with ``torch.where``, whose backward gives them no gradient) and adds,
+without gradient, NaN where the non-finite entries reach (``Marks``): a query its own output; a key every output
+of its head from its position on and its state rows; a value its channel of those outputs and its state
+columns. Nothing non-finite then enters the differentiated computation, so the gradients of the inputs before t
+are exactly those of the clean inputs, and the outputs from t on are NaN. The gradient of a non-finite entry is
+zero (the loss is NaN wherever it reached).
+
+This costs a few elementwise passes, only when some input may be non-finite (``may_be_nonfinite``) and T > 1
+(a single token is seen by nothing earlier: the decode step is unchanged).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+def may_be_nonfinite(*tensors: Tensor) -> bool:
+    """Whether the tensors may hold a NaN or inf: always on a GPU, where asking would make the host wait for
+    the device, and while compiling, where asking would break the graph; on the CPU, whether their sum is not
+    finite (it is not whenever an entry is not)."""
+    if torch.compiler.is_compiling() or any(t.device.type != "cpu" for t in tensors):
+        return True
+    return not all(bool(torch.isfinite(t.sum())) for t in tensors)
+
+
+class Marks(NamedTuple):
+    """NaN where non-finite inputs reach, zero elsewhere (no gradient), for ``q [B, T, H, Dk]`` and ``k, v``
+    with ``Hkv`` heads (query head h reads key head ``h // (H / Hkv)``)."""
+
+    o: Tensor  # [B, T, H, Dv]: the outputs at a non-finite query, and from a non-finite key or value on
+    keys: Tensor  # [B, Hkv, Dk]: the state rows of a non-finite key entry
+    values: Tensor  # [B, Hkv, Dv]: the state columns of a non-finite value entry
+
+    def state(self) -> Tensor:
+        """``[B, Hkv, Dk, Dv]``: the entries of a ``k^T v`` state a non-finite key or value reaches."""
+        return self.keys[..., :, None] + self.values[..., None, :]
+
+
+def _nan_at_nonfinite(x: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(x), 0.0, torch.nan).to(x.dtype)
+
+
+@torch.no_grad()
+def marks(q: Tensor, k: Tensor, v: Tensor) -> Marks:
+    """Where the non-finite entries of ``q, k, v [B, T, heads, D]`` reach (see ``Marks``)."""
+    mq, mk, mv = _nan_at_nonfinite(q), _nan_at_nonfinite(k), _nan_at_nonfinite(v)
+    reach = (mk.sum(-1, keepdim=True) + mv).cumsum(1)  # [B, T, Hkv, Dv]
+    reach = reach.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    return Marks(reach + mq.sum(-1, keepdim=True), mk.sum(1), mv.sum(1))
+
+
+def finite_parts(q: Tensor, k: Tensor, v: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], Marks | None]:
+    """``(q, k, v)`` with non-finite entries zeroed, and their ``Marks``; or the inputs as given and ``None``
+    when there is nothing to exclude (T < 2, or all finite on the CPU). Add ``marks.o`` to the output (and
+    ``marks.state()`` to a ``k^T v`` state) computed from the finite parts."""
+    if q.shape[1] < 2 or not may_be_nonfinite(q, k, v):
+        return (q, k, v), None
+    found = marks(q, k, v)
+    return tuple(torch.where(torch.isfinite(x), x, 0.0) for x in (q, k, v)), found  # type: ignore[return-value]
