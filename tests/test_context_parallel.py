@@ -167,6 +167,9 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
         results["crash"] = traceback.format_exc()
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks done before either tears gloo down: a rank destroying the group while the other still
+        # has work in flight aborted once in CI ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 
