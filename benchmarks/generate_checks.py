@@ -28,13 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, median_seconds, run_info, write_json  # noqa: E402
+from benchmarks.common import ROOT, run_info, timed, write_json  # noqa: E402
 from models import ModelConfig, build_model  # noqa: E402
 from models.checkpoint import _tensors, checksum, nonfinite  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:
-    return median_seconds(fn, repeats) * 1e3
+    return timed(fn, repeats, warmup=False) * 1e3
 
 
 def main() -> None:

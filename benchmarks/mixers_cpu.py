@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import mixers  # noqa: E402
-from benchmarks.common import median_seconds, run_info, write_json  # noqa: E402
+from benchmarks.common import run_info, timed, write_json  # noqa: E402
 
 CHUNK = 64
 
@@ -67,7 +67,7 @@ def measure(mixer: mixers.TokenMixer, T: int, d_model: int, steps: int, repeats:
         "state_bytes": state.nbytes,
         "decode_s": decode_s,
         "prefill_s": prefill_s,
-        "chunkwise_fwd_bwd_s": median_seconds(train, repeats, warmup=True),
+        "chunkwise_fwd_bwd_s": timed(train, repeats),
     }
 
 

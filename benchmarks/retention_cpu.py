@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import run_info, write_json  # noqa: E402
+from benchmarks.common import run_info, timed, write_json  # noqa: E402
 from mixers import functional  # noqa: E402
 
 OP_SHAPE = dict(B=2, H=8, Dk=64, Dv=128)
@@ -52,21 +51,6 @@ def peak_rise(fn: Callable[[], object]) -> int:
     before = _status()["VmRSS"]
     fn()
     return _status()["VmHWM"] - before
-
-
-def timed(fn: Callable[[], object], repeats: int, best: bool = False) -> float:
-    """Median (or, with ``best``, minimum) wall time of ``fn`` over ``repeats`` runs after a warm-up run.
-
-    The minimum suits microsecond-scale steps, whose median on a shared machine mostly measures
-    other processes; the median suits the long runs.
-    """
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times) if best else statistics.median(times)
 
 
 # -- workloads (each returns a zero-argument callable running one forward or forward+backward) ---------

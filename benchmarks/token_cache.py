@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from benchmarks.common import run_info, write_json  # noqa: E402
 from models import corpus  # noqa: E402
 from models.data import default_corpus  # noqa: E402
@@ -46,12 +47,8 @@ BLOCK = 64 << 10  # the per-block design's block
 
 
 def timed(fn, repeats: int = 1) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    """The best of ``repeats`` runs, the first included (a build is timed once, cold)."""
+    return common.timed(fn, repeats, best=True, warmup=False)
 
 
 def read_with(path: Path, update) -> None:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 
-from benchmarks.common import median_seconds, run_info, write_json  # noqa: E402
+from benchmarks.common import run_info, timed, write_json  # noqa: E402
 from models import LanguageModel, ModelConfig, train_state  # noqa: E402
 
 SIZES = {"1M": (128, 4), "10M": (384, 6), "50M": (768, 7), "100M": (1024, 8)}  # d_model, layers
@@ -58,11 +58,11 @@ def main() -> None:
         state, params = state_of(d, L)
         with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
             folder = Path(tmp) / "state"
-            save = median_seconds(functools.partial(dcp.save, state, checkpoint_id=folder, no_dist=True), repeats)
+            save = timed(functools.partial(dcp.save, state, checkpoint_id=folder, no_dist=True), repeats, warmup=False)
             (folder / train_state.META).write_text("{}")
-            hash_s = median_seconds(functools.partial(train_state.write_checksums, folder), repeats)
-            load = median_seconds(functools.partial(dcp.load, state, checkpoint_id=folder, no_dist=True), repeats)
-            verify = median_seconds(functools.partial(train_state.verify_checksums, folder), repeats)
+            hash_s = timed(functools.partial(train_state.write_checksums, folder), repeats, warmup=False)
+            load = timed(functools.partial(dcp.load, state, checkpoint_id=folder, no_dist=True), repeats, warmup=False)
+            verify = timed(functools.partial(train_state.verify_checksums, folder), repeats, warmup=False)
             mib = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
         row = {
             "model": name, "parameters": params, "state_mib": round(mib, 1), "save_s": save, "hash_s": hash_s,

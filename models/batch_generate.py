@@ -224,7 +224,7 @@ def _prefill(
     for b, r in enumerate(rows):
         tokens[b, T - r.numel() :] = r
         mask[b, T - r.numel() :] = True
-    states = model.init_states(len(rows), max_len=max_len)
+    states = model.unchecked_states(len(rows), max_len)  # the caller checked the memory, copies included
     logits, states = model(tokens, states, mode=mode, chunk_size=chunk_size, last_only=True, attention_mask=mask)
     return logits[:, -1], states
 

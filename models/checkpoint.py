@@ -131,6 +131,13 @@ def _wrong_dtype(saved: Mapping[str, Tensor], expected: Mapping[str, Tensor]) ->
     return None
 
 
+def _mismatch(config: ModelConfig, tensors: Mapping[str, Tensor]) -> str | None:
+    """What keeps ``tensors`` from loading into a model of ``config``: names, shapes, then dtypes."""
+    expected = _template(config)
+    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+    return _misfit(shapes, {k: tuple(t.shape) for k, t in expected.items()}) or _wrong_dtype(tensors, expected)
+
+
 def _check_depth_and_embedding(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
     """Refuse at once a config that cannot be that of tensors of ``shapes``: the number of layers their names
     imply, and the embedding's shape. Checked before anything is built: a crafted ``n_layers = 100000`` would cost
@@ -162,10 +169,7 @@ def _check_loadable(model: LanguageModel, header: Mapping[str, str], tensors: Ma
         raise CheckpointError(
             f"{where}: load would refuse it: its config does not survive JSON: {model.config} reads back as {config}"
         )
-    expected = _template(config)
-    problem = _misfit({k: tuple(t.shape) for k, t in tensors.items()}, {k: tuple(t.shape) for k, t in expected.items()})
-    if problem is None:
-        problem = _wrong_dtype(tensors, expected)
+    problem = _mismatch(config, tensors)
     if problem is None:
         return
     shared = model.lm_head.weight is model.tok_emb.weight
@@ -406,8 +410,7 @@ def load(path: str | Path, *, device: torch.device | str = "cpu") -> LanguageMod
         config.check_against_registry()
     except ConfigError as exc:
         raise CheckpointError(f"{where} holds a config this installation cannot build: {exc}") from exc
-    expected = _template(config)
-    problem = _misfit(shapes, {k: tuple(t.shape) for k, t in expected.items()}) or _wrong_dtype(tensors, expected)
+    problem = _mismatch(config, tensors)
     if problem is not None:
         raise CheckpointError(f"{where}: {problem}")
     model = LanguageModel(config)

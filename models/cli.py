@@ -129,7 +129,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             device=args.device,
             progress=not args.quiet and main_rank,
             parallel=args.parallel,
-            resume=args.resume,
+            resume=saved,  # read and checked above: not hashed twice
             context_parallel=args.context_parallel,
             allow_new_data=args.allow_new_data,
         )
@@ -281,11 +281,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _timing(n: int, seconds: float, compiling: float | None = None) -> str:
+def _timing(n: int, seconds: float, compiling: float | None = None, note: str = "") -> str:
     """generate's timing line; with ``compiling`` (the first decode step's time, which compiles the step), the
     time per token leaves that step out and the compilation is reported apart."""
     if compiling is None:
-        return f"[{n} tokens in {seconds:.2f} s, {seconds / max(n, 1) * 1e3:.1f} ms/token]"
+        return f"[{n} tokens in {seconds:.2f} s, {seconds / max(n, 1) * 1e3:.1f} ms/token{note}]"
     per_token = (seconds - compiling) / max(n - 1, 1)
     return f"[{n} tokens in {seconds:.2f} s, {per_token * 1e3:.1f} ms/token; compile {compiling:.2f} s]"
 
@@ -319,10 +319,9 @@ def _generate_batch(model, prompts: list[str], args: argparse.Namespace, tokeniz
             sys.stdout.write(("\n" if i else "") + f"==> prompt {i + 1} <==\n")
         sys.stdout.write(prompt + tokenizer.decode(out[len(e) :]) + "\n")
     sys.stdout.flush()
-    dt = time.perf_counter() - t0
     # A batch's steps are not timed one by one: with --compile, its compilation is in the time per token.
     compiled = ", compilation included" if args.compile and args.beams is None else ""
-    print(f"[{n} tokens in {dt:.2f} s, {dt / max(n, 1) * 1e3:.1f} ms/token{compiled}]", file=sys.stderr)
+    print(_timing(n, time.perf_counter() - t0, note=compiled), file=sys.stderr)
     return 0
 
 

@@ -93,6 +93,10 @@ class LanguageModel(nn.Module):
         ``check_state_memory`` (``NotEnoughMemory`` rather than an allocation failure or a machine swapping)."""
         if max_len is not None:
             self.check_state_memory(batch_size, max_len)
+        return self.unchecked_states(batch_size, max_len)
+
+    def unchecked_states(self, batch_size: int, max_len: int | None = None) -> States:
+        """``init_states`` for a caller that has already checked the memory (generation, with its copies)."""
         return [self._layer_state(block, batch_size, max_len, self.device) for block in self.blocks]
 
     def _layer_state(
@@ -334,8 +338,8 @@ class LanguageModel(nn.Module):
             with torch.no_grad():
                 if max_new_tokens == 0:
                     return
-                # KV caches preallocated for the whole generation: each decode step writes in place.
-                states = self.init_states(tokens.shape[0], max_len=tokens.shape[1] + max_new_tokens)
+                # KV caches preallocated for the whole generation (checked by ``stream``): written in place.
+                states = self.unchecked_states(tokens.shape[0], tokens.shape[1] + max_new_tokens)
                 logits, states = self._prefill(tokens, states, prefill_mode, chunk_size, progress)
                 for i in range(max_new_tokens):
                     token = sample(logits[:, -1], temperature, top_k, generator)  # (B, 1)

@@ -499,7 +499,7 @@ def train(
     label: str = "",
     divergence_margin: float = DIVERGENCE_MARGIN,
     parallel: str = "none",
-    resume: str | Path | None = None,
+    resume: str | Path | train_state.Saved | None = None,
     context_parallel: int = 1,
     source: str | Path | None = None,
     allow_new_data: bool = False,
@@ -558,13 +558,14 @@ def train(
         distributed.teardown(world)
 
 
-def _saved_state(resume: str | Path, tc: TrainConfig) -> train_state.Saved:
-    """The checked training state of run ``resume``, refused when it leaves no step to train."""
-    saved = train_state.read(resume)
+def _saved_state(resume: str | Path | train_state.Saved, tc: TrainConfig) -> train_state.Saved:
+    """The checked training state of run ``resume`` (read and checked here unless it already was), refused when
+    it leaves no step to train."""
+    saved = resume if isinstance(resume, train_state.Saved) else train_state.read(resume)
     if saved.step >= tc.steps:
         raise train_state.ResumeError(
-            f"the run in {resume} has done {saved.step} steps and this resume asks for {tc.steps} in all: nothing is "
-            f"left to train; give --steps (train.steps) greater than {saved.step} to go on"
+            f"the run in {saved.path.parent} has done {saved.step} steps and this resume asks for {tc.steps} in all: "
+            f"nothing is left to train; give --steps (train.steps) greater than {saved.step} to go on"
         )
     return saved
 

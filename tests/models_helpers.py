@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from mixers import MixerState
 from mixers.registry import get_registry
 from mixers.testing.asserts import assert_states_close as kit_assert_states_close
+from models import cli
 from models.config import FFNS, INITS, NORMS, ModelConfig, mixer_parameters
 
 
@@ -93,3 +94,13 @@ def tiny_run_file(path, *, model: dict | None = None, **train) -> Path:
     path = Path(path)
     path.write_text(text + f"[train]\n{toml(train_fields)}")
     return path
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``cli.main(argv)``'s exit code (returned, or raised by argparse), stdout and stderr."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err

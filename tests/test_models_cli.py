@@ -20,7 +20,7 @@ from mixers.__main__ import format_listing
 from mixers.registry import get_registry
 from models import cli, load, read_header
 from models import data as corpus
-from tests.models_helpers import one_thread  # noqa: F401  (autouse fixture)
+from tests.models_helpers import one_thread, run_main  # noqa: F401  (one_thread is an autouse fixture)
 
 try:
     import tomllib
@@ -190,16 +190,6 @@ def test_demo_writes_table_plot_and_json(tmp_path, capsys, monkeypatch):
 
 
 # --- usage errors: an argparse-style message naming the option, exit code 2, never a traceback ---------------
-
-
-def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
-    """``cli.main(argv)``'s exit code (returned, or raised by argparse), stdout and stderr."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import build_model, cli
+from models import build_model
 from models import lm as lm_module
 from models.lm import LanguageModel, NotEnoughMemory, state_nbytes
 from tests.fake_plugins import _dist_info, write_interrupt_distribution
-from tests.models_helpers import one_thread, tiny_config  # noqa: F401  (one_thread is an autouse fixture)
+from tests.models_helpers import one_thread, run_main, tiny_config  # noqa: F401  (one_thread: autouse)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,15 +34,6 @@ def model():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, model) -> Path:
     return model.save(tmp_path_factory.mktemp("ckpt") / "model.safetensors")
-
-
-def run_main(argv, capsys) -> tuple[int, str, str]:
-    try:
-        code = cli.main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_clear_error(code: int, out: str, err: str) -> str:

@@ -23,6 +23,11 @@ import torch
 from torch import Tensor
 
 
+def recording(*tensors: Tensor | None) -> bool:
+    """Whether autograd records a call on these tensors (only then must the backward meet no NaN)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def may_be_nonfinite(*tensors: Tensor) -> bool:
     """Whether the tensors may hold a NaN or inf: always on a GPU, where asking would make the host wait for
     the device, and while compiling, where asking would break the graph; on the CPU, whether their sum is not
@@ -66,3 +71,11 @@ def finite_parts(q: Tensor, k: Tensor, v: Tensor) -> tuple[tuple[Tensor, Tensor,
         return (q, k, v), None
     found = marks(q, k, v)
     return tuple(torch.where(torch.isfinite(x), x, 0.0) for x in (q, k, v)), found  # type: ignore[return-value]
+
+
+def marked(found: Marks | None, o: Tensor, kv: Tensor, z: Tensor | None = None) -> tuple[Tensor, ...]:
+    """``(o, kv)``, or ``(o, kv, z)`` for linear attention's normaliser state, computed from the finite parts,
+    with ``found``'s NaN added where the non-finite inputs reach; as given when ``found`` is None."""
+    if found is not None:
+        o, kv, z = o + found.o, kv + found.state(), None if z is None else z + found.keys
+    return (o, kv) if z is None else (o, kv, z)

@@ -49,7 +49,7 @@ def linear_attention(
             initial_state = LinearState(q.new_zeros(B, H, Dk, Dv, dtype=acc), q.new_zeros(B, H, Dk, dtype=acc))
         return v.new_empty(B, 0, H, Dv), initial_state
     found = None
-    if torch_retention.recording(q, k, v, state):  # (the normaliser's backward too must meet no NaN)
+    if nonfinite.recording(q, k, v, state):  # (the normaliser's backward too must meet no NaN)
         (q, k, v), found = nonfinite.finite_parts(q, k, v)
     v = torch.cat([v.to(acc), v.new_ones(B, T, H, 1, dtype=acc)], dim=-1)  # the ones column makes the normaliser
     no_decay = torch.ones(H, dtype=torch.float64, device=q.device)
@@ -58,7 +58,5 @@ def linear_attention(
     )  # (B, T, H, Dv + 1)
     num, den = o[..., :Dv], o[..., Dv:]
     o = (num / guard(den, eps) if normalize else num).to(out_dtype)
-    kv, z = state[..., :Dv].contiguous(), state[..., Dv].contiguous()
-    if found is None:
-        return o, LinearState(kv, z)
-    return o + found.o, LinearState(kv + found.state(), z + found.keys)
+    o, kv, z = nonfinite.marked(found, o, state[..., :Dv].contiguous(), state[..., Dv].contiguous())
+    return o, LinearState(kv, z)

@@ -288,11 +288,6 @@ def _streamed(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, state: Tensor | No
     return o.transpose(1, 2), state
 
 
-def recording(*tensors: Tensor | None) -> bool:
-    """Whether autograd records a call on these tensors."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _steps(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
     """Token by token: ``S_t = gamma S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``. ``q, k, v: [B, T, H, D]``,
     ``g = gamma [H, 1, 1]``."""
@@ -350,7 +345,7 @@ def _recurrent(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, state: Tensor | N
     if state is None:
         state = q.new_zeros(B, H, Dk, v.shape[-1])
     g = gamma[:, None, None]
-    if recording(q, k, v, state):
+    if nonfinite.recording(q, k, v, state):
         return _Recurrent.apply(q, k, v, state, g)
     return _steps(q, k, v, g, state)
 
@@ -368,12 +363,10 @@ def retention(
     """The torch backend of ``mixers.functional.retention`` (inputs already validated). With gradients, it
     computes on the finite parts of q, k, v and marks where the others reach (module docstring)."""
     found = None
-    if recording(q, k, v, initial_state):
+    if nonfinite.recording(q, k, v, initial_state):
         (q, k, v), found = nonfinite.finite_parts(q, k, v)
     o, state = compute(q, k, v, gamma, mode=mode, chunk_size=chunk_size, initial_state=initial_state)
-    if found is None:
-        return o, state
-    return o + found.o, state + found.state()
+    return nonfinite.marked(found, o, state)
 
 
 def compute(
@@ -398,7 +391,7 @@ def compute(
     # log(gamma) from the float64 gamma: a tiny gamma (say 1e-300) rounds to 0 in float32, and
     # log(0) = -inf would turn the exponent-0 decays into 0 * inf = NaN.
     log_g = torch.log(gamma.to(torch.float64)).to(acc)
-    tracked = recording(q, k, v, initial_state)
+    tracked = nonfinite.recording(q, k, v, initial_state)
     if mode == "chunkwise" and not tracked:
         return _streamed(q, k, v, log_g, initial_state, min(chunk_size, T))
 

@@ -187,7 +187,7 @@ def softmax_attention(
     else:
         offset = initial_state.length
         index = offset[:, None] + torch.arange(T, device=q.device)  # (B, T): where each row's new tokens go
-        recording = torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, initial_state.k, initial_state.v))
+        recording = nonfinite.recording(k, v, initial_state.k, initial_state.v)
         write = [_write(c, n, index, in_place=not recording) for c, n in ((initial_state.k, k), (initial_state.v, v))]
         cache = KVCache(*write, offset + T)
     if T == 0:

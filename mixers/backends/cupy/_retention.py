@@ -230,8 +230,7 @@ def run(
     a later NaN with a zero gradient, so with gradients they run on the finite parts of q, k, v and the others
     are marked where they reach (``mixers.backends.nonfinite``)."""
     gamma = gamma.contiguous()
-    if not torch_retention.recording(q, k, v, initial_state):
+    if not nonfinite.recording(q, k, v, initial_state):
         return forward(rt, q, k, v, gamma, initial_state, mode)
     (q, k, v), found = nonfinite.finite_parts(q, k, v)
-    o, s = RetentionFunction.apply(q, k, v, initial_state, gamma, mode, rt)
-    return (o, s) if found is None else (o + found.o, s + found.state())
+    return nonfinite.marked(found, *RetentionFunction.apply(q, k, v, initial_state, gamma, mode, rt))

@@ -66,8 +66,7 @@ def retention(
     g = torch.log(gamma).to(torch.float32)[None, None, :].expand(B, T, H).contiguous()  # (B, T, H), <= 0
     (q, k, v), found = nonfinite.finite_parts(q, k, v)
     o, final = simple_gla(q, k, v, g, initial_state, mode=mode)
-    o, final = o.to(q.dtype), final.to(sd)
-    return (o, final) if found is None else (o + found.o, final + found.state())
+    return nonfinite.marked(found, o.to(q.dtype), final.to(sd))
 
 
 def linear_attention(
@@ -97,5 +96,5 @@ def linear_attention(
         o = num.to(sd) / guard(den, eps)[..., None]
     else:
         o = num
-    o, kv, z = o.to(q.dtype), kv.to(sd), z[:, -1]
-    return (o, (kv, z)) if found is None else (o + found.o, (kv + found.state(), z + found.keys))
+    o, kv, z = nonfinite.marked(found, o.to(q.dtype), kv.to(sd), z[:, -1])
+    return o, (kv, z)
