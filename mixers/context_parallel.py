@@ -46,7 +46,7 @@ from mixers.functional import KVCache, LinearState
 from mixers.interface import MixerState, TokenMixer
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mixers.ops.packed import Packing
+    from mixers.packing import Packing
 
 __all__ = ["ContextParallel", "context_parallel", "current_context_parallel", "reduce_gradients"]
 

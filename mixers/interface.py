@@ -12,32 +12,16 @@ import abc
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from mixers.ops.packed import Packing
+from mixers.packing import Packing, join_rows, repad, unpad
+from mixers.registry import current_registry
+from mixers.structure import map_structure, tensors_in
 
 S = TypeVar("S", bound="MixerState")
-
-
-def map_structure(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """``value`` with ``fn`` applied to every tensor in it (tensors, tuples and NamedTuples of them, ``None``)."""
-    if isinstance(value, Tensor):
-        return fn(value)
-    if isinstance(value, tuple):
-        items = [map_structure(v, fn) for v in value]
-        return type(value)._make(items) if hasattr(type(value), "_make") else tuple(items)
-    return value
-
-
-def tensors_in(value: Any) -> list[Tensor]:
-    """Every tensor in ``value`` (as ``map_structure`` walks it)."""
-    found: list[Tensor] = []
-    map_structure(value, lambda t: found.append(t) or t)
-    return found
 
 
 @dataclass
@@ -93,8 +77,6 @@ class MixerState:
     def cat(cls: type[S], states: list[S]) -> S:
         """One state whose rows are those of ``states``, in order (an op state's own ``cat`` is used where it
         has one: KV caches of different capacities join that way)."""
-        from mixers.ops.packed import join_rows
-
         first = states[0]
         changes = {}
         for f in dataclasses.fields(first):
@@ -174,7 +156,6 @@ class TokenMixer(nn.Module, abc.ABC):
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str ('auto' or a backend name), got {type(backend).__name__}")
         if backend != "auto" and self.ops:
-            from mixers.registry import current_registry
 
             current_registry().check_backend_name(self.ops, backend, type(self).__name__)
         self.backend = backend
@@ -252,7 +233,7 @@ class TokenMixer(nn.Module, abc.ABC):
         """``cu_seqlens`` checked for ``x [1, T, d_model]`` (``None`` stays ``None``)."""
         if cu_seqlens is None:
             return None
-        from mixers.ops.packed import Packing
+        from mixers.packing import Packing
 
         if x.shape[0] != 1:
             raise ValueError(
@@ -302,8 +283,6 @@ def mix_padded(
     """Any mixer over a padded batch ``x [B, T, d]``: row b's tokens are where ``attention_mask [B, T]`` is 1
     (left or right padding). The real tokens are packed (the padding dropped, whatever it holds) and run by
     ``mix_packed``; outputs at the padding are zeros, and row b's state is that of its real tokens."""
-    from mixers.ops.packed import repad, unpad
-
     B, T = mixer.check_input(x)
     mask, packing = unpad(attention_mask, B, T, x.device)
     y, state = mix_packed(mixer, x[mask][None], state, packing, mode=mode, chunk_size=chunk_size)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from mixers import rotary as rope
 from mixers.context_parallel import current_context_parallel
 from mixers.interface import MixerState, TokenMixer, mix_padded
-from mixers.ops.packed import Packing
+from mixers.packing import Packing
 
 HEAD_NORMS = ("groupnorm", "rmsnorm")
 

@@ -21,7 +21,7 @@ from mixers.functional import LinearState
 from mixers.hookspecs import hookimpl
 from mixers.interface import MixerState
 from mixers.layers import HEAD_NORMS, HeadNorm, ProjectedMixer, check_value_dim, resolve_heads
-from mixers.ops.packed import Packing
+from mixers.packing import Packing
 from mixers.registry import FeatureMapRegistrar, MixerRegistrar, get_registry
 
 NORMS = (None, *HEAD_NORMS)

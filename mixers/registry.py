@@ -167,6 +167,7 @@ class Backend:
     description: str = ""
     plugin: str = ""  # filled in by the registry: the plugin that registered it
     traceable: bool = True
+    packs: bool = False  # fn takes cu_seqlens (a mixers.packing.Packing) and computes every packed sequence itself
 
     def unsupported_reason(self, device: torch.device, dtype: torch.dtype, mode: str) -> str | None:
         """Why this backend cannot take these inputs, or ``None`` if it can."""

@@ -24,7 +24,7 @@ from mixers import functional
 from mixers.hookspecs import hookimpl
 from mixers.interface import MixerState
 from mixers.layers import HEAD_NORMS, HeadNorm, ProjectedMixer, Rotary, check_value_dim, resolve_heads
-from mixers.ops.packed import Packing
+from mixers.packing import Packing
 from mixers.registry import MixerRegistrar
 
 __all__ = ["MultiScaleRetention", "check_value_dim", "default_gammas", "resolve_heads"]

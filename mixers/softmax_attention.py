@@ -20,7 +20,7 @@ from mixers.functional import KVCache
 from mixers.hookspecs import hookimpl
 from mixers.interface import MixerState
 from mixers.layers import ProjectedMixer, Rotary, resolve_heads
-from mixers.ops.packed import Packing
+from mixers.packing import Packing
 from mixers.registry import MixerRegistrar
 
 

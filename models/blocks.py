@@ -9,7 +9,7 @@ from torch import Tensor, nn
 import mixers
 from mixers import MixerState, TokenMixer
 from mixers.interface import mix_packed
-from mixers.ops.packed import Packing
+from mixers.packing import Packing
 from models.config import ConfigError, LayerSpec, ModelConfig
 
 

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mixers import MixerState
 from mixers.functional import MODES
-from mixers.ops.packed import Packing, repad, unpad
+from mixers.packing import Packing, repad, unpad
 from models.blocks import Block, make_norm
 from models.config import ModelConfig, as_model_config
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from mixers.interface import tensors_in
+from mixers.structure import tensors_in
 from models.lm import LanguageModel
 
 

@@ -21,7 +21,8 @@ import torch.multiprocessing as mp
 
 import mixers
 from mixers.context_parallel import ContextParallel, context_parallel, reduce_gradients
-from mixers.interface import TokenMixer, tensors_in
+from mixers.interface import TokenMixer
+from mixers.structure import tensors_in
 
 WORLD = 2
 B = 2

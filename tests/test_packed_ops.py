@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from mixers import functional
 from mixers.functional import MODES
-from mixers.interface import map_structure
 from mixers.registry import get_registry
+from mixers.structure import map_structure
 from mixers.testing.ops import state_tensors
 from mixers.testing.strategies import OpInputs, scaled_examples
 

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 import mixers
-from mixers.interface import MixerState, map_structure, tensors_in
+from mixers.interface import MixerState
 from mixers.layers import Rotary
+from mixers.structure import map_structure, tensors_in
 from models import build_model
 from tests.models_helpers import tiny_config
 
