@@ -63,11 +63,10 @@ def data_parallel_worker(rank: int, world: int, folder: str, parallel: str, args
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
-    from models import distributed
-    from models.distributed import World
+    from models.training.parallel import Layout, World
 
     here = World(rank, world) if world > 1 else World()
-    model = distributed.wrap(build(args), parallel, here)
+    model = Layout(here, parallel).wrap(build(args))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     rows = args.batch // world
@@ -121,7 +120,7 @@ def context_parallel_worker(rank: int, world: int, folder: str, args: argparse.N
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        with context_parallel() if world > 1 else nullcontext():
+        with context_parallel(model=model) if world > 1 else nullcontext():
             logits, _ = model(x, mode="chunkwise", chunk_size=256)
             F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").backward()
         if world > 1:

@@ -10,7 +10,7 @@ weights, seed 0, float32) of 2, 12 and 24 layers:
   the meta device, and ``/proc/meminfo``); the mean of ``--repeats`` calls;
 - ``generate_ms``: one ``model.generate(3-token prompt, 32)`` call (with that check inside), the scale it is read
   against;
-- ``nonfinite_ms``: the scan for NaN or inf weights that ``save`` now makes (``models.checkpoint.nonfinite``);
+- ``nonfinite_ms``: the scan for NaN or inf weights that ``save`` now makes (``models.checkpoint_format.nonfinite``);
 - ``checksum_ms``: the SHA-256 over the tensors that ``save`` already computed, the scale that is read against.
 
 Times are wall-clock (``time.perf_counter``) on ``--threads`` threads; the median of ``--repeats`` for the scans.
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, run_info, timed, write_json  # noqa: E402
 from models import ModelConfig, build_model  # noqa: E402
-from models.checkpoint import _tensors, checksum, nonfinite  # noqa: E402
+from models.checkpoint_format import checksum, nonfinite, state_tensors  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -62,7 +62,7 @@ def main() -> None:
             model.check_state_memory(1, 1200)
         check_ms = (time.perf_counter() - start) / args.repeats * 1e3
         generate_ms = median_ms(lambda model=model: model.generate([1, 2, 3], 32, seed=0), 3)
-        tensors = {k: v.cpu() for k, v in _tensors(model).items()}
+        tensors = {k: v.cpu() for k, v in state_tensors(model).items()}
         row = {
             "layers": layers,
             "parameters": model.num_parameters(),

@@ -91,7 +91,7 @@ def run_mqar(model: str, variant: str, seed: int, steps: int) -> dict[str, Any]:
 
 def run_demo(model: str, variant: str, seed: int) -> dict[str, Any]:
     from models.config import ModelConfig, load_run_config, presets
-    from models.train import train
+    from models.training.loop import train
 
     torch.set_num_threads(1)
     model_config, train_config = load_run_config(presets()[DEMO_PRESETS[model]])

@@ -2,7 +2,7 @@
 
 Not a test: it prints tables and writes JSON (default ``benchmarks/results/token_cache.json``).
 
-1. Hashes: reading the cache's token file 1 MiB at a time (as ``models.corpus`` checks it) with nothing, or with
+1. Hashes: reading the cache's token file 1 MiB at a time (as ``models.training.data`` checks it) with nothing, or with
    each candidate checksum (zlib.crc32, zlib.adler32, hashlib's sha1, sha256, blake2b, md5), and with what the
    check does (CRC-32 and the largest id), in GB/s, the file in the page cache.
 2. ``build_token_cache`` of ``--size-mb`` MiB of text with the byte tokenizer (one uint8 token per byte): the
@@ -39,8 +39,9 @@ import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.common import run_info, write_json  # noqa: E402
-from models import corpus  # noqa: E402
-from models.data import default_corpus  # noqa: E402
+from models.training import data as corpus  # noqa: E402
+from models.training.data import default_corpus  # noqa: E402
+from models.training.tokenizers import ByteTokenizer  # noqa: E402
 
 MiB = 1 << 20
 BLOCK = 64 << 10  # the per-block design's block
@@ -131,7 +132,7 @@ def run(work: Path, args: argparse.Namespace) -> dict:
             f.write(unit)
         f.write(unit[: size % len(unit)])
     cache = work / "cache" / "tokens.bin"
-    tok = corpus.ByteTokenizer()
+    tok = ByteTokenizer()
 
     build_s = timed(lambda: corpus.build_token_cache(text, tok, cache, rebuild=True))
     sums_s = checksum_time(bytearray(cache.read_bytes()), args.repeats)

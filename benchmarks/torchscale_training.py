@@ -7,7 +7,7 @@ CPU, prints both losses every ``--every`` steps, writes JSON (default
 Both models are built by ``tests.torchscale_compat.build_lm_pair``: torchscale's decoder with its own
 init, and ours with a copy of every weight; the configs (``lm_configs``) describe one architecture, with
 a negligible epsilon (1e-30) in the per-head norm inside retention, where the two normalise differently.
-They see the same batches of the embedded corpus (seeded) and take the same steps of ``models.train``'s
+They see the same batches of the embedded corpus (seeded) and take the same steps of ``models.training.loop``'s
 recipe (AdamW with weight decay 0.1 on matrices, lr 3e-3 with 20 warm-up steps and cosine decay, gradient
 clipping at 1.0).
 

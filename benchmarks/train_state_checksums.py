@@ -1,5 +1,5 @@
 """What the training state's checksums cost: saving a state (``torch.distributed.checkpoint``) and hashing it
-(``models.train_state.write_checksums``), and checking it on resume (``verify_checksums``) against loading it.
+(``models.training.state.write_checksums``), and checking it on resume (``verify_checksums``) against loading it.
 
 Not a test: it prints a table and writes JSON (default ``benchmarks/results/train_state_checksums.json``).
 The states are a language model's weights and its AdamW moments (one optimizer step taken), for models of
@@ -24,7 +24,8 @@ import torch  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 
 from benchmarks.common import run_info, timed, write_json  # noqa: E402
-from models import LanguageModel, ModelConfig, train_state  # noqa: E402
+from models import LanguageModel, ModelConfig  # noqa: E402
+from models.training import state as train_state  # noqa: E402
 
 SIZES = {"1M": (128, 4), "10M": (384, 6), "50M": (768, 7), "100M": (1024, 8)}  # d_model, layers
 

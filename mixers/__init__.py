@@ -18,8 +18,9 @@ from mixers.hookspecs import hookimpl  # pluggy only
 
 if TYPE_CHECKING:  # pragma: no cover - imports for type checkers; at run time they load on first use
     from mixers import functional
+    from mixers.catalogue import Backend
     from mixers.interface import MixerState, TokenMixer
-    from mixers.registry import Backend, allow_plugin_backends, available, build, get_registry
+    from mixers.registry import allow_plugin_backends, available, build, get_registry
 
 # The public names load on first use (PEP 562): torch takes seconds to import, and ``import mixers`` happens
 # wherever a submodule is imported: the pytest plugin (loaded into every pytest run through ``pytest11``),
@@ -28,7 +29,7 @@ _WHERE = {
     "functional": "mixers.functional",
     "MixerState": "mixers.interface",
     "TokenMixer": "mixers.interface",
-    "Backend": "mixers.registry",
+    "Backend": "mixers.catalogue",
     "allow_plugin_backends": "mixers.registry",
     "available": "mixers.registry",
     "build": "mixers.registry",

@@ -2,8 +2,7 @@
 
 The layering rule is that ``mixers`` never imports ``models``; this module keeps it at import time and reaches
 the command only when it runs: ``main`` imports ``models.cli`` through ``importlib`` at call time (both
-packages ship in the one ``seqmixers`` distribution). ``format_listing`` stays importable from here for
-existing callers; it lives in ``mixers.listing``.
+packages ship in the one ``seqmixers`` distribution).
 """
 
 from __future__ import annotations
@@ -11,9 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from mixers.listing import format_listing
-
-__all__ = ["format_listing", "main"]
+__all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:

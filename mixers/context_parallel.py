@@ -1,9 +1,11 @@
 """Context parallelism: one batch of sequences split along time over the K ranks of a process group.
 
 Rank ``r`` holds tokens ``[r L, (r+1) L)`` of every sequence (``shard`` cuts them out) and runs the model on
-them inside ``with context_parallel(group):``. The built-in mixers then see where they are: rotary positions
-start at ``r L``, the short convolution reads the previous ranks' last inputs (a halo), and the op starts
-from the *incoming state*, the state after every earlier rank's tokens:
+them inside ``with context_parallel(group, model=model):``, which installs the split on the model's mixers
+(``TokenMixer.cp``). The built-in mixers then see where they are: rotary positions start at ``r L``, the short
+convolution reads the previous ranks' last inputs (a halo), and the op starts from the *incoming state*, the
+state after every earlier rank's tokens. How an op gets it is the op's own ``ContextParallelForm`` (what each
+rank contributes, how the contributions combine), so any registered op can carry one, a plugin's included:
 
 - retention and linear attention (LASP-2): each rank computes its tokens' own contribution to the state in
   closed form, ``S_local = sum_s gamma^(L-1-s) k_s^T v_s`` (linear attention: ``kv = sum_s k_s^T v_s``,
@@ -31,8 +33,9 @@ rank's equals the single-process final state.
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -41,14 +44,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mixers import functional
-from mixers.functional import KVCache, LinearState
 from mixers.interface import MixerState, TokenMixer
 
 if TYPE_CHECKING:  # pragma: no cover
+    from mixers.ops.base import Op
     from mixers.packing import Packing
 
-__all__ = ["ContextParallel", "context_parallel", "current_context_parallel", "reduce_gradients"]
+__all__ = ["ContextParallel", "context_parallel", "reduce_gradients"]
 
 CP_MODES = ("parallel", "chunkwise")
 
@@ -147,116 +149,56 @@ class ContextParallel:
         before = tails[: self.rank].transpose(0, 1).reshape(B, self.rank * m, C)
         return torch.cat([x.new_zeros(B, size, C), before], dim=1)[:, -size:]
 
-    def op(self, fn: Any) -> Any:
-        """The context-parallel form of the op ``fn`` (``mixers.functional.retention`` and the others)."""
-        forms = {
-            functional.retention: self.retention,
-            functional.linear_attention: self.linear_attention,
-            functional.softmax_attention: self.softmax_attention,
-        }
-        if fn not in forms:
-            raise NotImplementedError(f"op {getattr(fn, '__name__', fn)!r} has no context-parallel form")
-        return forms[fn]
-
-    def _check(self, mode: str, initial_state: Any, cu_seqlens: Any, attention_mask: Any) -> None:
+    def run(
+        self,
+        op: Op,
+        *args: Any,
+        backend: str = "auto",
+        cu_seqlens: object = None,
+        attention_mask: object = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Any]:
+        """``op(*args, **kwargs)`` on this rank's tokens, from what the earlier ranks leave: the op's
+        ``ContextParallelForm`` says what each rank contributes (gathered here in one collective) and how the
+        contributions make this rank's arguments."""
+        form = op.context_parallel
+        if form is None:
+            raise NotImplementedError(f"op {op.name!r} has no context-parallel form (Op.context_parallel)")
+        arguments = dict(inspect.signature(op.prepare).bind(*args, **kwargs).arguments)
+        mode = arguments.get("mode")
         if mode not in CP_MODES:
             raise ValueError(f"under context parallelism mode must be one of {CP_MODES} (training), got {mode!r}")
-        if initial_state is not None:
+        if arguments.get(op.state_arg) is not None:
             raise ValueError("under context parallelism the op's initial state comes from the previous ranks")
         if cu_seqlens is not None or attention_mask is not None:
             raise ValueError(
                 "packed sequences (cu_seqlens, attention_mask) are not supported under context parallelism"
             )
-
-    def retention(
-        self, q: Tensor, k: Tensor, v: Tensor, gamma: Tensor | float | Sequence[float], *, mode: str,
-        chunk_size: int | None = None, initial_state: Tensor | None = None, backend: str = "auto",
-        cu_seqlens: Tensor | None = None, attention_mask: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:  # fmt: skip
-        """``functional.retention`` of this rank's tokens, from the state the earlier ranks' tokens leave."""
-        self._check(mode, initial_state, cu_seqlens, attention_mask)
-        B, L, H, _ = q.shape
-        sd = functional.state_dtype(q.dtype)
-        g = functional.check_gamma(gamma, H, q.device)  # float64 [H]
-        decay = g ** torch.arange(L - 1, -1, -1, device=q.device, dtype=torch.float64)[:, None]  # gamma^(L-1-s)
-        local = torch.einsum("bshk,bshv->bhkv", k.to(sd) * decay.to(sd)[:, :, None], v.to(sd))
-        (states,) = self.all_gather(local)  # [K, B, H, Dk, Dv]
-        hops = (self.rank - 1 - torch.arange(self.world_size, device=q.device)).clamp(min=0)
-        weights = (g**L)[None] ** hops[:, None] * self.earlier(q.device)[:, None]  # [K, H]: gamma^(L (r-1-j)), j < r
-        incoming = torch.einsum("jbhkv,jh->bhkv", states, weights.to(sd))
-        return functional.retention(
-            q, k, v, gamma, mode=mode, chunk_size=chunk_size, initial_state=incoming, backend=backend
-        )
-
-    def linear_attention(
-        self, q: Tensor, k: Tensor, v: Tensor, *, mode: str, chunk_size: int | None = None,
-        initial_state: LinearState | None = None, normalize: bool = True, eps: float = 1e-6, backend: str = "auto",
-        cu_seqlens: Tensor | None = None, attention_mask: Tensor | None = None,
-    ) -> tuple[Tensor, LinearState]:  # fmt: skip
-        """``functional.linear_attention`` of this rank's tokens, from the earlier ranks' summed states."""
-        self._check(mode, initial_state, cu_seqlens, attention_mask)
-        sd = functional.state_dtype(q.dtype)
-        ks = k.to(sd)
-        kvs, zs = self.all_gather(torch.einsum("bshk,bshv->bhkv", ks, v.to(sd)), ks.sum(1))
-        w = self.earlier(q.device).to(sd)
-        incoming = LinearState(torch.einsum("jbhkv,j->bhkv", kvs, w), torch.einsum("jbhk,j->bhk", zs, w))
-        return functional.linear_attention(
-            q, k, v, mode=mode, chunk_size=chunk_size, initial_state=incoming, normalize=normalize, eps=eps,
-            backend=backend,
-        )  # fmt: skip
-
-    def softmax_attention(
-        self, q: Tensor, k: Tensor, v: Tensor, *, mode: str, chunk_size: int | None = None,
-        initial_state: KVCache | None = None, backend: str = "auto", cu_seqlens: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-    ) -> tuple[Tensor, KVCache]:  # fmt: skip
-        """``functional.softmax_attention`` of this rank's queries over the keys and values of ranks ``0..r``."""
-        self._check(mode, initial_state, cu_seqlens, attention_mask)
-        B, L, Hkv, _ = k.shape
-        ks, vs = self.all_gather(k, v)  # [K, B, L, Hkv, D]
-        r = self.rank
-
-        def cache(t: Tensor) -> Tensor:  # ranks 0..r-1 as a cache [B, Hkv, r L, D]
-            return t[:r].permute(1, 3, 0, 2, 4).reshape(B, Hkv, r * L, t.shape[-1])
-
-        # This rank's own keys are read from the gathered copy too: every rank's backward reaches the gather.
-        return functional.softmax_attention(
-            q, ks[r], vs[r], mode=mode, chunk_size=chunk_size, initial_state=KVCache(cache(ks), cache(vs)),
-            backend=backend,
-        )  # fmt: skip
-
-
-_current: ContextParallel | None = None  # a module global, not a ContextVar: torch.compile traces a global
-
-
-def current_context_parallel() -> ContextParallel | None:
-    """The context parallelism the mixers run under (``None``: none, the ordinary single-process run)."""
-    return _current
+        gathered = self.all_gather(*form.local(arguments))
+        return op(**form.incoming(self, gathered, arguments), backend=backend)
 
 
 @contextmanager
-def context_parallel(group: Any = None, *, model: nn.Module | None = None) -> Iterator[ContextParallel]:
-    """Run the built-in mixers context-parallel over ``group`` (``None``: the default group) inside the block.
+def context_parallel(group: Any = None, *, model: nn.Module) -> Iterator[ContextParallel]:
+    """Run ``model``'s mixers context-parallel over ``group`` (``None``: the default group) inside the block.
 
-    ``model``: checked first, every mixer in it must support context parallelism (a plugin mixer that does
-    not would otherwise treat each rank's tokens as a sequence of their own)."""
-    global _current
+    Installs the ``ContextParallel`` on every mixer of ``model`` (``TokenMixer.cp``), which is all a mixer reads:
+    no global state, so two models (one split, one not) can run side by side. Every mixer must support it (a
+    plugin mixer that does not would otherwise treat each rank's tokens as a sequence of their own). On exit the
+    mixers are as before."""
     cp = ContextParallel.of(group)
-    if model is not None:
-        unsupported = sorted(
-            {type(m).__name__ for m in model.modules() if isinstance(m, TokenMixer) and not _supports(m)}
-        )
-        if unsupported:
-            raise NotImplementedError(f"these mixers do not support context parallelism: {', '.join(unsupported)}")
-    previous, _current = _current, cp
+    mixers = [m for m in model.modules() if isinstance(m, TokenMixer)]
+    unsupported = sorted({type(m).__name__ for m in mixers if not getattr(m, "context_parallel", False)})
+    if unsupported:
+        raise NotImplementedError(f"these mixers do not support context parallelism: {', '.join(unsupported)}")
+    previous = [m.cp for m in mixers]
+    for m in mixers:
+        m.cp = cp
     try:
         yield cp
     finally:
-        _current = previous
-
-
-def _supports(mixer: TokenMixer) -> bool:
-    return bool(getattr(mixer, "context_parallel", False))
+        for m, before in zip(mixers, previous, strict=True):
+            m.cp = before
 
 
 def reduce_gradients(model: nn.Module, group: Any = None) -> None:

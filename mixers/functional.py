@@ -5,7 +5,8 @@ a registered backend and checks what the backend returned (structure, shapes, dt
 call, so that a wrong backend fails here, named with its plugin and distribution, rather than
 somewhere downstream. Layout everywhere: ``[B, T, H, D]`` (batch, time, heads, head dim).
 
-The shared validators, the state types and the output check are re-exported here, where plugins found them.
+Each function is a one-line wrapper, documented here because this is where users read the signatures; everything
+else about an op lives in its folder.
 """
 
 from __future__ import annotations
@@ -14,39 +15,20 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from mixers.ops.base import Spec, check_backend_outputs  # noqa: F401 (re-exported for plugins)
-from mixers.ops.checks import (
-    DEFAULT_CHUNK_SIZE,
-    MODES,
-    check_gamma,
-    check_mode,
-    check_qkv,
-    check_state,
-    state_dtype,
-)
-from mixers.ops.linear_attention import LINEAR_ATTENTION, LinearState, check_eps, check_linear_state
+from mixers.ops.checks import DEFAULT_CHUNK_SIZE, MODES
+from mixers.ops.linear_attention import LINEAR_ATTENTION, LinearState
 from mixers.ops.retention import RETENTION
-from mixers.ops.softmax_attention import SOFTMAX_ATTENTION, KVCache, check_kv_cache, check_qkv_grouped
+from mixers.ops.softmax_attention import SOFTMAX_ATTENTION, KVCache
+from mixers.packing import Packing
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "MODES",
     "KVCache",
     "LinearState",
-    "Spec",
-    "check_backend_outputs",
-    "check_eps",
-    "check_gamma",
-    "check_kv_cache",
-    "check_linear_state",
-    "check_mode",
-    "check_qkv",
-    "check_qkv_grouped",
-    "check_state",
     "linear_attention",
     "retention",
     "softmax_attention",
-    "state_dtype",
 ]
 
 
@@ -60,7 +42,7 @@ def retention(
     chunk_size: int | None = None,
     initial_state: Tensor | None = None,
     backend: str = "auto",
-    cu_seqlens: Tensor | None = None,
+    cu_seqlens: Tensor | Packing | None = None,
     attention_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Retention: ``o_t = sum_{s<=t} gamma^(t-s) (q_t . k_s) v_s + gamma^(t+1) q_t S_0``.
@@ -74,9 +56,10 @@ def retention(
             ``"recurrent"`` (token by token). All three compute the same function.
         initial_state: ``[B, H, Dk, Dv]`` state ``S_0`` from an earlier call, or ``None`` for zeros.
         backend: a backend name, or ``"auto"`` for the best available one for these inputs.
-        cu_seqlens: int32/int64 ``[N+1]`` (0, ..., T): ``q, k, v`` are ``[1, T, ...]`` holding N sequences packed
-            one after the other, each computed from its own state (``initial_state`` ``[N, ...]``, or zeros),
-            nothing crossing a boundary; the final state is ``[N, ...]``.
+        cu_seqlens: int32/int64 ``[N+1]`` (0, ..., T), or a ``mixers.packing.Packing`` made from it once for many
+            calls: ``q, k, v`` are ``[1, T, ...]`` holding N sequences packed one after the other, each computed
+            from its own state (``initial_state`` ``[N, ...]``, or zeros), nothing crossing a boundary; the final
+            state is ``[N, ...]``.
         attention_mask: 0/1 ``[B, T]`` (instead of ``cu_seqlens``): a padded batch, row b's real tokens where it
             is 1, one run per row (left or right padding). Padding never reaches a real token (whatever it
             holds, NaN included); its outputs are zeros; the final state is that of each row's real tokens.
@@ -103,7 +86,7 @@ def linear_attention(
     normalize: bool = True,
     eps: float = 1e-6,
     backend: str = "auto",
-    cu_seqlens: Tensor | None = None,
+    cu_seqlens: Tensor | Packing | None = None,
     attention_mask: Tensor | None = None,
 ) -> tuple[Tensor, LinearState]:
     """Causal linear attention (Katharopoulos et al. 2020) on feature-mapped ``q, k``.
@@ -146,7 +129,7 @@ def softmax_attention(
     chunk_size: int | None = None,
     initial_state: KVCache | tuple[Tensor, Tensor] | None = None,
     backend: str = "auto",
-    cu_seqlens: Tensor | None = None,
+    cu_seqlens: Tensor | Packing | None = None,
     attention_mask: Tensor | None = None,
 ) -> tuple[Tensor, KVCache]:
     """Causal scaled dot-product attention, continuing from a KV cache.

@@ -2,7 +2,7 @@
 
 A plugin is a module (or object) with functions marked ``@mixers.hookimpl``. Third-party plugins are
 found through the ``seqmixers`` entry-point group; the built-ins are registered through the very same
-hooks (see ``mixers.registry.DEFAULT_PLUGINS``), so a third party can do anything a built-in can.
+hooks (see ``mixers.plugins.DEFAULT_PLUGINS``), so a third party can do anything a built-in can.
 
 Hooks hand the plugin a ``register`` callable instead of expecting a return value: the registry checks
 each entry as it arrives (duplicates, malformed fields) and records which plugin it came from.
@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     import argparse
     from collections.abc import Callable
 
-    from mixers.registry import BackendRegistrar, FeatureMapRegistrar, MixerRegistrar, OpRegistrar
+    from mixers.catalogue import BackendRegistrar, FeatureMapRegistrar, MixerRegistrar, OpRegistrar
 
     CommandRegistrar = Callable[..., argparse.ArgumentParser]  # register(name, run, *, help="", **options)
 

@@ -130,6 +130,7 @@ class TokenMixer(nn.Module, abc.ABC):
     packs: ClassVar[bool] = False
     op_state_type: ClassVar[type | tuple[type, ...] | None] = None
     state_type: ClassVar[type[MixerState]] = MixerState
+    cp: Any = None  # the ContextParallel split this mixer runs under, installed by mixers.context_parallel
 
     @abc.abstractmethod
     def forward(
@@ -156,7 +157,6 @@ class TokenMixer(nn.Module, abc.ABC):
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str ('auto' or a backend name), got {type(backend).__name__}")
         if backend != "auto" and self.ops:
-
             current_registry().check_backend_name(self.ops, backend, type(self).__name__)
         self.backend = backend
 
@@ -175,22 +175,22 @@ class TokenMixer(nn.Module, abc.ABC):
         state: MixerState | None,
         batch_size: int,
         device: torch.device | None = None,
-        packing: Packing | None = None,
+        cu_seqlens: Packing | None = None,
     ) -> Any:
         """Check that ``state`` is ``None`` or this mixer's kind of state, built for ``batch_size`` rows on
-        ``device`` (with ``packing``: a row per sequence); return it."""
+        ``device`` (with ``cu_seqlens``: a row per sequence); return it."""
         if state is None:
             return None
         if not isinstance(state, self.state_type):
             raise TypeError(f"state must be a {self.state_type.__name__} (from this mixer), got {type(state).__name__}")
-        if packing is not None:
+        if cu_seqlens is not None:
             rows = state.pos.shape[0] if isinstance(state.pos, Tensor) and state.pos.dim() == 1 else None
-            if rows != packing.n:
+            if rows != cu_seqlens.n:
                 raise ValueError(
-                    f"with cu_seqlens, the state must hold one row per sequence: cu_seqlens describes {packing.n} "
+                    f"with cu_seqlens, the state must hold one row per sequence: cu_seqlens describes {cu_seqlens.n} "
                     f"sequences, the state holds {rows}"
                 )
-            batch_size = packing.n
+            batch_size = cu_seqlens.n
         if isinstance(state.pos, Tensor) and state.pos.dim() == 1 and state.pos.shape[0] != batch_size:
             raise ValueError(
                 f"state ({type(state).__name__}) is for batch size {state.pos.shape[0]}, "
@@ -206,35 +206,33 @@ class TokenMixer(nn.Module, abc.ABC):
             )
         return state
 
-    def positions(self, state: MixerState | None, packing: Packing | None = None) -> Tensor | None:
+    def positions(self, state: MixerState | None, cu_seqlens: Packing | None = None) -> Tensor | None:
         """``state.pos``, or ``None`` for a fresh sequence (every row at 0, which mixers may take a faster path for).
 
-        With ``packing`` (packed sequences in one row), the position of every token: ``[1, T]``, restarting at
+        With ``cu_seqlens`` (packed sequences in one row), the position of every token: ``[1, T]``, restarting at
         each sequence's start (at ``state.pos[n]`` for sequence n, with a state)."""
-        if packing is None:
+        if cu_seqlens is None:
             return None if state is None else state.pos
-        pos = packing.offsets if state is None else packing.offsets + state.pos[packing.seq_id]
+        pos = cu_seqlens.offsets if state is None else cu_seqlens.offsets + state.pos[cu_seqlens.seq_id]
         return pos[None]
 
     def next_state(
-        self, state: MixerState | None, x: Tensor, op: Any, packing: Packing | None = None, **fields: Any
+        self, state: MixerState | None, x: Tensor, op: Any, cu_seqlens: Packing | None = None, **fields: Any
     ) -> MixerState:
         """The state after ``x [B, T, ...]``: positions advanced by T, the op's new state, other fields. With
-        ``packing``, one row per sequence, each advanced by its length."""
-        if packing is not None:
-            pos = packing.lengths if state is None else state.pos + packing.lengths
+        ``cu_seqlens``, one row per sequence, each advanced by its length."""
+        if cu_seqlens is not None:
+            pos = cu_seqlens.lengths if state is None else state.pos + cu_seqlens.lengths
             return self.state_type(pos=pos, op=op, **fields)
         B, T = x.shape[0], x.shape[1]
         if state is None:
             return self.state_type.start(op, B, device=x.device, offset=T, **fields)
         return self.state_type(pos=state.pos + T, op=op, **fields)
 
-    def packing(self, x: Tensor, cu_seqlens: object) -> Packing | None:
+    def check_packing(self, x: Tensor, cu_seqlens: object) -> Packing | None:
         """``cu_seqlens`` checked for ``x [1, T, d_model]`` (``None`` stays ``None``)."""
         if cu_seqlens is None:
             return None
-        from mixers.packing import Packing
-
         if x.shape[0] != 1:
             raise ValueError(
                 f"with cu_seqlens, x must hold the packed sequences in one row ([1, T, {self.d_model}]), "
@@ -257,13 +255,13 @@ def mix_packed(
 
     A mixer that takes ``cu_seqlens`` (``packs = True``) gets it; any other runs once per sequence, from that
     sequence's rows of ``state``, which is exact for every mixer and costs a call per sequence."""
-    packing = mixer.packing(x, cu_seqlens)
+    cu_seqlens = mixer.check_packing(x, cu_seqlens)
     if mixer.packs:
-        return mixer(x, state, mode=mode, chunk_size=chunk_size, cu_seqlens=packing)
+        return mixer(x, state, mode=mode, chunk_size=chunk_size, cu_seqlens=cu_seqlens)
     mixer.check_input(x)
-    state = mixer.check_state(state, 1, x.device, packing)
+    state = mixer.check_state(state, 1, x.device, cu_seqlens)
     outs, states = [], []
-    for n, (start, stop) in enumerate(zip(packing.bounds, packing.bounds[1:], strict=False)):
+    for n, (start, stop) in enumerate(zip(cu_seqlens.bounds, cu_seqlens.bounds[1:], strict=False)):
         rows = None if state is None else state.reorder(torch.tensor([n], device=x.device))
         y, s = mixer(x[:, start:stop], rows, mode=mode, chunk_size=chunk_size)
         outs.append(y)
@@ -284,6 +282,6 @@ def mix_padded(
     (left or right padding). The real tokens are packed (the padding dropped, whatever it holds) and run by
     ``mix_packed``; outputs at the padding are zeros, and row b's state is that of its real tokens."""
     B, T = mixer.check_input(x)
-    mask, packing = unpad(attention_mask, B, T, x.device)
-    y, state = mix_packed(mixer, x[mask][None], state, packing, mode=mode, chunk_size=chunk_size)
+    mask, cu_seqlens = unpad(attention_mask, B, T, x.device)
+    y, state = mix_packed(mixer, x[mask][None], state, cu_seqlens, mode=mode, chunk_size=chunk_size)
     return repad(y, mask), state

@@ -8,7 +8,7 @@ mixer, which is also what saved checkpoints hold.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +16,12 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from mixers import rotary as rope
-from mixers.context_parallel import current_context_parallel
 from mixers.interface import MixerState, TokenMixer, mix_padded
+from mixers.ops.checks import check_mode
 from mixers.packing import Packing
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mixers.ops.base import Op
 
 HEAD_NORMS = ("groupnorm", "rmsnorm")
 
@@ -109,13 +112,15 @@ class ShortConv(nn.Module):
     def init_window(self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype) -> Tensor:
         return torch.zeros(batch_size, self.kernel_size - 1, self.channels, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, window: Tensor | None = None, packing: Packing | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, window: Tensor | None = None, cu_seqlens: Packing | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``x [B, T, C]`` after ``window [B, K-1, C]`` (``None``: zeros); return ``(y, new window)``.
 
-        With ``packing``, ``x [1, T, C]`` holds packed sequences: each starts from its own row of ``window``
+        With ``cu_seqlens``, ``x [1, T, C]`` holds packed sequences: each starts from its own row of ``window``
         (``[N, K-1, C]``) and the windows returned are per sequence."""
-        if packing is not None:
-            return self._packed(x, window, packing)
+        if cu_seqlens is not None:
+            return self._packed(x, window, cu_seqlens)
         B, _, C = x.shape
         want = (B, self.kernel_size - 1, C)
         if window is None:
@@ -134,10 +139,10 @@ class ShortConv(nn.Module):
             y = y + xx[:, j : j + T] * w[:, j]
         return F.silu(y), xx[:, xx.shape[1] - (self.kernel_size - 1) :].clone()  # not a view pinning all of xx
 
-    def _packed(self, x: Tensor, window: Tensor | None, packing: Packing) -> tuple[Tensor, Tensor]:
+    def _packed(self, x: Tensor, window: Tensor | None, cu_seqlens: Packing) -> tuple[Tensor, Tensor]:
         """The convolution of packed sequences: a tap reaching before its sequence's first token reads that
         sequence's window (zeros without one), never the previous sequence's tokens."""
-        N, K, C = packing.n, self.kernel_size, x.shape[-1]
+        N, K, C = cu_seqlens.n, self.kernel_size, x.shape[-1]
         if window is not None and (not isinstance(window, Tensor) or tuple(window.shape) != (N, K - 1, C)):
             got = list(window.shape) if isinstance(window, Tensor) else type(window).__name__
             want = [N, K - 1, C]
@@ -146,17 +151,17 @@ class ShortConv(nn.Module):
         T = x.shape[1]
         if K == 1 or T == 0:
             return (F.silu(x * self.weight[:, 0].to(x.dtype)) if T else x), window
-        xs, w, off = x[0], self.weight.to(x.dtype), packing.offsets
+        xs, w, off = x[0], self.weight.to(x.dtype), cu_seqlens.offsets
         y = xs * w[:, K - 1]  # the current token
         for d in range(1, K):  # the token d back: in the sequence, or in its window
             back = F.pad(xs, (0, 0, d, 0))[:T]
-            held = window[packing.seq_id, (K - 1 - d + off).clamp(max=K - 2)]
+            held = window[cu_seqlens.seq_id, (K - 1 - d + off).clamp(max=K - 2)]
             y = y + torch.where((off >= d)[:, None], back, held) * w[:, K - 1 - d]
         # Each sequence's new window: the last K-1 of (its window, its tokens).
         i = torch.arange(K - 1, device=x.device)
-        at = packing.lengths[:, None] - (K - 1) + i  # (N, K-1): index into the sequence's tokens, < 0 in the window
-        from_x = xs[(packing.cu_seqlens[:-1, None] + at).clamp(0, T - 1)]
-        from_w = window.gather(1, (packing.lengths[:, None] + i).clamp(max=K - 2)[..., None].expand(N, K - 1, C))
+        at = cu_seqlens.lengths[:, None] - (K - 1) + i  # (N, K-1): index into the sequence's tokens, < 0 in the window
+        from_x = xs[(cu_seqlens.cu_seqlens[:-1, None] + at).clamp(0, T - 1)]
+        from_w = window.gather(1, (cu_seqlens.lengths[:, None] + i).clamp(max=K - 2)[..., None].expand(N, K - 1, C))
         return F.silu(y)[None], torch.where((at >= 0)[..., None], from_x, from_w)
 
     def extra_repr(self) -> str:
@@ -262,9 +267,10 @@ class ProjectedMixer(TokenMixer):
     A subclass sets up its modules with ``init_frame`` and implements ``mix``, calling ``project`` and ``output``
     around its op; ``forward`` checks the inputs and handles packed and padded batches for all of them.
 
-    Context parallelism (``mixers.context_parallel``): a subclass that calls its op through ``run_op`` and sets
-    ``context_parallel = True`` runs split over ranks inside ``with context_parallel(group):``; ``begin``
-    starts it at the rank's position and ``project`` fetches the previous ranks' convolution inputs.
+    Context parallelism (``mixers.context_parallel``): a subclass that calls its op (an ``Op``) through ``run_op``
+    and sets ``context_parallel = True`` runs split over ranks when a split is installed on it (``self.cp``, by
+    ``with context_parallel(group, model=model):``); ``begin`` starts it at the rank's position, ``project``
+    fetches the previous ranks' convolution inputs and ``run_op`` runs the op's context-parallel form.
     """
 
     packs = True  # forward takes cu_seqlens (packed sequences) itself
@@ -300,8 +306,6 @@ class ProjectedMixer(TokenMixer):
     ) -> None:
         """Build the projections (``widths``: q, k, v; a gate of ``out_width`` is appended when ``gate``), the
         norm and convolution, and check and set the backend and default chunk size."""
-        from mixers.functional import check_mode
-
         check_mode("chunkwise", chunk_size)
         self.d_model, self.gate, self.chunk_size = d_model, gate, chunk_size
         self.widths = [*widths, *([out_width] if gate else [])]
@@ -329,36 +333,34 @@ class ProjectedMixer(TokenMixer):
                 raise ValueError("give cu_seqlens (packed sequences) or attention_mask (a padded batch), not both")
             return mix_padded(self, x, state, attention_mask, mode=mode, chunk_size=chunk_size)
         B, _ = self.check_input(x)
-        packing = self.packing(x, cu_seqlens)
-        state = self.check_state(state, B, x.device, packing)
-        if (cp := current_context_parallel()) is not None:
-            state = cp.begin(self, x, state, packing)  # at position r L; no op state or window (from the ranks)
-        return self.mix(x, state, packing, mode, self.chunk(chunk_size))
+        cu_seqlens = self.check_packing(x, cu_seqlens)
+        state = self.check_state(state, B, x.device, cu_seqlens)
+        if self.cp is not None:
+            state = self.cp.begin(self, x, state, cu_seqlens)  # at position r L; no op state or window (from the ranks)
+        return self.mix(x, state, cu_seqlens, mode, self.chunk(chunk_size))
 
     def mix(
-        self, x: Tensor, state: MixerState | None, packing: Packing | None, mode: str, chunk_size: int | None
+        self, x: Tensor, state: MixerState | None, cu_seqlens: Packing | None, mode: str, chunk_size: int | None
     ) -> tuple[Tensor, MixerState]:
         """The subclass's computation on checked inputs: ``(y, new state)``."""
         raise NotImplementedError(f"{type(self).__name__} must implement mix()")
 
     def project(
-        self, x: Tensor, state: MixerState | None, packing: Packing | None = None
+        self, x: Tensor, state: MixerState | None, cu_seqlens: Packing | None = None
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """``(qkv [B, T, q+k+v widths], gate input or None, the convolution's new window or None)``."""
         qkv_width = sum(self.widths[:3])
         qkv, *g = self.in_proj(x).split([qkv_width, *self.widths[3:]], dim=-1)
-        cp = current_context_parallel()
-        window = conv_window(self.conv, state) if cp is None else None
+        window = conv_window(self.conv, state) if self.cp is None else None
         if self.conv is not None:
-            if cp is not None:  # the previous ranks' last inputs
-                window = cp.conv_window(qkv, self.conv.kernel_size - 1)
-            qkv, window = self.conv(qkv, window, packing)
+            if self.cp is not None:  # the previous ranks' last inputs
+                window = self.cp.conv_window(qkv, self.conv.kernel_size - 1)
+            qkv, window = self.conv(qkv, window, cu_seqlens)
         return qkv, (g[0] if g else None), window
 
-    def run_op(self, op: Any, *args: Any, **kwargs: Any) -> Any:
+    def run_op(self, op: Op, *args: Any, **kwargs: Any) -> Any:
         """``op(*args, **kwargs)``, or under context parallelism its context-parallel form."""
-        cp = current_context_parallel()
-        return op(*args, **kwargs) if cp is None else cp.op(op)(*args, **kwargs)
+        return op(*args, **kwargs) if self.cp is None else self.cp.run(op, *args, **kwargs)
 
     def output(self, o: Tensor, g: Tensor | None) -> Tensor:
         """``out_proj(gate * norm(o))`` for the op's output ``o [B, T, H, Dv]``."""

@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mixers import functional
-from mixers.functional import LinearState
+from mixers.catalogue import FeatureMapRegistrar, MixerRegistrar
 from mixers.hookspecs import hookimpl
 from mixers.interface import MixerState
 from mixers.layers import HEAD_NORMS, HeadNorm, ProjectedMixer, check_value_dim, resolve_heads
+from mixers.ops.checks import state_dtype
+from mixers.ops.linear_attention import LINEAR_ATTENTION, LinearState, check_eps
 from mixers.packing import Packing
-from mixers.registry import FeatureMapRegistrar, MixerRegistrar, get_registry
+from mixers.registry import get_registry
 
 NORMS = (None, *HEAD_NORMS)
 
@@ -92,7 +93,7 @@ class LinearAttention(ProjectedMixer):
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if not isinstance(normalize, bool):
             raise TypeError(f"normalize must be a bool, got {normalize!r}")
-        self.eps = functional.check_eps(eps)
+        self.eps = check_eps(eps)
         self.phi = get_registry().get_feature_map(feature_map).fn
         self.feature_map = feature_map
         self.feature_dim = self._probe_feature_dim(H, Dk)
@@ -125,7 +126,7 @@ class LinearAttention(ProjectedMixer):
         dtype: torch.dtype = torch.float32,
         max_len: int | None = None,  # the state has a fixed size: nothing to preallocate
     ) -> MixerState:
-        sd = functional.state_dtype(dtype)
+        sd = state_dtype(dtype)
         H, D, Dv = self.num_heads, self.feature_dim, self.value_head_dim
         op = LinearState(
             kv=torch.zeros(batch_size, H, D, Dv, device=device, dtype=sd),
@@ -135,15 +136,15 @@ class LinearAttention(ProjectedMixer):
         return MixerState.start(op, batch_size, device=device, conv=conv)
 
     def mix(
-        self, x: Tensor, state: MixerState | None, packing: Packing | None, mode: str, chunk_size: int | None
+        self, x: Tensor, state: MixerState | None, cu_seqlens: Packing | None, mode: str, chunk_size: int | None
     ) -> tuple[Tensor, MixerState]:
         B, T = x.shape[:2]
         H, Dk, Dv = self.num_heads, self.head_dim, self.value_head_dim
-        qkv, g, window = self.project(x, state, packing)
+        qkv, g, window = self.project(x, state, cu_seqlens)
         q, k, v = qkv.split(self.widths[:3], dim=-1)
         q, k = self.phi(q.view(B, T, H, Dk)), self.phi(k.view(B, T, H, Dk))  # (B, T, H, D')
         o, op_state = self.run_op(
-            functional.linear_attention,
+            LINEAR_ATTENTION,
             q * self.scaling if self.scaling != 1.0 else q,
             k,
             v.view(B, T, H, Dv),
@@ -153,9 +154,9 @@ class LinearAttention(ProjectedMixer):
             normalize=self.normalize,
             eps=self.eps,
             backend=self.backend,
-            cu_seqlens=packing,
+            cu_seqlens=cu_seqlens,
         )  # (B, T, H, Dv)
-        return self.output(o, g), self.next_state(state, x, op_state, packing, conv=window)
+        return self.output(o, g), self.next_state(state, x, op_state, cu_seqlens, conv=window)
 
     def extra_repr(self) -> str:
         return (

@@ -82,6 +82,11 @@ class Packing:
         return self.bounds[-1]
 
     @property
+    def longest(self) -> int:
+        """The length of the longest sequence."""
+        return max(b - a for a, b in zip(self.bounds, self.bounds[1:], strict=False))
+
+    @property
     def lengths(self) -> Tensor:
         """int64 ``[N]``."""
         return self.cu_seqlens[1:] - self.cu_seqlens[:-1]

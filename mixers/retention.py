@@ -2,7 +2,7 @@
 
 ``MSR(X) = (swish(X W_G) * GroupNorm_h(Retention_h(X))) W_O`` with per-head decays
 ``gamma = 1 - 2^(-5 - arange(H))``. Q and K are rotated by position (``mixers.rotary``) and K is
-scaled by ``Dk^-0.5``; the op ``mixers.functional.retention`` does the rest.
+scaled by ``Dk^-0.5``; the op (``mixers/ops/retention``) does the rest.
 
 Score normalisations. The paper also divides ``QK^T`` by ``sqrt(d)``, each row of ``D`` by the square
 root of its sum, and the scores by ``max(|row sum|, 1)``, to keep fp16 activations in range. We apply
@@ -20,14 +20,15 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from mixers import functional
+from mixers.catalogue import MixerRegistrar
 from mixers.hookspecs import hookimpl
 from mixers.interface import MixerState
 from mixers.layers import HEAD_NORMS, HeadNorm, ProjectedMixer, Rotary, check_value_dim, resolve_heads
+from mixers.ops.checks import check_gamma, state_dtype
+from mixers.ops.retention import RETENTION
 from mixers.packing import Packing
-from mixers.registry import MixerRegistrar
 
-__all__ = ["MultiScaleRetention", "check_value_dim", "default_gammas", "resolve_heads"]
+__all__ = ["MultiScaleRetention", "default_gammas"]
 
 
 def default_gammas(num_heads: int, *, decay: bool = True, multi_scale: bool = True) -> list[float]:
@@ -100,7 +101,7 @@ class MultiScaleRetention(ProjectedMixer):
         self._scales: dict[tuple[torch.device, bool], Tensor] = {}
         # Decays travel to the op as Python floats (checked without a device sync, never rounded by .to()).
         gammas = default_gammas(H, decay=decay, multi_scale=multi_scale) if gammas is None else gammas
-        self.gammas = tuple(functional.check_gamma(gammas, H, torch.device("cpu")).tolist())
+        self.gammas = tuple(check_gamma(gammas, H, torch.device("cpu")).tolist())
         self.rope = Rotary(Dk, layout=rope_layout, schedule=rope_schedule, base=rope_base) if rotary else None
         head_norm = HeadNorm(H, value_dim // H, norm, affine=norm_affine, eps=norm_eps) if group_norm else None
         self.init_frame(
@@ -133,25 +134,25 @@ class MultiScaleRetention(ProjectedMixer):
         max_len: int | None = None,  # the state has a fixed size: nothing to preallocate
     ) -> MixerState:
         shape = (batch_size, self.num_heads, self.head_dim, self.value_head_dim)
-        kv = torch.zeros(shape, device=device, dtype=functional.state_dtype(dtype))
+        kv = torch.zeros(shape, device=device, dtype=state_dtype(dtype))
         conv = None if self.conv is None else self.conv.init_window(batch_size, device=device, dtype=dtype)
         return MixerState.start(kv, batch_size, device=device, conv=conv)
 
     def mix(
-        self, x: Tensor, state: MixerState | None, packing: Packing | None, mode: str, chunk_size: int | None
+        self, x: Tensor, state: MixerState | None, cu_seqlens: Packing | None, mode: str, chunk_size: int | None
     ) -> tuple[Tensor, MixerState]:
         B, T = x.shape[:2]
         H, Dk, Dv = self.num_heads, self.head_dim, self.value_head_dim
-        qkv, g, window = self.project(x, state, packing)
+        qkv, g, window = self.project(x, state, cu_seqlens)
         qk, v = qkv.split([2 * H * Dk, self.widths[2]], dim=-1)
         qk = rearrange(qk, "b t (two h d) -> b t two h d", two=2, h=H)  # q and k, rotated and scaled in one pass
         if self.rope is not None:
-            qk = self.rope(qk, self.positions(state, packing), self._qk_scales(x.device, x.dtype))
+            qk = self.rope(qk, self.positions(state, cu_seqlens), self._qk_scales(x.device, x.dtype))
         else:
             qk = qk * qk.new_tensor([1.0, self.scaling])[:, None, None]
         q, k = qk.unbind(2)
         o, kv = self.run_op(
-            functional.retention,
+            RETENTION,
             q,
             k,
             v.view(B, T, H, Dv),
@@ -160,9 +161,9 @@ class MultiScaleRetention(ProjectedMixer):
             chunk_size=chunk_size,
             initial_state=None if state is None else state.op,
             backend=self.backend,
-            cu_seqlens=packing,
+            cu_seqlens=cu_seqlens,
         )  # (B, T, H, Dv)
-        return self.output(o, g), self.next_state(state, x, kv, packing, conv=window)
+        return self.output(o, g), self.next_state(state, x, kv, cu_seqlens, conv=window)
 
     def extra_repr(self) -> str:
         return (

@@ -15,13 +15,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mixers import functional
-from mixers.functional import KVCache
+from mixers.catalogue import MixerRegistrar
 from mixers.hookspecs import hookimpl
 from mixers.interface import MixerState
 from mixers.layers import ProjectedMixer, Rotary, resolve_heads
+from mixers.ops.softmax_attention import SOFTMAX_ATTENTION, KVCache
 from mixers.packing import Packing
-from mixers.registry import MixerRegistrar
 
 
 class SoftmaxAttention(ProjectedMixer):
@@ -90,17 +89,17 @@ class SoftmaxAttention(ProjectedMixer):
         return MixerState.start(KVCache(k, v, length), batch_size, device=device)
 
     def mix(
-        self, x: Tensor, state: MixerState | None, packing: Packing | None, mode: str, chunk_size: int | None
+        self, x: Tensor, state: MixerState | None, cu_seqlens: Packing | None, mode: str, chunk_size: int | None
     ) -> tuple[Tensor, MixerState]:
         B, T = x.shape[:2]
         H, Hkv, Dk = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv, _, _ = self.project(x, state, packing)
+        qkv, _, _ = self.project(x, state, cu_seqlens)
         q, k, v = qkv.split(self.widths, dim=-1)
         q, k, v = q.view(B, T, H, Dk), k.view(B, T, Hkv, Dk), v.view(B, T, Hkv, Dk)
         if self.rope is not None:
-            q, k = self.rope.rotate_all([q, k], self.positions(state, packing))
+            q, k = self.rope.rotate_all([q, k], self.positions(state, cu_seqlens))
         o, cache = self.run_op(
-            functional.softmax_attention,
+            SOFTMAX_ATTENTION,
             q,
             k,
             v,
@@ -108,9 +107,9 @@ class SoftmaxAttention(ProjectedMixer):
             chunk_size=chunk_size,
             initial_state=None if state is None else state.op,
             backend=self.backend,
-            cu_seqlens=packing,
+            cu_seqlens=cu_seqlens,
         )  # (B, T, H, Dk)
-        return self.output(o, None), self.next_state(state, x, cache, packing)
+        return self.output(o, None), self.next_state(state, x, cache, cu_seqlens)
 
     def extra_repr(self) -> str:
         return (

@@ -5,26 +5,26 @@ Public API:
 - ``build_model(config)`` -> ``LanguageModel``: ``forward(tokens, states, mode=...)``, ``generate(...)``,
   ``save(path)``.
 - ``load(path)``: a model from a checkpoint (safetensors weights + JSON config, never unpickled).
-- ``train(model_config, train_config)``: the training loop on the embedded corpus or any text file.
+- ``train(model_config, train_config)``: the training loop on the embedded corpus or any text file
+  (``models.training``).
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from models.checkpoint import CheckpointError, load, read_header
+    from models.checkpoint import load, read_header
+    from models.checkpoint_format import CheckpointError
     from models.config import ConfigError, LayerSpec, ModelConfig, TrainConfig, load_run_config, presets
     from models.lm import LanguageModel, build_model
-    from models.train import TrainResult, train
+    from models.training.loop import TrainResult, train
 
 # The public names are imported on first use (PEP 562): importing torch takes seconds, and the ``seqmixers``
 # command imports this package before it can catch a Ctrl-C, so the package itself imports nothing heavy.
 _WHERE = {
-    "CheckpointError": "models.checkpoint",
+    "CheckpointError": "models.checkpoint_format",
     "load": "models.checkpoint",
     "read_header": "models.checkpoint",
     "ConfigError": "models.config",
@@ -35,8 +35,8 @@ _WHERE = {
     "presets": "models.config",
     "LanguageModel": "models.lm",
     "build_model": "models.lm",
-    "TrainResult": "models.train",
-    "train": "models.train",
+    "TrainResult": "models.training.loop",
+    "train": "models.training.loop",
 }
 
 
@@ -51,18 +51,6 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
 
-
-class _Package(types.ModuleType):
-    """``models.train`` is the training function, as it was when this package imported it eagerly: importing
-    the submodule ``models.train`` (which sets the package's attribute to the module) keeps the function."""
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if name == "train" and isinstance(value, types.ModuleType):
-            value = value.train
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "CheckpointError",

@@ -98,13 +98,14 @@ class Block(nn.Module):
         *,
         mode: str = "parallel",
         chunk_size: int | None = None,
-        packing: Packing | None = None,
+        cu_seqlens: Tensor | Packing | None = None,
     ) -> tuple[Tensor, MixerState]:
-        """``packing``: ``x [1, T, D]`` holds packed sequences (the model checked them once for all layers)."""
-        if packing is None:
+        """``cu_seqlens``: ``x [1, T, D]`` holds packed sequences; the model hands every block the one ``Packing``
+        it checked, which goes on to the mixer as it is."""
+        if cu_seqlens is None:
             y, state = self.mixer(self.norm1(x), state, mode=mode, chunk_size=chunk_size)  # (B, T, D)
         else:
-            y, state = mix_packed(self.mixer, self.norm1(x), state, packing, mode=mode, chunk_size=chunk_size)
+            y, state = mix_packed(self.mixer, self.norm1(x), state, cu_seqlens, mode=mode, chunk_size=chunk_size)
         x = x + self.dropout(y)
         x = x + self.ffn(self.norm2(x))
         return x, state

@@ -26,6 +26,7 @@ import re
 import sys
 import textwrap
 import time
+import typing
 from pathlib import Path
 
 # Only the standard library at the top: torch takes seconds to import, and a Ctrl-C meanwhile must end in
@@ -33,10 +34,13 @@ from pathlib import Path
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from models import data as corpus
     from models.config import load_run_config, resolve_config
-    from models.corpus import TokenizerInterrupted
-    from models.train import Interrupted, TrainingDiverged, run_folder_checkpoints, train
+    from models.training import folder
+    from models.training import state as train_state
+    from models.training.data import default_corpus
+    from models.training.interrupts import Interrupted
+    from models.training.loop import TrainingDiverged, train
+    from models.training.tokenizers import TokenizerInterrupted
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 speaks
 
@@ -52,8 +56,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
     saved = None
     if args.resume is not None:  # checked whole (checksums, every field) before anything else is done
-        from models import train_state
-
         saved = train_state.read(args.resume)
     if args.config is not None:
         path = resolve_config(args.config)
@@ -61,24 +63,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:  # the run's own configs, from its saved training state
         model_config, train_config = saved.model, saved.train
         path = Path(args.resume)
-    given = (
-        ("steps", args.steps),
-        ("seed", args.seed),
-        ("documents", args.documents),
-        ("separator", args.separator),
-        ("precision", args.precision),
-        ("accumulate", args.accumulate),
-        ("checkpoint_activations", args.checkpoint_activations),
-        ("save_every", args.save_every),
-        ("log_every", args.log_every),
-        ("tokenizer", args.tokenizer),
-        ("bpe_vocab", args.bpe_vocab),
-    )
-    overrides = {k: v for k, v in given if v is not None}
-    if overrides:
-        train_config = dataclasses.replace(train_config, **overrides)
+    train_config = _with_overrides(train_config, args)
     out = Path(args.out) if args.out else Path(args.resume) if args.resume else Path("runs") / path.stem
-    existing = run_folder_checkpoints(out)
+    existing = folder.checkpoints(out)
     into_its_own_folder = saved is not None and out.resolve() == saved.path.parent.resolve()
     if existing and not args.force and not into_its_own_folder:
         say(
@@ -89,26 +76,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.data is None and saved is not None:  # the data the run trained on, as its state records it
-        record, data = saved.data, {}
+    data = train_config.data
+    if saved is not None and data in (None, saved.train.data):  # the data the run trained on, as its state records
+        record = saved.data
         source = "the embedded corpus (pydoc help text)" if record["kind"] == "embedded" else record["path"]
         source += ", as the run trained on it"
         size = record["bytes"] if "bytes" in record else sum(f["size"] for f in record["files"])
-    elif args.data is None:  # the embedded corpus, in memory
-        text, source = corpus.load_corpus(), "the embedded corpus (pydoc help text)"
-        size, data = len(text), {}
+    elif data is None:  # the embedded corpus
+        text, source = default_corpus(), "the embedded corpus (pydoc help text)"
+        size = len(text)
         if train_config.documents == "none" and train_config.tokenizer == "bytes":
             _check_corpus(size, train_config, source)
     else:  # a file or a folder, streamed into the token cache OUT/cache/ by train()
-        from models.corpus import source_files
-        from models.train import cache_options
+        from models.training.batches import cache_options
+        from models.training.data import source_files
 
-        files = source_files(args.data, fmt=cache_options(train_config)["fmt"])  # FileNotFoundError: exit 2
-        size, data = sum(f.stat().st_size for f, _ in files), {"source": args.data}
-        source = args.data if Path(args.data).is_file() else f"{args.data} ({len(files)} files)"
+        files = source_files(data, fmt=cache_options(train_config)["fmt"])  # FileNotFoundError: exit 2
+        size = sum(f.stat().st_size for f, _ in files)
+        source = data if Path(data).is_file() else f"{data} ({len(files)} files)"
         text_only = all(kind == "text" for _, kind in files)  # their bytes are the tokens (for valid UTF-8)
         if train_config.documents == "none" and train_config.tokenizer == "bytes" and text_only:
-            _check_corpus(size, train_config, f"--data {args.data!r}")
+            _check_corpus(size, train_config, f"--data {data!r}")
     model_config.check_backends(args.device)
     say(f"model: {model_config.describe()}", file=sys.stderr)
     packed = "" if train_config.documents == "none" else f" (packed {train_config.documents} documents)"
@@ -124,13 +112,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train(
             model_config,
             train_config,
-            **data,
             out=out,
             device=args.device,
             progress=not args.quiet and main_rank,
-            parallel=args.parallel,
             resume=saved,  # read and checked above: not hashed twice
-            context_parallel=args.context_parallel,
             allow_new_data=args.allow_new_data,
         )
     except TrainingDiverged as exc:
@@ -156,27 +141,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     if main_rank:
-        from models.runlog import plot_curves
-        from models.train import CURVES, LOG
+        from models.training.runlog import plot_curves
 
-        if (out / LOG).exists() and plot_curves(out / LOG, out / CURVES) is not None:
-            say(f"curves: {out / CURVES} (log: {out / LOG})", file=sys.stderr)
+        log, curves = out / folder.LOG, out / folder.CURVES
+        if log.exists() and plot_curves(log, curves) is not None:
+            say(f"curves: {curves} (log: {log})", file=sys.stderr)
     if result.sample:
         say("sample:", file=sys.stderr)
         say(result.sample)
     return 0
 
 
+def _with_overrides(config: object, args: argparse.Namespace) -> object:
+    """The train ``config`` with the settings given as options (one per field; ``None``: not given)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config)}
+    return dataclasses.replace(config, **{name: value for name, value in given.items() if value is not None})
+
+
 def _resume_command(args: argparse.Namespace, out: Path) -> str:
-    """The command that goes on with an interrupted run exactly: its state holds the configs and the data; the
-    processes, device and parallelism are the command's (under torchrun, the same number of processes)."""
+    """The command that goes on with an interrupted run exactly: its state holds the configs (the parallelism
+    included) and the data; the processes and the device are the command's (under torchrun, the same number of
+    processes)."""
     import shlex
 
     options = ["--resume", str(out)]
-    if args.parallel != "none":
-        options += ["--parallel", args.parallel]
-    if args.context_parallel != 1:
-        options += ["--context-parallel", str(args.context_parallel)]
     if args.device != "cpu":
         options += ["--device", args.device]
     if args.threads is not None:
@@ -191,7 +179,7 @@ def _resume_command(args: argparse.Namespace, out: Path) -> str:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from models import train_state
+    from models.training import state as train_state
 
     path = train_state.export(args.run, args.out)
     print(f"wrote {path}", file=sys.stderr)
@@ -201,10 +189,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _checkpoint_tokenizer(checkpoint: str, model: object) -> object:
     """The tokenizer saved beside ``checkpoint`` (its folder's ``tokenizer.json``: BPE), else bytes; checked
     against the model's vocabulary and the run's ``train.tokenizer``."""
-    from models import data as corpus
     from models.checkpoint import read_header
     from models.config import ConfigError
-    from models.corpus import TOKENIZER_FILE, ByteTokenizer, load_tokenizer
+    from models.training.tokenizers import BYTE_VOCAB, TOKENIZER_FILE, ByteTokenizer, load_tokenizer
 
     folder = Path(checkpoint).parent
     try:
@@ -224,7 +211,7 @@ def _checkpoint_tokenizer(checkpoint: str, model: object) -> object:
                 f"this checkpoint was trained with the {trained_with} tokenizer, but {folder / TOKENIZER_FILE} "
                 f"is missing: put the run's tokenizer.json beside it"
             )
-        if V < corpus.BYTE_VOCAB:
+        if V < BYTE_VOCAB:
             raise ConfigError(f"this checkpoint's vocab_size={V} cannot hold byte tokens")
     elif V < tokenizer.vocab_size:
         raise ConfigError(
@@ -237,9 +224,8 @@ def _checkpoint_tokenizer(checkpoint: str, model: object) -> object:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from models import data as corpus
-    from models.checkpoint import CheckpointError, load, nonfinite
-    from models.corpus import ByteTokenizer, TextStream
+    from models.checkpoint import load
+    from models.checkpoint_format import CheckpointError, nonfinite
 
     model = load(args.checkpoint, device=args.device)
     bad = nonfinite(dict(model.named_parameters()))
@@ -253,8 +239,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompts = args.prompt or [DEFAULT_PROMPT]
     if len(prompts) > 1 or args.beams is not None:
         return _generate_batch(model, prompts, args, tokenizer)
-    # bytes: an incremental UTF-8 decoder; BPE: the ids since the last complete text, decoded together
-    decoder = corpus.StreamDecoder() if isinstance(tokenizer, ByteTokenizer) else TextStream(tokenizer)
+    decoder = tokenizer.stream()  # a character appears once complete
     t0, n = time.perf_counter(), 0
     tokens = model.stream(
         torch.tensor(tokenizer.encode(prompts[0]), dtype=torch.long),
@@ -456,8 +441,9 @@ def _out_dir(text: str) -> str:
 
 def _check_corpus(size: int, train_config: object, source: str) -> None:
     """The training text (``size`` bytes, one token each) must leave more than ``seq_len`` bytes to both its
-    training and validation parts (``models.train.check_corpus_size``; train() checks a token cache's tokens)."""
-    from models.train import check_corpus_size
+    training and validation parts (``models.training.batches.check_corpus_size``; train() checks a token cache's
+    tokens)."""
+    from models.training.batches import check_corpus_size
 
     check_corpus_size(size, train_config, source, "bytes")
 
@@ -525,60 +511,8 @@ def parser(*, plugin_commands: bool = False) -> argparse.ArgumentParser:
     t.add_argument(
         "--config", help="a TOML/YAML/JSON run file ([model], [train]) or a preset name (optional with --resume)"
     )
-    t.add_argument(
-        "--data",
-        metavar="PATH",
-        help="a text file, a JSONL file or a folder of them to train on, streamed from disk into a memory-mapped\n"
-        "token cache OUT/cache/ (default: the embedded pydoc corpus)",
-    )
-    t.add_argument(
-        "--tokenizer",
-        choices=("bytes", "bpe"),
-        help="UTF-8 bytes (vocabulary 256), or a BPE tokenizer trained on the data and saved to\n"
-        "OUT/tokenizer.json (needs the tokenizers library; the model's vocab_size becomes its size unless\n"
-        f"the config sets another) {_FROM_CONFIG % 'tokenizer'}",
-    )
-    t.add_argument(
-        "--bpe-vocab", type=_int_at_least(256), metavar="N", help=f"most BPE token ids {_FROM_CONFIG % 'bpe_vocab'}"
-    )
     t.add_argument("--out", type=_out_dir, help="output folder for model.safetensors (default: runs/<config name>)")
     t.add_argument("--force", action="store_true", help="overwrite the checkpoints already in --out")
-    t.add_argument("--steps", type=_int_at_least(1), metavar="N", help=f"optimizer steps {_FROM_CONFIG % 'steps'}")
-    t.add_argument("--seed", type=int, metavar="N", help=f"seeds the weights and batches {_FROM_CONFIG % 'seed'}")
-    t.add_argument(
-        "--documents",
-        choices=("none", "separator", "lines", "jsonl"),
-        help="train on random windows of the whole text (none), or on documents packed into rows, split on\n"
-        "--separator, one per line, or one JSON object per line (its train.jsonl_field) "
-        f"{_FROM_CONFIG % 'documents'}",
-    )
-    t.add_argument(
-        "--separator",
-        help=f"what separates documents, with --documents separator {_FROM_CONFIG % 'separator'}",
-    )
-    t.add_argument(
-        "--parallel",
-        choices=("none", "ddp", "fsdp"),
-        default="none",
-        help="data parallelism over the processes torchrun starts: DDP, or FSDP2 (sharded parameters, gradients\n"
-        "and optimizer state); run as: torchrun --nproc_per_node N -m models.cli train --parallel ddp ...\n"
-        "(default: %(default)s, one process)",
-    )
-    t.add_argument("--precision", choices=("fp32", "bf16"), help=f"bf16: autocast {_FROM_CONFIG % 'precision'}")
-    t.add_argument(
-        "--accumulate",
-        type=_int_at_least(1),
-        metavar="N",
-        help=f"micro-batches per optimizer step {_FROM_CONFIG % 'accumulate'}",
-    )
-    t.add_argument(
-        "--context-parallel",
-        type=_int_at_least(1),
-        default=1,
-        metavar="K",
-        help="split every sequence's time over K ranks (K = the number of torchrun processes; retention, linear\n"
-        "and softmax attention; see docs/distributed.md; default: %(default)s, none)",
-    )
     t.add_argument(
         "--resume",
         metavar="RUN_FOLDER",
@@ -591,24 +525,10 @@ def parser(*, plugin_commands: bool = False) -> argparse.ArgumentParser:
         help="with --resume: train on data other than the run's (another --data, changed files, other\n"
         "data options); its best validation so far is forgotten (default: refused)",
     )
-    t.add_argument(
-        "--save-every",
-        type=_int_at_least(1),
-        metavar="N",
-        help=f"steps between training-state saves {_FROM_CONFIG % 'save_every'}",
-    )
-    t.add_argument(
-        "--log-every", type=_int_at_least(1), metavar="N", help=f"steps between log lines {_FROM_CONFIG % 'log_every'}"
-    )
-    t.add_argument(
-        "--checkpoint-activations",
-        action="store_true",
-        default=None,
-        help=f"recompute each block's activations in the backward pass {_FROM_CONFIG % 'checkpoint_activations'}",
-    )
     t.add_argument("--device", default="cpu", type=_device, help=DEVICE_HELP)
     t.add_argument("--threads", type=_int_at_least(1), help="torch CPU threads (default: torch's choice)")
     t.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_train_settings(t.add_argument_group("settings of the run (each overrides a field of the config's [train])"))
     t.set_defaults(func=_cmd_train)
 
     g = sub.add_parser(
@@ -692,8 +612,48 @@ def parser(*, plugin_commands: bool = False) -> argparse.ArgumentParser:
     return p
 
 
-BUILTIN_COMMANDS = ("train", "generate", "list", "demo", "mixers-demo")
-PLUGIN_GROUP = "seqmixers"  # mixers.registry.ENTRY_POINT_GROUP, named here so that start-up need not import torch
+def _add_train_settings(group: argparse._ArgumentGroup) -> None:
+    """One option per field of ``TrainConfig`` (``--bpe-vocab N`` sets ``train.bpe_vocab``), whose value is checked
+    as the field checks it; a flag for a bool field (``--checkpoint-activations``, ``--no-...``)."""
+    from models.config import TrainConfig  # no torch: a config is data
+
+    types = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        option, help_text = f"--{f.name.replace('_', '-')}", f"{f.metadata['help']} {_FROM_CONFIG % f.name}"
+        kind = next(t for t in typing.get_args(types[f.name]) or (types[f.name],) if t is not type(None))
+        if kind is bool:
+            group.add_argument(option, action=argparse.BooleanOptionalAction, help=help_text)
+        elif f.metadata["choices"]:
+            group.add_argument(option, choices=f.metadata["choices"], help=help_text)
+        else:
+            metavar = {int: "N", float: "X"}.get(kind)
+            group.add_argument(option, type=_setting(f, kind), metavar=metavar, help=help_text)
+
+
+def _setting(f: dataclasses.Field, kind: type) -> object:
+    """An argparse type: the text as ``kind``, checked as ``TrainConfig`` checks field ``f``."""
+
+    def parse(text: str) -> object:
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an int" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        try:
+            f.metadata["check"](f.name, value)
+        except ValueError as exc:  # a ConfigError
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+
+    return parse
+
+
+def builtin_commands() -> list[str]:
+    """The names of the built-in commands: those of the parser without the plugins' commands."""
+    return [name for action in parser()._subparsers._group_actions for name in action.choices]
+
+
+PLUGIN_GROUP = "seqmixers"  # mixers.plugins.ENTRY_POINT_GROUP, named here so that start-up need not import torch
 
 
 def _wants_plugin_commands(argv: list[str]) -> bool:
@@ -704,7 +664,7 @@ def _wants_plugin_commands(argv: list[str]) -> bool:
         if arg == "--version":
             return False
         if not arg.startswith("-"):
-            if arg in BUILTIN_COMMANDS:
+            if arg in builtin_commands():
                 return False
             break
     import importlib.metadata
@@ -753,7 +713,8 @@ def _add_plugin_commands(subparsers: argparse._SubParsersAction) -> None:
     """Call each loaded plugin's ``register_commands`` hook on its own (through pluggy), in load order. A hook
     that raises is reported on stderr and its plugin's commands are left out; the other plugins' commands stay
     (``SEQMIXERS_STRICT_PLUGINS=1``: ``PluginLoadError`` instead, a traceback)."""
-    from mixers.registry import PLUGIN_FAILURES, PluginLoadError, get_registry
+    from mixers.plugins import PLUGIN_FAILURES, PluginLoadError
+    from mixers.registry import get_registry
 
     registry = get_registry()
     order = {name: i for i, name in enumerate(registry.plugins)}
@@ -790,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from models.checkpoint import CheckpointError
+    from models.checkpoint_format import CheckpointError
     from models.config import ConfigError
     from models.lm import NotEnoughMemory
 

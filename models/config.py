@@ -24,10 +24,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mixers.functional import MODES
-from mixers.registry import Registry, get_registry
+if TYPE_CHECKING:  # pragma: no cover
+    from mixers.registry import Registry
+
 
 FFNS = ("gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
@@ -96,6 +97,14 @@ def _str(name: str, value: object) -> str:
     return value
 
 
+def _registry() -> Registry:
+    """The registry of mixers, imported when first needed: a config is data, and reading one (the ``seqmixers``
+    command's parser reads ``TrainConfig``'s fields) must not import torch."""
+    from mixers.registry import get_registry
+
+    return get_registry()
+
+
 def _unknown_key(kind: str, key: object, allowed: list[str], error: type[ConfigError] = ConfigError) -> ConfigError:
     close = difflib.get_close_matches(str(key), allowed, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -126,7 +135,7 @@ def _suggest_fields(kind: str) -> Any:
 def registered_mixers(registry: Registry | None = None) -> str:
     """The registered mixer names, with the plugin of those that do not come with seqmixers."""
     names = []
-    for name, spec in sorted((registry or get_registry()).mixers.items()):
+    for name, spec in sorted((registry or _registry()).mixers.items()):
         names.append(name if spec.plugin.startswith("mixers.") else f"{name} (plugin {spec.plugin})")
     return ", ".join(names)
 
@@ -142,7 +151,7 @@ def _registered_hint() -> str:
 
 def mixer_parameters(name: str, registry: Registry | None = None) -> list[str] | None:
     """The keyword options the mixer ``name``'s factory accepts, or ``None`` if it takes any (``**kwargs``)."""
-    factory = (registry or get_registry()).mixers[name].factory
+    factory = (registry or _registry()).mixers[name].factory
     try:
         params = list(inspect.signature(factory).parameters.values())
     except (TypeError, ValueError):  # a builtin or C factory: its options are checked when it is built
@@ -349,7 +358,7 @@ class ModelConfig:
 
         Resolving needs the registry (which mixers take a ``backend`` option), so this checks the config
         against it first, as ``check_against_registry`` does."""
-        registry = registry or get_registry()
+        registry = registry or _registry()
         for name, options in self.mixer_options.items():
             _check_mixer_name(f"mixer_options.{name}", name, registry)
             _check_options(f"mixer_options.{name}", name, options, registry)
@@ -389,24 +398,17 @@ class ModelConfig:
 
         A config is valid wherever it is written (it may name a GPU backend on a CPU-only machine); this is
         the check for running it, which the ``seqmixers`` command makes before it builds a model."""
-        registry = get_registry()
-        device_type = device if isinstance(device, str) else device.type
-        device_type = device_type.split(":")[0]
-
-        def problem(backend: Any) -> str | None:
-            reason = registry.unavailable_reason(backend)
-            if reason is None and backend.devices is not None and device_type not in backend.devices:
-                reason = f"it runs on {sorted(backend.devices)} devices, not {device_type!r}"
-            return reason
-
+        registry = _registry()
         for i, spec in enumerate(self.layer_specs()):
             name = spec.options.get("backend", "auto")
             if name == "auto":
                 continue
             for op in registry.mixers[spec.mixer].ops:
-                reason = problem(registry.backends[op][name])
+                reason = registry.cannot_run(registry.backends[op][name], device)
                 if reason is not None:
-                    usable = sorted(n for n, b in registry.backends[op].items() if problem(b) is None)
+                    usable = sorted(
+                        n for n, b in registry.backends[op].items() if registry.cannot_run(b, device) is None
+                    )
                     raise ConfigError(
                         f"layers[{i}] ({spec.mixer}): backend {name!r} is unavailable here: {reason}; use backend "
                         f"'auto' or one of {usable} (seqmixers list shows every backend)"
@@ -441,106 +443,138 @@ class ModelConfig:
         return "\n".join(lines)
 
 
+TRAIN_MODES = ("parallel", "chunkwise")  # the modes of mixers.functional.MODES that train (recurrent decodes)
+PARALLEL = ("none", "ddp", "fsdp")
+DOCUMENTS = ("none", "separator", "lines", "jsonl")
+PRECISIONS = ("fp32", "bf16")
+TOKENIZERS = ("bytes", "bpe")
+
+
+def _setting(default: Any, help: str, check: Any, *, choices: tuple = ()) -> Any:
+    """A ``TrainConfig`` field: its default, what it does (the help of ``seqmixers train --NAME``, which overrides
+    it), and ``check(name, value)``, which raises ``ConfigError`` for a value it does not allow."""
+    return field(default=default, metadata={"help": help, "check": check, "choices": choices})
+
+
+def _at_least(minimum: int, optional: bool = False) -> Any:
+    return lambda name, value: None if optional and value is None else _int(name, value, minimum)
+
+
+def _within(lo: float, hi: float, **ends: bool) -> Any:
+    return lambda name, value: _float(name, value, lo, hi, **ends)
+
+
+def _one_of(choices: tuple) -> Any:
+    return lambda name, value: _choice(name, value, choices)
+
+
+def _text(name: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {_got(value)}")
+
+
+def _path_or_none(name: str, value: object) -> None:
+    if value is not None:
+        _str(name, value)
+
+
 @_suggest_fields("train config field")
 @dataclass
 class TrainConfig:
-    """A training run on a corpus: the embedded default, or text files, a folder of them or JSONL, tokenized as
-    bytes or with a BPE tokenizer trained on the data (``tokenizer``).
+    """Every setting that decides a training run: the optimisation, the data and its tokenizer, the processes that
+    share the run. A resumed run restores it; each field is also the ``seqmixers train --NAME`` option that
+    overrides it (its help says what the field does). Checked when made, field by field.
 
-    Arguments:
-        steps: optimizer steps. batch_size, seq_len: sequences of ``seq_len`` tokens per step.
-        lr: peak learning rate (AdamW), reached after ``warmup_steps`` and cosine-decayed to
-            ``min_lr_ratio * lr``; weight_decay (on matrices only), beta1, beta2, grad_clip (0: none).
-        mode: the representation used for training, ``"parallel"`` or ``"chunkwise"`` (``chunk_size``).
-        eval_every: steps between validation runs (and checkpoints); eval_batches: validation batches.
-        val_fraction: the share of the corpus held out (its end) for validation.
-        seed: seeds the weights, the batches and the sample.
-        sample_prompt, sample_tokens, temperature, top_k: the sample generated at the end.
-        documents: ``"none"`` trains on random windows of the whole corpus; ``"separator"`` (documents between
-            occurrences of ``separator``), ``"lines"`` (one per line) or ``"jsonl"`` (one JSON object per line,
-            the document in its string field ``jsonl_field``) train on documents packed into rows of
-            ``seq_len`` tokens, with nothing crossing a document (``models.data.pack_documents``); the last
-            ``val_fraction`` of the documents is held out.
-        precision: ``"fp32"``, or ``"bf16"`` (autocast; under FSDP a mixed-precision policy: bf16 parameters
-            in the passes, fp32 gradient reduction); the loss and the optimizer stay fp32.
-        accumulate: micro-batches per optimizer step (``batch_size`` rows in all, over all ranks); the loss
-            is normalised by the counted targets of the whole step, not averaged per micro-batch.
-        checkpoint_activations: recompute each block's activations in the backward pass instead of keeping
-            them (less memory, about a third more compute).
-        save_every: steps between saves of the whole training state (``OUT/train_state``, for ``--resume``);
-            0: only when the run is interrupted.
-        log_every: steps between lines of the run log ``OUT/log.jsonl`` (loss, lr, tokens/s, gradient norm,
-            memory; and every validation), written by rank 0.
-        tokenizer: ``"bytes"`` (UTF-8 bytes, vocabulary 256; the model's ``vocab_size`` must be at least 256) or
-            ``"bpe"``: a byte-level BPE tokenizer (``models.corpus.BPETokenizer``, needs the ``tokenizers``
-            library) trained on the training data before the run, saved to ``OUT/tokenizer.json`` beside the
-            checkpoints and reused by a resumed run. Its vocabulary is at most ``bpe_vocab`` ids (fewer when the
-            data runs out of pairs to merge); the model's ``vocab_size`` must be at least the tokenizer's size, and
-            is then set to it exactly. See docs/training-data.md.
-        bpe_vocab: the most ids the BPE tokenizer learns (>= 256: the bytes come first).
+    The data is the embedded corpus, or ``data``: a text file, a folder of text and JSONL files, or a JSONL file
+    (a ``Path`` is kept as a ``str``). ``documents="none"`` trains on random windows of the whole corpus; the
+    other choices train on documents packed into rows of ``seq_len`` tokens, nothing crossing a document
+    (``models.training.data.pack_documents``), and hold out the last ``val_fraction`` of the documents. With
+    ``tokenizer="bpe"``, a byte-level BPE tokenizer (``models.training.tokenizers.BPETokenizer``, needs the
+    ``tokenizers`` library) is trained on the training data before the run, saved to ``OUT/tokenizer.json`` and
+    reused by a resumed run; the model's ``vocab_size`` must be at least its size, and is set to it exactly when
+    the model config keeps the byte default. See docs/training-data.md and docs/distributed.md.
     """
 
-    steps: int = 300
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    mode: str = "parallel"
-    chunk_size: int | None = None
-    eval_every: int = 50
-    eval_batches: int = 8
-    val_fraction: float = 0.1
-    seed: int = 0
-    sample_prompt: str = "The "
-    sample_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int | None = None
-    documents: str = "none"
-    separator: str = "\n\n"
-    jsonl_field: str = "text"
-    precision: str = "fp32"
-    accumulate: int = 1
-    checkpoint_activations: bool = False
-    save_every: int = 0
-    log_every: int = 10
-    tokenizer: str = "bytes"
-    bpe_vocab: int = 4096
+    steps: int = _setting(300, "optimizer steps", _at_least(1))
+    batch_size: int = _setting(16, "rows per optimizer step, over all ranks and micro-batches", _at_least(1))
+    seq_len: int = _setting(128, "tokens per row", _at_least(1))
+    lr: float = _setting(3e-3, "peak learning rate (AdamW)", _within(0.0, 10.0, lo_open=True))
+    min_lr_ratio: float = _setting(0.1, "the cosine decay ends at min_lr_ratio * lr", _within(0.0, 1.0))
+    warmup_steps: int = _setting(20, "steps of linear warm-up to lr", _at_least(0))
+    weight_decay: float = _setting(0.1, "AdamW weight decay, on matrices only", _within(0.0, 10.0))
+    beta1: float = _setting(0.9, "AdamW beta1", _within(0.0, 1.0, hi_open=True))
+    beta2: float = _setting(0.99, "AdamW beta2", _within(0.0, 1.0, hi_open=True))
+    grad_clip: float = _setting(1.0, "the most gradient norm (0: no clipping)", _within(0.0, math.inf))
+    mode: str = _setting("parallel", "the representation trained", _one_of(TRAIN_MODES), choices=TRAIN_MODES)
+    chunk_size: int | None = _setting(None, "the chunk size of mode chunkwise", _at_least(1, optional=True))
+    eval_every: int = _setting(50, "steps between validations (and checkpoints)", _at_least(1))
+    eval_batches: int = _setting(8, "fixed batches per validation", _at_least(1))
+    val_fraction: float = _setting(0.1, "the held-out end of the data", _within(0.0, 0.5, lo_open=True))
+    seed: int = _setting(0, "seeds the weights, the batches and the sample", _at_least(0))
+    sample_prompt: str = _setting("The ", "the prompt of the sample generated at the end", _text)
+    sample_tokens: int = _setting(200, "tokens of the sample (0: none)", _at_least(0))
+    temperature: float = _setting(0.8, "the sample's temperature (0: greedy)", _within(0.0, 100.0))
+    top_k: int | None = _setting(None, "the sample draws from the top_k most likely tokens", _at_least(1, True))
+    data: str | None = _setting(
+        None,
+        "a text file, a JSONL file or a folder of them to train on, streamed from disk into a memory-mapped "
+        "token cache OUT/cache/ (none: the embedded pydoc corpus)",
+        _path_or_none,
+    )
+    documents: str = _setting(
+        "none",
+        "train on random windows of the whole text (none), or on documents packed into rows, split on "
+        "separator, one per line, or one JSON object per line (its jsonl_field)",
+        _one_of(DOCUMENTS),
+        choices=DOCUMENTS,
+    )
+    separator: str = _setting("\n\n", "what separates documents, with documents separator", _str)
+    jsonl_field: str = _setting("text", "the string field of a JSONL record that holds its document", _str)
+    precision: str = _setting(
+        "fp32",
+        "bf16: autocast (under FSDP a mixed-precision policy: bf16 parameters in the passes, fp32 gradient "
+        "reduction); the loss and the optimizer stay fp32",
+        _one_of(PRECISIONS),
+        choices=PRECISIONS,
+    )
+    accumulate: int = _setting(
+        1, "micro-batches per optimizer step (the loss is normalised over the whole step's targets)", _at_least(1)
+    )
+    checkpoint_activations: bool = _setting(
+        False, "recompute each block's activations in the backward pass (less memory, more compute)", _bool
+    )
+    parallel: str = _setting(
+        "none",
+        "data parallelism over the processes torchrun starts: DDP, or FSDP2 (sharded parameters, gradients "
+        "and optimizer state); run as: torchrun --nproc_per_node N -m models.cli train --parallel ddp ...",
+        _one_of(PARALLEL),
+        choices=PARALLEL,
+    )
+    context_parallel: int = _setting(
+        1,
+        "split every sequence's time over N ranks (N = the number of torchrun processes; retention, linear "
+        "and softmax attention; see docs/distributed.md; 1: none)",
+        _at_least(1),
+    )
+    save_every: int = _setting(
+        0, "steps between saves of the whole training state OUT/train_state (0: when interrupted)", _at_least(0)
+    )
+    log_every: int = _setting(10, "steps between lines of the run log OUT/log.jsonl", _at_least(1))
+    tokenizer: str = _setting(
+        "bytes",
+        "UTF-8 bytes (vocabulary 256), or a BPE tokenizer trained on the data and saved to "
+        "OUT/tokenizer.json (needs the tokenizers library; the model's vocab_size becomes its size unless "
+        "the config sets another)",
+        _one_of(TOKENIZERS),
+        choices=TOKENIZERS,
+    )
+    bpe_vocab: int = _setting(4096, "the most BPE token ids (the bytes come first)", _at_least(256))
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
-            _int(name, getattr(self, name), 1)
-        for name in ("warmup_steps", "sample_tokens", "seed"):
-            _int(name, getattr(self, name), 0)
-        _float("lr", self.lr, 0.0, 10.0, lo_open=True)
-        _float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _float("weight_decay", self.weight_decay, 0.0, 10.0)
-        _float("beta1", self.beta1, 0.0, 1.0, hi_open=True)
-        _float("beta2", self.beta2, 0.0, 1.0, hi_open=True)
-        _float("grad_clip", self.grad_clip, 0.0, math.inf)
-        _choice("mode", self.mode, tuple(m for m in MODES if m != "recurrent"))
-        if self.chunk_size is not None:
-            _int("chunk_size", self.chunk_size, 1)
-        _float("val_fraction", self.val_fraction, 0.0, 0.5, lo_open=True)
-        if not isinstance(self.sample_prompt, str):
-            raise ConfigError(f"sample_prompt must be a string, got {_got(self.sample_prompt)}")
-        _float("temperature", self.temperature, 0.0, 100.0)
-        if self.top_k is not None:
-            _int("top_k", self.top_k, 1)
-        _choice("documents", self.documents, ("none", "separator", "lines", "jsonl"))
-        _choice("precision", self.precision, ("fp32", "bf16"))
-        _int("accumulate", self.accumulate, 1)
-        _bool("checkpoint_activations", self.checkpoint_activations)
-        _int("save_every", self.save_every, 0)
-        _int("log_every", self.log_every, 1)
-        _str("separator", self.separator)
-        _str("jsonl_field", self.jsonl_field)
-        _choice("tokenizer", self.tokenizer, ("bytes", "bpe"))
-        _int("bpe_vocab", self.bpe_vocab, 256)
+        if isinstance(self.data, Path):
+            self.data = str(self.data)
+        for f in dataclasses.fields(self):
+            f.metadata["check"](f.name, getattr(self, f.name))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

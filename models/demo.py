@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 
 import mixers
-from models import data as corpus
 from models.config import load_run_config, presets
 from models.measure import decode_profile, split_state_bytes
 from models.progress import Progress
-from models.train import train
+from models.training.data import default_corpus
+from models.training.loop import train
+from models.training.tokenizers import ByteTokenizer
 
 MODELS = ("retnet-tiny", "transformer-tiny", "hybrid-tiny")
 LENGTHS = (128, 256, 512, 1024, 2048, 4096)
@@ -126,7 +127,7 @@ def run(
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    text = corpus.load_corpus() if data is None else data
+    text = default_corpus() if data is None else data
     lengths = tuple(sorted(set(lengths) | set(table_lengths)))
     threads = torch.get_num_threads()
     source = "pydoc help text (embedded corpus)" if data is None else "text"
@@ -135,7 +136,7 @@ def run(
         f"{source}; {threads} thread{'s' if threads > 1 else ''}",
         flush=True,
     )
-    rows = []
+    rows, tokens = [], ByteTokenizer()
     for name in names:
         model_config, train_config = load_run_config(presets()[name])
         budget = train_config.steps if steps is None else steps
@@ -149,8 +150,8 @@ def run(
         result = train(model_config, train_config, data=text, out=out / name, progress=progress, label=f"{name} ")
         model = result.model
         # the validation text as the prefix, repeated if it is shorter than the longest length
-        _, val = corpus.split(text, train_config.val_fraction, train_config.seq_len)
-        prefix = val.long().repeat(math.ceil(max(lengths) / len(val)))[None, : max(lengths)]  # (1, L)
+        val = torch.tensor(list(text[len(text) - int(len(text) * train_config.val_fraction) :]))  # held out (bytes)
+        prefix = val.repeat(math.ceil(max(lengths) / len(val)))[None, : max(lengths)]  # (1, L)
         with Progress(len(lengths), f"{name} decode profile ", enabled=progress, unit="length") as bar:
             profile = decode_profile(
                 model,
@@ -160,7 +161,8 @@ def run(
                 repeats=decode_repeats,
                 on_length=lambda row, bar=bar: bar.update(lengths.index(row["T"]) + 1, f"T={row['T']}"),
             )
-        sample = corpus.decode(model.generate(corpus.encode("The "), 100, temperature=0.8, seed=0))
+        prompt = torch.tensor(tokens.encode("The "), dtype=torch.long)
+        sample = tokens.decode(model.generate(prompt, 100, temperature=0.8, seed=0))
         print(f"   sample: {sample!r}", flush=True)
         rows.append(
             {

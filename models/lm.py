@@ -1,24 +1,19 @@
-"""The language model: embedding, blocks of any registered mixers, final norm, LM head; and generation.
+"""The language model: embedding, blocks of any registered mixers, final norm, LM head; its states.
 
 The model state is a list with one ``MixerState`` per layer, so a hybrid carries retention states (fixed
-size) and KV caches (growing) side by side. ``generate`` prefills the prompt in chunkwise (or parallel)
-mode and then decodes token by token in recurrent mode: constant time and memory per token for the
-recurrent layers. Attention layers decode against a KV cache preallocated for the whole generation and
-written in place (the static decode path, as gpt-fast has it): every decode step has the same shapes, with
-positions as tensors, so ``generate(compile=True)`` compiles the step once and reuses it.
+size) and KV caches (growing) side by side. Generation (``generate``, ``stream``, ``generate_batch``,
+``beam_search``) lives in ``models.generation``, whose ``Generation`` methods the model inherits.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -26,14 +21,14 @@ from mixers import MixerState
 from mixers.functional import MODES
 from mixers.packing import Packing, repad, unpad
 from models.blocks import Block, make_norm
+from models.checkpoint_format import save_checkpoint
 from models.config import ModelConfig, as_model_config
+from models.generation import Generation
 
 States = list[MixerState]
-# A prompt longer than this is prefilled in pieces of this many tokens when a progress bar is asked for.
-PREFILL_PIECE = 1024
 
 
-class LanguageModel(nn.Module):
+class LanguageModel(Generation, nn.Module):
     """A decoder-only language model built from a ``ModelConfig``.
 
     ``checkpoint_blocks = True`` recomputes each block's activations in the backward pass while training
@@ -102,9 +97,7 @@ class LanguageModel(nn.Module):
     def _layer_state(
         self, block: Block, batch_size: int, max_len: int | None, device: torch.device | str
     ) -> MixerState:
-        init = block.mixer.init_state
-        extra = {"max_len": max_len} if max_len is not None and _takes(init, "max_len") else {}
-        return init(batch_size, device=device, dtype=self.dtype, **extra)
+        return block.mixer.init_state(batch_size, device=device, dtype=self.dtype, max_len=max_len)
 
     def state_memory(self, batch_size: int, max_len: int) -> int:
         """Bytes the states of ``batch_size`` rows preallocated for ``max_len`` tokens hold (KV caches, retention
@@ -172,7 +165,7 @@ class LanguageModel(nn.Module):
         mode: str = "parallel",
         chunk_size: int | None = None,
         last_only: bool = False,
-        cu_seqlens: Tensor | None = None,
+        cu_seqlens: Tensor | Packing | None = None,
         attention_mask: Tensor | None = None,
     ) -> tuple[Tensor, States]:
         """Logits for ``tokens [B, T]``, continuing from ``states`` (one per layer, ``None``: from scratch).
@@ -182,10 +175,11 @@ class LanguageModel(nn.Module):
                 ``"recurrent"``; all three give the same logits, and the returned states continue the
                 sequence in any mode.
             last_only: return the logits of the last position only (``[B, 1, V]``), as generation needs.
-            cu_seqlens: int32/int64 ``[N+1]`` (0, ..., T): ``tokens [1, T]`` holds N sequences packed in one row.
-                Each starts at position 0 (or from its row of ``states``), nothing crosses a boundary, and the
-                states have N rows; with ``last_only``, the logits are each sequence's last ``[N, 1, V]``
-                (zeros for an empty sequence).
+            cu_seqlens: int32/int64 ``[N+1]`` (0, ..., T), or a ``Packing`` made of one: ``tokens [1, T]`` holds
+                N sequences packed in one row. Each starts at position 0 (or from its row of ``states``), nothing
+                crosses a boundary, and the states have N rows; with ``last_only``, the logits are each
+                sequence's last ``[N, 1, V]`` (zeros for an empty sequence). Checked once here, it goes to every
+                layer as one ``Packing``.
             attention_mask: 0/1 ``[B, T]``: a padded batch, row b's tokens where it is 1 (left or right
                 padding, whatever ids the padding holds). The model unpads once, runs the real tokens packed,
                 and pads the logits back (zeros at the padding); with ``last_only``, each row's last real
@@ -212,9 +206,9 @@ class LanguageModel(nn.Module):
                 f"with cu_seqlens, tokens must hold the packed sequences in one row ([1, T]), got shape "
                 f"{list(tokens.shape)}"
             )
-        packing = Packing.of(cu_seqlens, tokens.shape[1], tokens.device)
-        logits, new_states = self._forward(tokens, states, mode, chunk_size, False, packing)
-        return (self._last(logits, packing) if last_only else logits), new_states
+        cu_seqlens = Packing.of(cu_seqlens, tokens.shape[1], tokens.device)
+        logits, new_states = self._forward(tokens, states, mode, chunk_size, False, cu_seqlens)
+        return (self._last(logits, cu_seqlens) if last_only else logits), new_states
 
     def _forward_padded(
         self,
@@ -229,21 +223,21 @@ class LanguageModel(nn.Module):
         if not isinstance(tokens, Tensor) or tokens.dim() != 2:
             self._check_tokens(tokens)  # names the problem
         B, T = tokens.shape
-        mask, packing = unpad(attention_mask, B, T, tokens.device)
+        mask, cu_seqlens = unpad(attention_mask, B, T, tokens.device)
         packed = tokens[mask][None]  # (1, real tokens)
         if packed.shape[1]:
             self._check_tokens(packed)  # the padding may hold any id
-        logits, new_states = self._forward(packed, states, mode, chunk_size, False, packing)
+        logits, new_states = self._forward(packed, states, mode, chunk_size, False, cu_seqlens)
         if last_only:
-            return self._last(logits, packing), new_states  # (B, 1, V)
+            return self._last(logits, cu_seqlens), new_states  # (B, 1, V)
         return repad(logits, mask), new_states
 
     @staticmethod
-    def _last(logits: Tensor, packing: Packing) -> Tensor:
+    def _last(logits: Tensor, cu_seqlens: Packing) -> Tensor:
         """Each sequence's last logits ``[N, 1, V]`` from packed ``logits [1, T, V]``; zeros for an empty one."""
         if logits.shape[1] == 0:
-            return logits.new_zeros(packing.n, 1, logits.shape[-1])
-        last = logits[0, packing.last] * (packing.lengths > 0)[:, None].to(logits.dtype)
+            return logits.new_zeros(cu_seqlens.n, 1, logits.shape[-1])
+        last = logits[0, cu_seqlens.last] * (cu_seqlens.lengths > 0)[:, None].to(logits.dtype)
         return last[:, None]
 
     def _forward(
@@ -253,7 +247,7 @@ class LanguageModel(nn.Module):
         mode: str,
         chunk_size: int | None,
         last_only: bool,
-        packing: Packing | None = None,
+        cu_seqlens: Packing | None = None,
     ) -> tuple[Tensor, States]:
         """``forward`` after its checks (the token check reads the ids: a device sync a decode step avoids)."""
         chunk_size = self.config.chunk_size if chunk_size is None else chunk_size
@@ -266,303 +260,18 @@ class LanguageModel(nn.Module):
         for block, state in zip(self.blocks, states, strict=True):
             if recompute:  # keep only each block's input; recompute the rest in the backward pass
                 x, state = checkpoint(
-                    block, x, state, mode=mode, chunk_size=chunk_size, packing=packing, use_reentrant=False
+                    block, x, state, mode=mode, chunk_size=chunk_size, cu_seqlens=cu_seqlens, use_reentrant=False
                 )
             else:
-                x, state = block(x, state, mode=mode, chunk_size=chunk_size, packing=packing)
+                x, state = block(x, state, mode=mode, chunk_size=chunk_size, cu_seqlens=cu_seqlens)
             new_states.append(state)
         x = self.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x), new_states  # (B, T, V)
 
-    def stream(
-        self,
-        prompt: Tensor | Sequence[int],
-        max_new_tokens: int,
-        *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        seed: int | None = None,
-        prefill_mode: str = "chunkwise",
-        chunk_size: int | None = None,
-        progress: bool = False,
-        compile: bool | str = False,
-    ) -> Iterator[Tensor]:
-        """Yield the generated tokens one step at a time, each ``[B, 1]``; see ``generate``."""
-        tokens = as_token_batch(prompt, self.device)
-        if prefill_mode not in ("chunkwise", "parallel", "recurrent"):
-            raise ValueError(f"prefill_mode must be 'chunkwise', 'parallel' or 'recurrent', got {prefill_mode!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        check_sampling(temperature, top_k)
-        check_seed(seed)
-        if not isinstance(compile, (bool, str)):
-            raise TypeError(f"compile must be a bool or a torch.compile mode name, got {compile!r}")
-        if max_new_tokens:  # now, not at the first token: the states are preallocated for the whole generation
-            self.check_state_memory(tokens.shape[0], tokens.shape[1] + max_new_tokens)
-        step = self._compiled_step(compile) if compile else self._decode_step
-        return self._stream(tokens, max_new_tokens, temperature, top_k, seed, prefill_mode, chunk_size, progress, step)
-
-    def _decode_step(self, token: Tensor, states: States) -> tuple[Tensor, States]:
-        """One decode step: logits ``[B, 1, V]`` for ``token [B, 1]`` and the states after it. Shapes never change
-        between steps (preallocated caches, positions in tensors), so a compiled step is compiled once."""
-        return self._forward(token, states, "recurrent", None, True)
-
-    def _compiled_step(self, mode: bool | str) -> Callable[[Tensor, States], tuple[Tensor, States]]:
-        """``_decode_step`` compiled (``mode``: ``True`` for torch.compile's default, or a mode name such as
-        ``"reduce-overhead"``), made once per model and mode and reused by later calls."""
-        compiled = self.__dict__.setdefault("_compiled_steps", {})
-        key = "default" if mode is True else mode
-        if key not in compiled:
-            options = {} if mode is True else {"mode": mode}
-            compiled[key] = torch.compile(self._decode_step, fullgraph=True, dynamic=False, **options)
-        return compiled[key]
-
-    def _stream(
-        self,
-        tokens: Tensor,
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int | None,
-        seed: int | None,
-        prefill_mode: str,
-        chunk_size: int | None,
-        progress: bool,
-        step: Callable[[Tensor, States], tuple[Tensor, States]],
-    ) -> Iterator[Tensor]:
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                if max_new_tokens == 0:
-                    return
-                # KV caches preallocated for the whole generation (checked by ``stream``): written in place.
-                states = self.unchecked_states(tokens.shape[0], tokens.shape[1] + max_new_tokens)
-                logits, states = self._prefill(tokens, states, prefill_mode, chunk_size, progress)
-                for i in range(max_new_tokens):
-                    token = sample(logits[:, -1], temperature, top_k, generator)  # (B, 1)
-                    yield token
-                    if i + 1 < max_new_tokens:
-                        logits, states = step(token, states)  # (B, 1, V)
-        finally:
-            self.train(was_training)
-
-    def _prefill(
-        self, tokens: Tensor, states: States, mode: str, chunk_size: int | None, progress: bool
-    ) -> tuple[Tensor, States]:
-        """The last position's logits and the states after ``tokens``, from ``states``; with ``progress``, a
-        prompt longer than ``PREFILL_PIECE`` goes in pieces (the states carry over, so the result is the same up
-        to rounding), under a progress bar on stderr (drawn on a terminal only)."""
-        T = tokens.shape[1]
-        if not progress or T <= PREFILL_PIECE:
-            return self(tokens, states, mode=mode, chunk_size=chunk_size, last_only=True)
-        from models.progress import Progress
-
-        with Progress(T, "prefill ", unit="tok", leave=False) as bar:
-            for start in range(0, T, PREFILL_PIECE):
-                piece = tokens[:, start : start + PREFILL_PIECE]
-                logits, states = self(piece, states, mode=mode, chunk_size=chunk_size, last_only=True)
-                bar.update(start + piece.shape[1])
-        return logits, states
-
-    def generate(
-        self,
-        prompt: Tensor | Sequence[int],
-        max_new_tokens: int,
-        *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        seed: int | None = None,
-        prefill_mode: str = "chunkwise",
-        chunk_size: int | None = None,
-        progress: bool = False,
-        compile: bool | str = False,
-    ) -> Tensor:
-        """The prompt followed by ``max_new_tokens`` sampled tokens.
-
-        The prompt (``[T]``, ``[B, T]`` or a list of ids, of an integer dtype) is prefilled in
-        ``prefill_mode``, then each token is decoded in recurrent mode from the layers' states. Sampling:
-        ``temperature=0`` is greedy; otherwise ``torch.multinomial(softmax(logits / temperature), 1,
-        generator=g)`` over the ``top_k`` most likely tokens, with ``g = torch.Generator(device).manual_seed(seed)``
-        (``seed=None``: the global RNG), so a fixed seed gives the same tokens every time. A temperature so
-        small that ``logits / temperature`` overflows (below about 1e-38) acts as the limit: the most likely
-        token (ties split evenly).
-
-        ``progress=True`` shows a progress bar on stderr (on a terminal) while a prompt longer than
-        ``PREFILL_PIECE`` tokens is prefilled.
-
-        Attention layers decode against KV caches preallocated for ``T + max_new_tokens`` tokens, after
-        ``check_state_memory``: states that would not fit in the device's memory raise ``NotEnoughMemory`` before
-        anything is allocated. ``compile=True``
-        (or a ``torch.compile`` mode name, such as ``"reduce-overhead"`` for CUDA graphs) compiles the decode
-        step, once per model: the first call pays the compilation, later ones reuse it. The tokens are the same
-        as without it, up to rounding of the logits.
-
-        Returns:
-            ``[B, T + max_new_tokens]`` (``[T + max_new_tokens]`` for a 1-D prompt).
-        """
-        tokens = as_token_batch(prompt, self.device)
-        new = list(
-            self.stream(
-                tokens,
-                max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                seed=seed,
-                prefill_mode=prefill_mode,
-                chunk_size=chunk_size,
-                progress=progress,
-                compile=compile,
-            )
-        )
-        out = torch.cat([tokens, *new], dim=1)
-        one_dim = not isinstance(prompt, Tensor) or prompt.dim() == 1
-        return out[0] if one_dim else out
-
     def save(self, path: str | Path, *, metadata: Mapping[str, Any] | None = None) -> Path:
-        """Save weights (safetensors) and config (JSON in the header) to ``path``, atomically."""
-        from models.checkpoint import save
-
-        return save(self, path, metadata=metadata)
-
-    def generate_batch(
-        self,
-        prompts: Sequence[Tensor | Sequence[int]],
-        max_new_tokens: int | Sequence[int],
-        *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        seeds: int | Sequence[int | None] | None = None,
-        eos_token_id: int | None = None,
-        prefill_mode: str = "chunkwise",
-        chunk_size: int | None = None,
-        compile: bool | str = False,
-    ) -> list[Tensor]:
-        """Generate from prompts of different lengths as one batch: one 1-D tensor (prompt + new tokens) per prompt.
-
-        Row i gives the tokens of ``generate(prompts[i], max_new_tokens[i], seed=seeds[i], ...)`` alone (its own
-        generator; ``seeds``: ``None``, one int for every row, or one per prompt). A row stops at
-        ``eos_token_id`` (kept) or at its own ``max_new_tokens`` and leaves the batch. See
-        ``models.batch_generate.generate_batch``."""
-        from models.batch_generate import generate_batch
-
-        return generate_batch(
-            self,
-            prompts,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            seeds=seeds,
-            eos_token_id=eos_token_id,
-            prefill_mode=prefill_mode,
-            chunk_size=chunk_size,
-            compile=compile,
-        )
-
-    def beam_search(
-        self,
-        prompts: Sequence[Tensor | Sequence[int]],
-        max_new_tokens: int | Sequence[int],
-        *,
-        num_beams: int,
-        eos_token_id: int | None = None,
-        length_penalty: float = 1.0,
-        prefill_mode: str = "chunkwise",
-        chunk_size: int | None = None,
-    ) -> list[Tensor]:
-        """The best of ``num_beams`` beams for each prompt (prompts of any lengths, one batch): one 1-D tensor
-        (prompt + new tokens) per prompt. Beams are scored by the sum of their log-probabilities, the answer chosen
-        by ``score / new_tokens ** length_penalty``. See ``models.batch_generate.beam_search``."""
-        from models.batch_generate import beam_search
-
-        return beam_search(
-            self,
-            prompts,
-            max_new_tokens,
-            num_beams=num_beams,
-            eos_token_id=eos_token_id,
-            length_penalty=length_penalty,
-            prefill_mode=prefill_mode,
-            chunk_size=chunk_size,
-        )
-
-
-def _takes(fn: Callable[..., object], name: str) -> bool:
-    """Whether ``fn`` takes a keyword argument ``name`` (plugin mixers' ``init_state`` may predate ``max_len``)."""
-    try:
-        parameters = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-
-
-def as_token_batch(prompt: Tensor | Sequence[int], device: torch.device) -> Tensor:
-    """A prompt as a ``[B, T]`` int64 tensor on ``device``."""
-    if not isinstance(prompt, Tensor):
-        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
-            raise TypeError(f"prompt must be a tensor or a list of int token ids, got {type(prompt).__name__}")
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise TypeError(f"prompt must be a tensor or a list of int token ids, got {_short(list(prompt))}")
-        prompt = torch.tensor(list(prompt), dtype=torch.long)
-    if prompt.dtype == torch.bool or prompt.is_floating_point() or prompt.is_complex():
-        if prompt.dtype == torch.bool:
-            why = "True and False are not token ids"
-        elif prompt.is_complex():
-            why = "a complex 1+2j is not a token"
-        else:
-            why = "a float 1.5 is not a token"
-        raise TypeError(
-            f"prompt must hold integer token ids, got dtype {prompt.dtype} ({why}; convert explicitly with "
-            ".long() if the values are whole numbers)"
-        )
-    if prompt.dim() == 1:
-        prompt = prompt[None]
-    if prompt.dim() != 2 or prompt.shape[1] == 0:
-        raise ValueError(f"prompt must be [T] or [B, T] with at least one token, got shape {list(prompt.shape)}")
-    return prompt.to(device=device, dtype=torch.long)
-
-
-def _short(value: list) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def check_seed(seed: object) -> None:
-    """A seed is ``None`` or an int that ``torch.Generator.manual_seed`` takes (-2**63 <= seed < 2**64)."""
-    if seed is None:
-        return
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {seed!r} ({type(seed).__name__})")
-    if not -(2**63) <= seed < 2**64:
-        raise ValueError(f"seed must be an int in [-2**63, 2**64) or None, got {seed}")
-
-
-def check_sampling(temperature: float, top_k: int | None) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
-
-
-def sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
-    """One token per row of ``logits [B, V]``: greedy at temperature 0, else top-k multinomial; ``[B, 1]``.
-
-    A ``top_k`` of at least V keeps every token (no filtering). A temperature so small that ``logits /
-    temperature`` overflows float32 draws among the most likely tokens (greedy, ties split evenly), the
-    limit of a vanishing temperature, instead of failing on inf/nan probabilities."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float()
-    scaled = logits / temperature
-    overflow = (scaled.isnan() | scaled.isposinf()).any(dim=-1, keepdim=True)  # (B, 1): 1/temperature overflowed
-    limit = torch.where(logits == logits.max(dim=-1, keepdim=True).values, 0.0, -math.inf)  # the T -> 0 limit
-    logits = torch.where(overflow, limit, scaled)
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+        """Save weights (safetensors) and config (JSON in the header) to ``path``, atomically (see
+        ``models.checkpoint_format.save_checkpoint``); ``models.load`` reads it back."""
+        return save_checkpoint(self, path, build=LanguageModel, metadata=metadata)
 
 
 class NotEnoughMemory(MemoryError):

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from mixers import MixerState
 from mixers.structure import tensors_in
 from models.lm import LanguageModel
 
@@ -78,13 +79,12 @@ def decode_profile(
     return rows
 
 
-def held_nbytes(state: object) -> int:
+def held_nbytes(state: MixerState) -> int:
     """Bytes of what a state holds about the sequence: its floating-point tensors, a KV cache counted by its
     tokens, not the free slots it keeps for later ones (a cache grows by doubling, so its allocation would
     overstate the tokens' bytes by up to 2x); positions and lengths (8 bytes a row) are bookkeeping, left out."""
-    op = getattr(state, "op", None)
-    if hasattr(op, "held"):
-        state = dataclasses.replace(state, op=op.held())
+    if hasattr(state.op, "held"):  # a KV cache (or a plugin's state that keeps free slots too)
+        state = dataclasses.replace(state, op=state.op.held())
     fields = [getattr(state, f.name) for f in dataclasses.fields(state)]
     return sum(t.numel() * t.element_size() for t in tensors_in(tuple(fields)) if t.is_floating_point())
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from mixers.backends.cupy import _retention
-from tests.strategies import max_rel_error, norm_rel_error
+from mixers.testing.asserts import max_rel_error, norm_rel_error
 
 GUARD = 64  # sentinel elements before and after every output
 SENTINEL = -1152.0  # exact in float32, float16 and bfloat16, and no value a kernel produces by chance

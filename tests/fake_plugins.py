@@ -18,7 +18,7 @@ HEADER = """
 import torch
 import mixers
 from mixers.backends import torch_retention
-from mixers.registry import Backend
+from mixers.catalogue import Backend
 
 CALLS = []
 

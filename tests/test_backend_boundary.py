@@ -19,8 +19,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import mixers
 from mixers import functional
 from mixers import registry as registry_module
+from mixers.catalogue import BackendOutputError
 from mixers.ops import base
-from mixers.registry import BackendOutputError, Registry
+from mixers.registry import Registry
 from tests.fake_plugins import OUTPUT_DISTRIBUTION, OUTPUT_VERSION, forget_other_fake_modules, write_output_distribution
 
 PLUGIN = f"plugin 'fake_outputs' (distribution {OUTPUT_DISTRIBUTION} {OUTPUT_VERSION})"

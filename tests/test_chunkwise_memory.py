@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_flatten
 from mixers import functional
 from mixers.backends import torch_retention
 from mixers.backends.torch_retention import GROUP, checkpoint_states
+from mixers.ops.checks import state_dtype
 
 B, H, Dk, Dv = 1, 2, 5, 7  # sizes no other tensor shares, so a [..., Dk, Dv] tensor is a stack of states
 GAMMA = [0.9, 1.0]
@@ -49,7 +50,7 @@ def inputs(T: int, dtype=torch.float32, requires_grad=False):
     q = torch.randn(B, T, H, Dk, generator=gen).to(dtype)
     k = (torch.randn(B, T, H, Dk, generator=gen) * Dk**-0.5).to(dtype)
     v = torch.randn(B, T, H, Dv, generator=gen).to(dtype)
-    s0 = torch.randn(B, H, Dk, Dv, generator=gen, dtype=functional.state_dtype(dtype))
+    s0 = torch.randn(B, H, Dk, Dv, generator=gen, dtype=state_dtype(dtype))
     return [t.requires_grad_(requires_grad) for t in (q, k, v)] + [s0]
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from mixers import registry as registry_module
-from mixers.registry import PluginLoadError, Registry
+from mixers.plugins import ENTRY_POINT_GROUP, PluginLoadError
+from mixers.registry import Registry
 from models import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,17 +135,20 @@ def test_strict_plugins_make_a_broken_command_hook_fatal(commands, monkeypatch):
 
 
 def test_built_in_commands_do_not_load_the_plugins(commands, monkeypatch, capsys):
-    """``seqmixers train|generate|list|demo|mixers-demo ...`` and ``--version`` never call the hook."""
+    """``seqmixers train|generate|export|list|demo|mixers-demo ...`` and ``--version`` never call the hook; the
+    built-in commands are the parser's own, every one of them."""
 
     def boom(subparsers):
         raise AssertionError("plugins' commands loaded for a built-in command")
 
     monkeypatch.setattr(cli, "_add_plugin_commands", boom)
-    for argv in (["train", "--help"], ["generate", "--help"], ["--version"], ["mixers-demo", "--help"]):
+    assert set(cli.builtin_commands()) == {"train", "generate", "export", "list", "demo", "mixers-demo"}
+    for argv in [*([command, "--help"] for command in cli.builtin_commands()), ["--version"]]:
         with pytest.raises(SystemExit) as info:
             cli.main(argv)
         assert info.value.code == 0, argv
     assert not cli._wants_plugin_commands(["list"]) and not cli._wants_plugin_commands(["demo", "--quick"])
+    assert not cli._wants_plugin_commands(["export", "run", "--out", "x.safetensors"])
     assert cli._wants_plugin_commands(["--help"]) and cli._wants_plugin_commands(["hello"])
     assert cli._wants_plugin_commands([])  # the usage error lists every command
     monkeypatch.setenv("SEQMIXERS_PLUGINS", "")  # no third-party plugin: nothing to ask, nothing to import
@@ -171,7 +175,7 @@ def test_python_dash_m_mixers_runs_a_plugins_command(tmp_path):
 
 
 def test_the_entry_point_group_is_the_registrys():
-    assert cli.PLUGIN_GROUP == registry_module.ENTRY_POINT_GROUP
+    assert cli.PLUGIN_GROUP == ENTRY_POINT_GROUP
 
 
 def _imports_torch(code: str, **env: str) -> bool:

@@ -3,9 +3,10 @@
 - Built-in mixers on the torch backend: ``torch._dynamo.explain`` counts no graph break in parallel and
   chunkwise mode, and ``torch.compile(fullgraph=True)`` gives eager's outputs and gradients (input and
   parameters), in those modes, for a recurrent step from a state, and for a whole model.
-- A backend dynamo cannot trace, registered with ``traceable=False``, compiles fullgraph through the opaque
-  custom ops of ``mixers.backends.opaque``, with eager's outputs and gradients; each op's fake (meta)
-  implementation and recomputing backward pass ``torch.library.opcheck``, and give the kernel's own gradients.
+- A backend dynamo cannot trace, registered with ``traceable=False``, compiles fullgraph through the generic
+  custom op of ``mixers.ops.opaque``, with eager's outputs and gradients, for every op (a plugin's included);
+  its fake (meta) implementation and recomputing backward pass ``torch.library.opcheck`` on a call of each op,
+  and give the kernel's own gradients.
 
 Compiling uses the ``aot_eager_decomp_partition`` backend: dynamo, AOT autograd, inductor's decompositions and
 its partitioner of forward and backward, run eagerly: what inductor traces is traced, but no C++ is generated,
@@ -27,8 +28,13 @@ import torch._dynamo
 
 import mixers
 from mixers import functional
-from mixers.backends import opaque, torch_linear_attention, torch_retention, torch_softmax_attention
-from mixers.registry import RegistrationError, get_registry
+from mixers.backends import torch_linear_attention, torch_retention, torch_softmax_attention
+from mixers.catalogue import RegistrationError
+from mixers.ops import opaque
+from mixers.ops.linear_attention import LINEAR_ATTENTION
+from mixers.ops.retention import RETENTION
+from mixers.ops.softmax_attention import SOFTMAX_ATTENTION
+from mixers.registry import get_registry
 from models.config import ModelConfig
 from models.lm import build_model
 
@@ -200,7 +206,7 @@ def opaque_mixer() -> torch.nn.Module:
         yield mixers.build("retention", D_MODEL, num_heads=HEADS, backend="untraceable")
 
 
-def test_a_backend_registered_untraceable_is_wrapped_and_runs_its_kernel_directly_in_eager_mode():
+def test_an_untraceable_backend_runs_its_kernel_directly_in_eager_mode():
     calls = []
 
     def kernel(q, k, v, gamma, *, mode, chunk_size, initial_state):
@@ -208,7 +214,7 @@ def test_a_backend_registered_untraceable_is_wrapped_and_runs_its_kernel_directl
         return torch_retention.retention(q, k, v, gamma, mode=mode, chunk_size=chunk_size, initial_state=initial_state)
 
     with get_registry().temporary_backend("retention", "probe", kernel, traceable=False) as added:
-        assert added.traceable is False and opaque.is_wrapped(added.fn) and added.fn.__wrapped__ is kernel
+        assert added.traceable is False and added.fn is kernel  # registered as it is: the op decides per call
         q = torch.randn(1, 3, 1, 2)
         o, s = functional.retention(q, q, q, 0.9, mode="parallel", backend="probe")
         want = kernel(
@@ -221,16 +227,6 @@ def test_a_backend_registered_untraceable_is_wrapped_and_runs_its_kernel_directl
 def test_traceable_must_be_a_bool():
     with pytest.raises(RegistrationError, match="traceable must be a bool"):
         get_registry().register_backend("retention", "bad", torch_retention.retention, traceable="no")
-
-
-def test_an_untraceable_backend_put_back_by_temporary_backend_is_not_wrapped_twice():
-    reg = get_registry()
-    kernel = torch_retention.retention
-    with reg.temporary_backend("retention", "outer", kernel, traceable=False) as outer:
-        with reg.temporary_backend(outer, override=True):
-            pass
-        restored = reg.backends["retention"]["outer"]
-        assert restored.fn is outer.fn and restored.fn.__wrapped__ is kernel
 
 
 def test_without_traceable_false_the_same_kernel_cannot_compile_fullgraph():
@@ -269,130 +265,117 @@ def test_untraceable_backend_compiled_recurrent_step_matches_eager(opaque_mixer,
     assert_all_close(outputs_and_grads(compiled(step), x[:, -1:], params, copy.deepcopy(state)), want)
 
 
-# -- the custom ops themselves -------------------------------------------------------------------------------------
-def dense_softmax_kernel(q, k, v, *, mode, chunk_size, initial_state):
-    """A kernel for caches without ``length`` (every row holds all its tokens), as a plugin might keep them: the
-    new tokens are appended, through the torch backend with room made for them."""
-    if initial_state is not None and getattr(initial_state, "length", None) is None:
-        kc, vc = initial_state[0], initial_state[1]  # head-major: [B, Hkv, Tc, D]
-        B, Tc = kc.shape[0], kc.shape[2]
-        room = (torch.cat([c, c.new_zeros(B, c.shape[1], q.shape[1], c.shape[3])], dim=2) for c in (kc, vc))
-        filled = torch.full((B,), Tc, dtype=torch.int64)
-        initial_state = functional.KVCache(*room, filled)
-    return torch_softmax_attention.softmax_attention(
-        q, k, v, mode=mode, chunk_size=chunk_size, initial_state=initial_state
-    )
-
-
-def kernel_key(op: str, fn) -> str:
-    return opaque.wrap(op, "opcheck", fn).opaque_kernel
-
-
+# -- the custom op itself ------------------------------------------------------------------------------------------
 def rand(*shape: int, positive: bool = False) -> torch.Tensor:
     t = torch.randn(*shape)
     return (t.abs() if positive else t).requires_grad_()
 
 
-def op_cases() -> list[tuple[str, object, tuple, object]]:
-    """``(id, custom op, its arguments, the same call on the kernel)`` for each op kind, with and without a state."""
+def op_cases() -> list[tuple[str, object, object, tuple, dict]]:
+    """``(id, op, kernel, args, kwargs)``: a call of each op, with and without a state, a plugin's op included."""
+    from seqmixers_conv.op import SHORT_CONV, torch_short_conv
+
     Dk, Dv, Hkv = 4, 3, 1
-    gamma = torch.tensor([0.9, 0.8], dtype=torch.float64)
     s0 = rand(B, HEADS, Dk, Dv)
-    ret = kernel_key("retention", torch_retention.retention)
-    lin = kernel_key("linear_attention", torch_linear_attention.linear_attention)
-    soft = kernel_key("softmax_attention", torch_softmax_attention.softmax_attention)
-    dense = kernel_key("softmax_attention", dense_softmax_kernel)
     q, k, v = rand(B, 5, HEADS, Dk), rand(B, 5, HEADS, Dk), rand(B, 5, HEADS, Dv)
     kg, vg = rand(B, 5, Hkv, Dk), rand(B, 5, Hkv, Dv)  # grouped: one key/value head for two query heads
     kc, vc = rand(B, Hkv, 9, Dk), rand(B, Hkv, 9, Dv)  # caches are head-major
     length = torch.tensor([2, 4])  # rows hold 2 and 4 of 9 slots; 5 new tokens fit
-    ops = torch.ops.seqmixers
+    kpos = rand(B, 5, HEADS, Dk, positive=True)
+    lin_state = functional.LinearState(s0, rand(B, HEADS, Dk, positive=True))
+    ret, lin, soft = RETENTION, LINEAR_ATTENTION, SOFTMAX_ATTENTION
+    ret_k, lin_k = torch_retention.retention, torch_linear_attention.linear_attention
+    soft_k = torch_softmax_attention.softmax_attention
+    cache = functional.KVCache(kc, vc, length)
+    x, w = rand(B, 5, 6), rand(6, 3)
+    gammas = [0.9, 0.8]
     return [
-        ("retention", ops.opaque_retention.default, (q, k, v, gamma, None, "chunkwise", 2, ret)),
-        ("retention-state", ops.opaque_retention.default, (q, k, v, gamma, s0, "parallel", None, ret)),
-        ("linear", ops.opaque_linear_attention.default, (q, k, v, None, None, "parallel", None, True, 1e-6, lin)),
+        ("retention", ret, ret_k, (q, k, v, gammas), {"mode": "chunkwise", "chunk_size": 2}),
+        ("retention-state", ret, ret_k, (q, k, v, gammas), {"mode": "parallel", "initial_state": s0}),
+        ("linear", lin, lin_k, (q, k, v), {"mode": "parallel"}),
+        ("linear-state", lin, lin_k, (q, kpos, v), {"mode": "chunkwise", "chunk_size": 2, "initial_state": lin_state}),
+        ("softmax", soft, soft_k, (q, kg, vg), {"mode": "parallel"}),
+        ("softmax-length", soft, soft_k, (q, kg, vg), {"mode": "recurrent", "initial_state": cache}),
         (
-            "linear-state",
-            ops.opaque_linear_attention.default,
-            (
-                q,
-                rand(B, 5, HEADS, Dk, positive=True),
-                v,
-                s0,
-                rand(B, HEADS, Dk, positive=True),
-                "chunkwise",
-                2,
-                True,
-                1e-6,
-                lin,
-            ),
+            "softmax-chunkwise",
+            soft,
+            soft_k,
+            (q, kg, vg),
+            {"mode": "chunkwise", "chunk_size": 2, "initial_state": cache},
         ),
-        ("softmax", ops.opaque_softmax_attention.default, (q, kg, vg, None, None, None, "parallel", None, soft)),
         (
-            "softmax-length",
-            ops.opaque_softmax_attention.default,
-            (q, kg, vg, kc, vc, length, "recurrent", None, soft),
+            "plugin-short-conv",
+            SHORT_CONV,
+            torch_short_conv,
+            (x, w),
+            {"mode": "parallel", "initial_state": rand(B, 2, 6)},
         ),
-        ("softmax-dense", ops.opaque_softmax_attention.default, (q, kg, vg, kc, vc, None, "chunkwise", 2, dense)),
     ]
 
 
 CASES = op_cases()
 
 
-@pytest.mark.parametrize(("op", "args"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_opaque_op_passes_opcheck(op, args):
+def opaque_arguments(op, kernel, args, kwargs) -> tuple:
+    """What ``Op.run`` hands ``seqmixers::opaque`` while compiling, for ``kernel`` on this call."""
+    return opaque.arguments(kernel, f"{op.name}/test", op.prepare(*args, **kwargs), op.state_arg)
+
+
+@pytest.mark.parametrize(("op", "kernel", "args", "kwargs"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_opaque_op_passes_opcheck(op, kernel, args, kwargs):
     """Schema, autograd registration, fake implementation (its outputs' shapes and dtypes against the real
     ones) and AOT dispatch with dynamic shapes, forward and backward."""
-    torch.library.opcheck(op, args)
+    torch.library.opcheck(torch.ops.seqmixers.opaque.default, opaque_arguments(op, kernel, args, kwargs))
 
 
-@pytest.mark.parametrize(("op", "args"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_opaque_op_fake_outputs_have_the_kernels_shapes_and_dtypes(op, args):
-    real = op(*args)
+@pytest.mark.parametrize(("op", "kernel", "args", "kwargs"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_opaque_op_fake_outputs_have_the_kernels_shapes_and_dtypes(op, kernel, args, kwargs):
+    tensors, *rest = opaque_arguments(op, kernel, args, kwargs)
+    real = opaque.opaque(tensors, *rest)
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
-        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        fake = op(*fake_args)
+        fake = opaque.opaque([mode.from_tensor(t) for t in tensors], *rest)
     assert [(tuple(t.shape), t.dtype) for t in fake] == [(tuple(t.shape), t.dtype) for t in real]
 
 
-@pytest.mark.parametrize(("op", "args"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_opaque_op_gradients_are_the_kernels(op, args):
-    """The recomputing backward gives what autograd through the kernel itself gives, state inputs included."""
-    kernel = opaque._KERNELS[args[-1]]
-    tensors = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    out = op(*args)
+@pytest.mark.parametrize(("op", "kernel", "args", "kwargs"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_opaque_op_gradients_are_the_kernels_and_its_inputs_stay_as_they_were(op, kernel, args, kwargs):
+    """The recomputing backward gives what autograd through the kernel itself gives, state inputs included; the
+    inputs are as they were (the torch backend fills a cache's free slots in place when no gradient is recorded,
+    as in the custom op's forward: it gets a copy)."""
+    tensors, *rest = opaque_arguments(op, kernel, args, kwargs)
+    before = [t.detach().clone() for t in tensors]
+    out = opaque.opaque(tensors, *rest)
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before, strict=True))
+    leaves = [t for t in tensors if t.requires_grad]
     differentiable = [t for t in out if t.is_floating_point()]
     weights = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i)) for i, t in enumerate(differentiable)]
-    got = torch.autograd.grad(sum((t * w).sum() for t, w in zip(differentiable, weights, strict=True)), tensors)
+    got = torch.autograd.grad(sum((t * w).sum() for t, w in zip(differentiable, weights, strict=True)), leaves)
 
-    o, final = call_kernel(op, kernel, args)
-    want_out = [o, *(t for t in final if t.is_floating_point())]
-    want = torch.autograd.grad(sum((t * w).sum() for t, w in zip(want_out, weights, strict=True)), tensors)
+    call = op.prepare(*args, **kwargs)
+    o, final = kernel(*call.args, **call.kwargs)
+    want_out = [o, *(t for t in torch.utils._pytree.tree_leaves(final) if t.is_floating_point())]
+    want = torch.autograd.grad(sum((t * w).sum() for t, w in zip(want_out, weights, strict=True)), leaves)
     assert_all_close([*differentiable, *got], [*want_out, *want])
 
 
-def call_kernel(op, kernel, args):
-    """The kernel called as ``mixers.functional`` calls a backend, on the custom op's arguments."""
-    if op is torch.ops.seqmixers.opaque_retention.default:
-        q, k, v, gamma, s0, mode, chunk, _ = args
-        o, s = kernel(q, k, v, gamma, mode=mode, chunk_size=chunk, initial_state=s0)
-        return o, [s]
-    if op is torch.ops.seqmixers.opaque_linear_attention.default:
-        q, k, v, kv0, z0, mode, chunk, normalize, eps, _ = args
-        state = None if kv0 is None else functional.LinearState(kv0, z0)
-        o, (kv, z) = kernel(q, k, v, mode=mode, chunk_size=chunk, initial_state=state, normalize=normalize, eps=eps)
-        return o, [kv, z]
-    q, k, v, kc, vc, length, mode, chunk, _ = args
-    cache = None if kc is None else opaque._cache(kc, vc, length)
-    o, final = kernel(q, k, v, mode=mode, chunk_size=chunk, initial_state=cache)
-    return o, list(final[:2])
+def test_a_plugin_op_on_an_untraceable_backend_compiles_fullgraph():
+    """The custom op is generic: the conv plugin's own op, on a backend dynamo cannot trace, compiles with
+    ``fullgraph=True`` and gives eager's outputs and gradients."""
+    from seqmixers_conv.op import SHORT_CONV, torch_short_conv
+
+    x, w = rand(B, 7, 6), rand(6, 3)
+    untraceable = torch.compiler.disable(torch_short_conv)
+    with get_registry().temporary_backend("short_conv", "untraceable", untraceable, traceable=False):
+
+        def run(x):
+            return SHORT_CONV(x, w, mode="chunkwise", chunk_size=3, backend="untraceable")[0]
+
+        assert_all_close(outputs_and_grads(compiled(run), x, [w]), outputs_and_grads(run, x, [w]))
 
 
 # -- the CuPy backend ----------------------------------------------------------------------------------------------
 def test_cupy_backend_is_registered_untraceable():
-    cupy = get_registry().backends["retention"]["cupy"]
-    assert cupy.traceable is False and opaque.is_wrapped(cupy.fn)
+    assert get_registry().backends["retention"]["cupy"].traceable is False
 
 
 def cupy_unavailable() -> str | None:

@@ -7,6 +7,7 @@ and the errors it saw to a file; the tests below read them.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import time
@@ -18,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from seqmixers_conv.op import SHORT_CONV
 
 import mixers
 from mixers.context_parallel import ContextParallel, context_parallel, reduce_gradients
@@ -129,7 +131,7 @@ def _error_cases(cp: ContextParallel) -> dict[str, str | None]:
 
     def under_cp(fn: Callable[[], Any]) -> Callable[[], Any]:
         def run() -> Any:
-            with context_parallel():
+            with context_parallel(model=msr):
                 return fn()
 
         return run
@@ -143,12 +145,35 @@ def _error_cases(cp: ContextParallel) -> dict[str, str | None]:
         def init_state(self, batch_size, *, device=None, dtype=torch.float32, max_len=None):
             return None
 
+    formless = dataclasses.replace(SHORT_CONV, context_parallel=None)
     return {
         "recurrent": _raises(under_cp(lambda: msr(x, mode="recurrent"))),
         "state": _raises(under_cp(lambda: msr(x, msr.init_state(B, dtype=torch.float64)))),
         "cu_seqlens": _raises(under_cp(lambda: msr(x[:1], cu_seqlens=torch.tensor([0, 2, 4])))),
         "not divisible": _raises(lambda: cp.shard(torch.zeros(B, 7, 16))),
         "unsupported mixer": _raises(lambda: context_parallel(model=torch.nn.Sequential(Plain())).__enter__()),
+        "op without a form": _raises(lambda: cp.run(formless, x, x[0, :2].T)),
+    }
+
+
+def _plugin_op_case(cp: ContextParallel) -> dict:
+    """The conv plugin's own op, through its ``ContextParallelForm``: as one process, outputs and gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(B, 8, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(B, 8, 6, dtype=torch.float64)
+    y, _ = SHORT_CONV(x, weight, mode="parallel")
+    (y * w).sum().backward()
+    ref_x, ref_weight = x.grad.clone(), weight.grad.clone()
+    weight.grad = None
+    x_local = cp.shard(x.detach()).requires_grad_()
+    y_local, _ = cp.run(SHORT_CONV, x_local, weight, mode="chunkwise", chunk_size=3)
+    (y_local * cp.shard(w)).sum().backward()
+    dist.all_reduce(weight.grad)
+    return {
+        "output": _max_diff(y_local, cp.shard(y)),
+        "input grad": _max_diff(x_local.grad, cp.shard(ref_x)),
+        "weight grad": _max_diff(weight.grad, ref_weight),
     }
 
 
@@ -163,6 +188,7 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
         for case, (name, options, T, mode, chunk_size) in MIXER_CASES.items():
             results[case] = _mixer_case(cp, name, options, T, mode, chunk_size)
         results["hybrid model"] = _model_case(cp)
+        results["plugin op"] = _plugin_op_case(cp)
         results["errors"] = _error_cases(cp)
     except Exception:  # noqa: BLE001 (reported by the tests)
         results["crash"] = traceback.format_exc()
@@ -212,6 +238,11 @@ def test_hybrid_model_matches_single_process(results: list[dict[str, Any]]) -> N
     assert any(k.startswith("grad blocks.1.mixer") for k in results[0]["hybrid model"])
 
 
+def test_a_plugin_op_runs_context_parallel_through_its_own_form(results: list[dict[str, Any]]) -> None:
+    """Nothing in mixers.context_parallel knows the conv plugin's op: its Op carries the form."""
+    _check(results, "plugin op")
+
+
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
@@ -220,6 +251,7 @@ def test_hybrid_model_matches_single_process(results: list[dict[str, Any]]) -> N
         ("cu_seqlens", "ValueError: packed sequences (cu_seqlens, attention_mask) are not supported"),
         ("not divisible", "ValueError: context parallelism splits the sequence into 2 equal parts, but its length 7"),
         ("unsupported mixer", "NotImplementedError: these mixers do not support context parallelism: Plain"),
+        ("op without a form", "NotImplementedError: op 'short_conv' has no context-parallel form"),
     ],
 )
 def test_clear_errors(results: list[dict[str, Any]], case: str, expected: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tracemalloc
 from pathlib import Path
@@ -14,8 +15,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from models import corpus
-from models.data import IGNORE, DocumentError, documents, pack_documents
+from models.training import data as corpus
+from models.training import tokenizers
+from models.training.data import IGNORE, DocumentError, pack_documents
 
 TEXT = "The first line.\nA second, longer line with ünïcödé.\r\n\nAfter a blank line\rand an old Mac ending.\n"
 
@@ -70,10 +72,11 @@ def test_lines_mode_gives_one_document_per_non_empty_line(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["lines", "separator"])
-def test_streamed_documents_are_those_of_models_data(tmp_path, how):
+def test_streamed_documents_do_not_depend_on_the_block_size(tmp_path, how):
     text = "one\n\ntwo\nlines\n\n\n\nthree\r\n\r\nfour\rfive\n\n" + "long " * 40 + "\n\nend"
     path = write(tmp_path / "t.txt", text)
-    want = [d.decode("utf-8") for d in documents(text.encode("utf-8"), how, separator="\n\n")]
+    pieces = re.split(r"\r\n|\r|\n", text) if how == "lines" else text.split("\n\n")
+    want = [piece for piece in pieces if piece]
     for block_chars in (1, 2, 3, 7, 64, 10_000):
         assert documents_of(path, documents=how, block_chars=block_chars) == want, block_chars
     crlf = documents_of(path, documents="separator", separator="\r\n", block_chars=3)
@@ -117,39 +120,39 @@ def test_jsonl_reads_the_field_and_names_the_file_and_line_of_a_bad_line(tmp_pat
 
 @given(st.text(max_size=60))
 def test_byte_tokenizer_round_trip(text):
-    tok = corpus.ByteTokenizer()
+    tok = tokenizers.ByteTokenizer()
     ids = tok.encode(text)
     assert ids == list(text.encode("utf-8")) and tok.decode(ids) == text and tok.decode(torch.tensor(ids)) == text
-    assert tok.vocab_size == 256 and isinstance(tok, corpus.Tokenizer)
+    assert tok.vocab_size == 256 and isinstance(tok, tokenizers.Tokenizer)
 
 
 def test_bpe_trains_saves_and_loads_and_round_trips(tmp_path):
     pytest.importorskip("tokenizers")
     path = write(tmp_path / "t.txt", ("the cat sat on the mat. the dog sat on the log.\n" * 40) + TEXT)
-    tok = corpus.BPETokenizer.train(corpus.iter_texts(path), vocab_size=300)
-    assert isinstance(tok, corpus.Tokenizer) and 256 < tok.vocab_size <= 300
+    tok = tokenizers.BPETokenizer.train(corpus.iter_texts(path), vocab_size=300)
+    assert isinstance(tok, tokenizers.Tokenizer) and 256 < tok.vocab_size <= 300
     sample = "the cat sat on the log, ünïcödé 😀 and bytes it never saw: \x00\t~"
     ids = tok.encode(sample)
     assert tok.decode(ids) == sample, "byte-level BPE encodes and decodes every text exactly"
     assert len(tok.encode("the cat sat on the mat.")) < len(b"the cat sat on the mat.") / 2
     out = tmp_path / "run"
-    assert corpus.load_tokenizer(out) == corpus.ByteTokenizer(), "no tokenizer.json: bytes"
-    assert corpus.load_tokenizer(None) == corpus.ByteTokenizer()
+    assert tokenizers.load_tokenizer(out) == tokenizers.ByteTokenizer(), "no tokenizer.json: bytes"
+    assert tokenizers.load_tokenizer(None) == tokenizers.ByteTokenizer()
     tok.save(out)
     assert (out / "tokenizer.json").is_file()
-    loaded = corpus.load_tokenizer(out)
-    assert isinstance(loaded, corpus.BPETokenizer) and loaded == tok and loaded.fingerprint == tok.fingerprint
+    loaded = tokenizers.load_tokenizer(out)
+    assert isinstance(loaded, tokenizers.BPETokenizer) and loaded == tok and loaded.fingerprint == tok.fingerprint
     assert loaded.encode(sample) == ids and loaded.vocab_size == tok.vocab_size
-    corpus.ByteTokenizer().save(out)
-    assert corpus.load_tokenizer(out) == corpus.ByteTokenizer(), "saving bytes replaces the BPE tokenizer"
+    tokenizers.ByteTokenizer().save(out)
+    assert tokenizers.load_tokenizer(out) == tokenizers.ByteTokenizer(), "saving bytes replaces the BPE tokenizer"
     with pytest.raises(ValueError, match="vocab_size must be an int >= 256"):
-        corpus.BPETokenizer.train(["x"], vocab_size=100)
+        tokenizers.BPETokenizer.train(["x"], vocab_size=100)
 
 
 def test_bpe_without_the_tokenizers_library_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(ImportError, match="pip install tokenizers"):
-        corpus.BPETokenizer.train(["some text"], vocab_size=300)
+        tokenizers.BPETokenizer.train(["some text"], vocab_size=300)
 
 
 # The token cache ---------------------------------------------------------------------------------------
@@ -164,7 +167,7 @@ def documents_of(source: Path, **options) -> list[str]:
 
 def test_the_cache_holds_the_tokens_and_document_starts(tmp_path):
     root = folder(tmp_path)
-    cache = corpus.build_token_cache(root, corpus.ByteTokenizer(), tmp_path / "cache" / "train.bin")
+    cache = corpus.build_token_cache(root, tokenizers.ByteTokenizer(), tmp_path / "cache" / "train.bin")
     docs = documents_of(root)
     encoded = [d.encode("utf-8") for d in docs]
     assert cache.built and cache.tokens.dtype == torch.uint8 and cache.vocab_size == 256
@@ -177,29 +180,29 @@ def test_the_cache_holds_the_tokens_and_document_starts(tmp_path):
     assert {"path", "size", "mtime_ns", "format"} <= set(meta["files"][0])
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["train.bin", "train.json", "train.starts.bin"]
     with pytest.raises(ValueError, match=r"must end in \.bin"):
-        corpus.build_token_cache(root, corpus.ByteTokenizer(), tmp_path / "cache" / "train")
+        corpus.build_token_cache(root, tokenizers.ByteTokenizer(), tmp_path / "cache" / "train")
 
 
 def test_the_cache_is_reused_until_the_source_or_tokenizer_changes(tmp_path):
     path = write(tmp_path / "t.txt", TEXT)
     bin_path = tmp_path / "t.bin"
-    first = corpus.build_token_cache(path, corpus.ByteTokenizer(), bin_path)
+    first = corpus.build_token_cache(path, tokenizers.ByteTokenizer(), bin_path)
     stamp = bin_path.stat().st_mtime_ns
-    again = corpus.build_token_cache(path, corpus.ByteTokenizer(), bin_path)
+    again = corpus.build_token_cache(path, tokenizers.ByteTokenizer(), bin_path)
     assert first.built and not again.built and bin_path.stat().st_mtime_ns == stamp
     assert torch.equal(again.tokens, first.tokens)
     write(path, TEXT + "more text\n")
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
-    changed = corpus.build_token_cache(path, corpus.ByteTokenizer(), bin_path)
+    changed = corpus.build_token_cache(path, tokenizers.ByteTokenizer(), bin_path)
     assert changed.built and bytes(changed.tokens.tolist()) == (TEXT + "more text\n").encode("utf-8")
     (tmp_path / "t.json").write_text("{not json")  # a damaged sidecar: built again
-    assert corpus.build_token_cache(path, corpus.ByteTokenizer(), bin_path).built
-    assert corpus.build_token_cache(path, corpus.ByteTokenizer(), bin_path, rebuild=True).built
+    assert corpus.build_token_cache(path, tokenizers.ByteTokenizer(), bin_path).built
+    assert corpus.build_token_cache(path, tokenizers.ByteTokenizer(), bin_path, rebuild=True).built
     opened = corpus.open_token_cache(bin_path)
     assert not opened.built and torch.equal(opened.tokens, changed.tokens)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "temporary files are renamed or removed"
     if _has_tokenizers():
-        bpe = corpus.BPETokenizer.train(corpus.iter_texts(path), vocab_size=280)
+        bpe = tokenizers.BPETokenizer.train(corpus.iter_texts(path), vocab_size=280)
         rebuilt = corpus.build_token_cache(path, bpe, bin_path)
         assert rebuilt.built and rebuilt.tokens.dtype == torch.uint16 and rebuilt.vocab_size == bpe.vocab_size
         assert rebuilt.tokens.tolist() == bpe.encode(TEXT + "more text\n")
@@ -218,7 +221,7 @@ def test_a_bpe_cache_decodes_to_its_documents(tmp_path):
     pytest.importorskip("tokenizers")
     root = folder(tmp_path)
     write(root / "long.txt", "".join(f"line {i} of a longer file, words words words\n" for i in range(300)))
-    bpe = corpus.BPETokenizer.train(corpus.iter_texts(root), vocab_size=320)
+    bpe = tokenizers.BPETokenizer.train(corpus.iter_texts(root), vocab_size=320)
     cache = corpus.build_token_cache(root, bpe, tmp_path / "bpe.bin", block_chars=500)
     assert [bpe.decode(cache.document(i)) for i in range(cache.n_documents)] == documents_of(root)
 
@@ -237,7 +240,7 @@ def test_the_cache_is_memory_mapped_not_read_into_memory(tmp_path):
     path = write(tmp_path / "big.txt", line * (size // len(line)))
     tracemalloc.start()
     try:
-        built = corpus.build_token_cache(path, corpus.ByteTokenizer(), tmp_path / "big.bin", block_chars=1 << 18)
+        built = corpus.build_token_cache(path, tokenizers.ByteTokenizer(), tmp_path / "big.bin", block_chars=1 << 18)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -253,7 +256,7 @@ def test_the_cache_is_memory_mapped_not_read_into_memory(tmp_path):
 
 def test_windows_are_slices_of_the_tokens(tmp_path):
     path = jsonl(tmp_path / "d.jsonl", [f"document number {i} " * (i % 5 + 1) for i in range(40)])
-    cache = corpus.build_token_cache(path, corpus.ByteTokenizer(), tmp_path / "d.bin")
+    cache = corpus.build_token_cache(path, tokenizers.ByteTokenizer(), tmp_path / "d.bin")
     flat = cache.tokens.long()
     x, y = cache.random_windows(6, 16, torch.Generator().manual_seed(1))
     assert x.shape == y.shape == (6, 16) and x.dtype == torch.long
@@ -271,7 +274,7 @@ def test_windows_are_slices_of_the_tokens(tmp_path):
 def test_packed_rows_follow_pack_documents_from_where_they_start(tmp_path):
     texts = [f"doc {i}: " + "abcdefgh"[: i % 8] * (i % 4 + 1) for i in range(30)] + ["L" * 50, "x", "tail words"]
     path = jsonl(tmp_path / "d.jsonl", texts)
-    cache = corpus.build_token_cache(path, corpus.ByteTokenizer(), tmp_path / "d.bin")
+    cache = corpus.build_token_cache(path, tokenizers.ByteTokenizer(), tmp_path / "d.bin")
     docs = [torch.tensor(list(t.encode("utf-8"))) for t in texts]
     L = 24
     for k in (0, 5, 29, 30):  # at a document's start: row 0 of packing the documents from there
@@ -300,12 +303,12 @@ def test_packed_rows_follow_pack_documents_from_where_they_start(tmp_path):
 
 def test_split_holds_out_the_last_documents(tmp_path):
     path = jsonl(tmp_path / "d.jsonl", [f"document {i}" for i in range(20)])
-    cache = corpus.build_token_cache(path, corpus.ByteTokenizer(), tmp_path / "d.bin")
+    cache = corpus.build_token_cache(path, tokenizers.ByteTokenizer(), tmp_path / "d.bin")
     train, val = cache.split(0.1)
     assert train.n_documents == 18 and val.n_documents == 2 and len(train) + len(val) == len(cache)
     assert bytes(val.document(0).tolist()) == b"document 18" and bytes(val.document(1).tolist()) == b"document 19"
     assert bytes(train.document(17).tolist()) == b"document 17"
-    one = corpus.build_token_cache(write(tmp_path / "t.txt", TEXT * 10), corpus.ByteTokenizer(), tmp_path / "t.bin")
+    one = corpus.build_token_cache(write(tmp_path / "t.txt", TEXT * 10), tokenizers.ByteTokenizer(), tmp_path / "t.bin")
     train, val = one.split(0.25)
     assert len(val) == int(len(one) * 0.25) and val.doc_starts.tolist() == [0] and train.doc_starts.tolist() == [0]
     assert torch.equal(torch.cat([train.tokens, val.tokens]), one.tokens)

@@ -29,7 +29,11 @@ from hypothesis import strategies as st
 import mixers
 from mixers import functional
 from mixers.backends.cupy import _retention
+from mixers.ops.retention.reference import retention_reference
+from mixers.ops.retention.testing import RetentionCase
 from mixers.registry import get_registry
+from mixers.testing.asserts import norm_rel_error
+from mixers.testing.strategies import MODES, gamma_values, scaled_examples
 from tests import cuda_emu
 from tests.cupy_checks import (
     LAYOUTS,
@@ -40,8 +44,6 @@ from tests.cupy_checks import (
     lay_out,
     rtol_for,
 )
-from tests.reference import retention_reference
-from tests.strategies import MODES, RetentionCase, gamma_values, norm_rel_error, scaled_examples
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 EMULATE = os.environ.get("SEQMIXERS_CUPY_EMULATE", "") not in ("", "0")
@@ -60,7 +62,7 @@ def test_registered_for_cuda_below_the_torch_backend():
     assert cupy.priority < backends["torch"].priority
     assert cupy.devices == frozenset({"cuda"})
     assert cupy.dtypes == frozenset(DTYPES)
-    assert cupy.modes is None and cupy.fn.__wrapped__ is _retention.retention
+    assert cupy.modes is None and cupy.fn is _retention.retention and cupy.traceable is False
 
 
 def test_auto_never_picks_cupy():

@@ -18,11 +18,13 @@ from hypothesis import strategies as st
 
 from mixers import functional
 from mixers.backends.cupy import _retention
+from mixers.ops.retention.reference import retention_reference
+from mixers.ops.retention.testing import RetentionCase
 from mixers.testing import conformance
+from mixers.testing.asserts import norm_rel_error
+from mixers.testing.strategies import gamma_values, scaled_examples
 from tests import cuda_emu
 from tests.cupy_checks import LAYOUTS, OUTPUT_RTOL, STATE_RTOL, PoisonedOutputs, close_to_reference, lay_out
-from tests.reference import retention_reference
-from tests.strategies import RetentionCase, gamma_values, norm_rel_error, scaled_examples
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KINDS = ("simt", "mma", "recurrent")  # the two chunk kernels (tensor cores: bfloat16 only), the token-by-token one

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import models
-from models import data as corpus
 from models.config import ConfigError, ModelConfig, TrainConfig
-from models.train import train
+from models.training import data as corpus
+from models.training.loop import train
 from tests.dist_helpers import train_on_ranks
 from tests.models_helpers import tiny_run_file
 
@@ -107,20 +107,20 @@ def test_context_parallel_training_equals_one_process(tmp_path):
     """``context_parallel=2``: both ranks take the whole batch, each half of every sequence's time; the states
     pass between them and the gradients are summed, so the run is the 1-process run."""
     tc = dataclasses.replace(TRAIN, steps=3, eval_every=3)
-    got = train_on_ranks(tmp_path, MODEL, tc, DATA, "none", name="cp", context_parallel=2)
+    got = train_on_ranks(tmp_path, MODEL, dataclasses.replace(tc, context_parallel=2), DATA, "none", name="cp")
     assert_same_run(got, alone(tc), rtol=2e-4)
 
 
 def test_context_parallel_is_refused_where_it_cannot_run():
     with pytest.raises(ConfigError, match=r"context_parallel=2: it must equal the number of ranks \(1\)"):
-        train(MODEL, TRAIN, data=DATA, progress=False, context_parallel=2)
+        train(MODEL, dataclasses.replace(TRAIN, context_parallel=2), data=DATA, progress=False)
 
 
 def test_the_command_resumes_logs_plots_and_exports(tmp_path, capsys):
     """``train --save-every``, ``train --resume`` (configs from the saved state), the run log and its plot,
     and ``export`` of the training state to one file."""
     from models import cli
-    from models.runlog import read_log
+    from models.training.runlog import read_log
 
     config = tiny_run_file(tmp_path / "tiny.toml", steps=4)
     out = tmp_path / "run"

@@ -443,12 +443,25 @@ def test_the_checks_catch_broken_examples(tmp_path, monkeypatch):
 
 # -- the testing API is documented --------------------------------------------------------------------------
 def test_every_public_name_of_strategies_and_reference_is_documented():
-    """docs/testing-api.md documents each public name of ``mixers.testing.strategies`` (the op cases it
-    re-exports included) and ``mixers.testing.reference``."""
+    """docs/testing-api.md documents each public name of ``mixers.testing.strategies`` and
+    ``mixers.testing.reference``, and each core op's cases and reference (``mixers/ops/<op>/testing.py``,
+    ``reference.py``: the classes and functions defined there)."""
+    from mixers.ops import BUILTIN_OPS
     from mixers.testing import reference, strategies
 
     text = (ROOT / "docs" / "testing-api.md").read_text(encoding="utf-8")
-    names = [*strategies.__all__, *strategies._MOVED, *reference.__all__]
+    folders = [
+        importlib.import_module(f"mixers.ops.{op.name}.{part}")
+        for op in BUILTIN_OPS
+        for part in ("testing", "reference")
+    ]
+    own = [
+        n
+        for m in folders
+        for n, v in vars(m).items()
+        if not n.startswith("_") and getattr(v, "__module__", None) == m.__name__
+    ]
+    names = [*strategies.__all__, *reference.__all__, *own]
     missing = [name for name in names if not re.search(rf"`{name}[`(]", text)]
     assert not missing, f"docs/testing-api.md does not document {missing}"
 
@@ -512,9 +525,9 @@ def test_readme_demo_table_is_the_recorded_demo():
 
 
 def test_corpus_size_quoted_is_the_embedded_corpus():
-    """Wherever the docs give the embedded corpus's size, it is that of ``models.data.default_corpus()`` (which
+    """Wherever the docs give the embedded corpus's size, it is that of ``models.training.data.default_corpus()`` (which
     depends a little on the Python version: 2% either way)."""
-    from models.data import default_corpus
+    from models.training.data import default_corpus
 
     kib = len(default_corpus()) / 1024
     quotes = {

@@ -18,11 +18,14 @@ from hypothesis import strategies as st
 
 import mixers
 from mixers import functional
-from mixers.__main__ import format_listing
 from mixers.functional import LinearState
 from mixers.linear_attention import LinearAttention
-from mixers.registry import DEFAULT_PLUGINS, Registry
-from mixers.testing.reference import linear_attention_reference, short_conv_reference
+from mixers.listing import format_listing
+from mixers.ops.checks import state_dtype
+from mixers.ops.linear_attention.reference import linear_attention_reference
+from mixers.plugins import DEFAULT_PLUGINS
+from mixers.registry import Registry
+from mixers.testing.reference import short_conv_reference
 
 MODES = functional.MODES
 # (rtol, atol) per dtype, against a float64 reference
@@ -59,7 +62,7 @@ def problems(draw, dtypes=(torch.float32, torch.float64)):
     v = torch.randn(B, T, H, Dv, generator=gen, dtype=torch.float64).to(dtype)
     state = None
     if draw(st.booleans()):
-        sd = functional.state_dtype(dtype)
+        sd = state_dtype(dtype)
         state = (
             torch.rand(B, H, Dk, Dv, generator=gen, dtype=torch.float64).to(sd),
             torch.rand(B, H, Dk, generator=gen, dtype=torch.float64).to(sd),
@@ -95,7 +98,7 @@ def test_op_matches_reference_across_modes_and_a_split(p):
     assert o.dtype == q.dtype and o.shape == ref_o.shape
     torch.testing.assert_close(o.double(), ref_o, rtol=rtol, atol=atol)
     assert isinstance(s2, functional.LinearState)
-    assert s2.kv.dtype == s2.z.dtype == functional.state_dtype(q.dtype)
+    assert s2.kv.dtype == s2.z.dtype == state_dtype(q.dtype)
     torch.testing.assert_close(s2.kv.double(), ref_kv, rtol=rtol, atol=atol)
     torch.testing.assert_close(s2.z.double(), ref_z, rtol=rtol, atol=atol)
 

@@ -13,7 +13,7 @@ import torch
 
 import mixers.registry as registry_module
 from models import CheckpointError, ModelConfig, build_model, load, read_header
-from models import checkpoint as ckpt
+from models import checkpoint_format as ckpt
 from tests.models_helpers import one_thread, tiny_config  # noqa: F401  (one_thread is an autouse fixture)
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixers.__main__ import format_listing
+from mixers.listing import format_listing
 from mixers.registry import get_registry
 from models import cli, load, read_header
-from models import data as corpus
+from models.training.tokenizers import ByteTokenizer
 from tests.models_helpers import one_thread, run_main  # noqa: F401  (one_thread is an autouse fixture)
 
 try:
@@ -78,8 +78,8 @@ def test_train_then_generate(tiny, tmp_path, capsys):
     assert cli.main(argv) == 0
     assert capsys.readouterr().out == first.out, "the same seed gives the same text"
     model = load(out / "model.safetensors")
-    expected = model.generate(corpus.encode("ab"), 9, temperature=0.8, seed=3)
-    assert first.out == corpus.decode(expected) + "\n"
+    expected = model.generate(ByteTokenizer().encode("ab"), 9, temperature=0.8, seed=3)
+    assert first.out == ByteTokenizer().decode(expected) + "\n"
 
 
 def test_train_on_a_text_file_with_overrides(tiny, tmp_path, capsys):
@@ -230,7 +230,11 @@ USAGE_ERRORS = [
     ),
     (lambda c, k, t: ["demo", "--threads", "0"], r"argument --threads: expected an int >= 1, got '0'"),
     (lambda c, k, t: ["demo", "--steps", "0"], r"argument --steps: expected an int >= 1, got '0'"),
-    (lambda c, k, t: ["train", "--config", c, "--steps", "0"], r"argument --steps: expected an int >= 1, got '0'"),
+    (lambda c, k, t: ["train", "--config", c, "--steps", "0"], r"argument --steps: steps must be an int >= 1, got 0$"),
+    (lambda c, k, t: ["train", "--config", c, "--lr", "x"], r"argument --lr: expected a number, got 'x'"),
+    (lambda c, k, t: ["train", "--config", c, "--lr", "11"], r"argument --lr: lr must be in \(0.0, 10.0\], got 11"),
+    (lambda c, k, t: ["train", "--config", c, "--bpe-vocab", "9"], r"argument --bpe-vocab: .* >= 256, got 9"),
+    (lambda c, k, t: ["train", "--config", c, "--mode", "recurrent"], r"argument --mode: invalid choice: 'recurrent'"),
     (
         lambda c, k, t: ["train", "--config", c, "--device", "foo"],
         r"argument --device: expected a torch device .*'foo'",

@@ -3,9 +3,11 @@ TOML, YAML and JSON, dicts and keywords give the same config; the layer pattern 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
+import typing
 
 import pytest
 
@@ -121,6 +123,10 @@ TRAIN_ERRORS = [
     ({"temperature": -1}, r"temperature must be in"),
     ({"top_k": 0}, r"top_k must be an int >= 1"),
     ({"sample_prompt": 3}, r"sample_prompt must be a string"),
+    ({"data": ""}, r"data must be a non-empty string"),
+    ({"parallel": "zero"}, r"parallel must be one of \['none', 'ddp', 'fsdp'\]"),
+    ({"context_parallel": 0}, r"context_parallel must be an int >= 1"),
+    ({"checkpoint_activations": 1}, r"checkpoint_activations must be true or false"),
 ]
 
 
@@ -277,6 +283,51 @@ def test_unknown_mixer_error_lists_every_registered_mixer():
         build_model(ModelConfig(layers=["nope"]))
     for name in mixers.get_registry().mixers:
         assert name in str(info.value)
+
+
+def test_a_run_file_holds_every_setting_of_a_run(tmp_path):
+    """The parallelism, the data and its tokenizer are train fields like any other, so a run file (and the saved
+    state of a resumed run) holds them; a Path given for the data is kept as text."""
+    path = tmp_path / "run.toml"
+    path.write_text(
+        '[model]\nd_model = 16\n[train]\nparallel = "fsdp"\ncontext_parallel = 1\ndata = "corpus/"\n'
+        'tokenizer = "bpe"\ndocuments = "lines"\n'
+    )
+    train = load_run_config(path)[1]
+    assert (train.parallel, train.data, train.tokenizer, train.documents) == ("fsdp", "corpus/", "bpe", "lines")
+    assert TrainConfig.from_dict(train.to_dict()) == train
+    assert TrainConfig(data=tmp_path).data == str(tmp_path)
+
+
+def test_the_train_modes_are_the_ops_modes_but_recurrent():
+    from mixers.functional import MODES
+    from models.config import TRAIN_MODES
+
+    assert TRAIN_MODES == tuple(m for m in MODES if m != "recurrent")
+
+
+def test_every_train_field_is_a_train_option_that_overrides_it():
+    """``seqmixers train --NAME VALUE`` for every field of ``TrainConfig``, each to a value other than its default:
+    the run's train config is the config file's with those values."""
+    from models import cli
+
+    types = typing.get_type_hints(TrainConfig)
+    values, argv = {}, ["train", "--config", "run.toml"]
+    for f in dataclasses.fields(TrainConfig):
+        kind, option = types[f.name], f"--{f.name.replace('_', '-')}"
+        if f.metadata["choices"]:
+            value = next(c for c in reversed(f.metadata["choices"]) if c != f.default)
+        elif kind is bool:
+            value = not f.default
+        elif f.default is None:
+            value = "corpus" if f.name == "data" else 5
+        else:
+            value = f.default + "x" if kind is str else f.default + 1 if kind is int else f.default / 2
+        values[f.name] = value
+        argv += ([option] if value else [f"--no-{option[2:]}"]) if kind is bool else [option, str(value)]
+    base = TrainConfig(steps=1)
+    assert cli._with_overrides(base, cli.parser().parse_args(argv)) == TrainConfig(**values)
+    assert cli._with_overrides(base, cli.parser().parse_args(argv[:3])) == base, "nothing given: the file's"
 
 
 def test_keyword_typos_suggest_the_closest_field():

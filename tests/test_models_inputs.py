@@ -12,8 +12,9 @@ import torch
 from tqdm import tqdm
 
 from models import demo
-from models.lm import LanguageModel, sample
-from models.train import Progress
+from models.generation import sample
+from models.lm import LanguageModel
+from models.progress import Progress
 from tests.models_helpers import one_thread, tiny_config  # noqa: F401  (autouse fixture)
 
 

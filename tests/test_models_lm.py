@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 import mixers
 from mixers import registry as registry_module
 from mixers.registry import Registry
+from mixers.testing.asserts import assert_rel_close
+from mixers.testing.strategies import scaled_examples
 from models import ConfigError, LanguageModel, ModelConfig, build_model
 from models.lm import state_nbytes
 from tests.fake_plugins import forget_fake_modules, write_fake_distribution
@@ -27,7 +29,6 @@ from tests.models_helpers import (  # noqa: F401  (one_thread is an autouse fixt
     one_thread,
     tiny_config,
 )
-from tests.strategies import assert_rel_close, scaled_examples
 
 RTOL64 = 1e-9
 
@@ -117,7 +118,7 @@ def test_model_state_is_fixed_size_for_recurrent_layers_and_grows_for_attention(
 
 
 def manual_sample(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator) -> torch.Tensor:
-    """The documented sampling rule, written out independently of ``models.lm.sample``."""
+    """The documented sampling rule, written out independently of ``models.generation.sample``."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     scaled = logits.float() / temperature
@@ -152,6 +153,20 @@ def test_generate_is_a_seeded_decode_loop(config, B, T, new, temperature, top_k,
         for _ in range(new):
             logits, _ = model(seq, mode="parallel")
             seq = torch.cat([seq, manual_sample(logits[:, -1], temperature, top_k, gen)], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_every_registered_mixer_decodes_from_preallocated_states():
+    """Every registered mixer (plugins included) takes ``max_len`` in ``init_state``, as ``TokenMixer`` says, so a
+    hybrid of all of them generates from states preallocated for prompt + new tokens: greedy tokens equal the
+    argmax of a full parallel forward at every step."""
+    model = make(tiny_config(sorted(mixers.get_registry().mixers)))
+    prompt = tokens_for(model, 2, 5, 3)
+    out = model.generate(prompt, 4, temperature=0)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(4):
+            seq = torch.cat([seq, model(seq)[0][:, -1:].argmax(-1)], dim=1)
     assert torch.equal(out, seq)
 
 

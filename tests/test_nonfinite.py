@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_flatten
 from mixers import functional
 from mixers.backends import nonfinite
 from mixers.backends.cupy import _retention
+from mixers.ops.checks import state_dtype
 from tests import cuda_emu
 
 NAN, INF = float("nan"), float("inf")
@@ -38,10 +39,10 @@ def op_inputs(op: str, with_state: bool, dtype=torch.float64):
     q, k, v = randn(B, T, H, D), randn(B, T, H, D) * D**-0.5, randn(B, T, H, D + 1)
     if op == "linear_attention":
         q, k = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
-        sd = functional.state_dtype(dtype)
+        sd = state_dtype(dtype)
         state = (randn(B, H, D, D + 1).abs().to(sd), randn(B, H, D).abs().to(sd)) if with_state else None
     else:
-        state = randn(B, H, D, D + 1).to(functional.state_dtype(dtype)) if with_state else None
+        state = randn(B, H, D, D + 1).to(state_dtype(dtype)) if with_state else None
     return q, k, v, state
 
 

@@ -10,6 +10,7 @@ before any backend runs. The suite runs on the built-in plugins only, like ``tes
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mixers.testing import conformance as kit
 
@@ -45,3 +46,20 @@ def test_backend_checks_run_per_backend_and_op_checks_once_per_op():
             assert sorted(t.spec.op for t in ran) == sorted(ops), check.name
         else:
             assert sorted(t.id for t in ran) == sorted(t.id for t in TARGETS), check.name
+
+
+def _leaky(q, k, v, gamma, *, mode, chunk_size, initial_state, cu_seqlens=None):
+    """A backend that says it packs but runs the packed row as one sequence: states cross the boundaries."""
+    from mixers.backends.torch_retention import retention
+
+    o, s = retention(q, k, v, gamma, mode=mode, chunk_size=chunk_size, initial_state=None)
+    return o, s.expand(cu_seqlens.n, *s.shape[1:]).contiguous() if cu_seqlens is not None else s
+
+
+def test_the_packed_check_catches_a_backend_whose_packing_leaks_across_sequences():
+    with BUILTIN.temporary_backend("retention", "leaky", _leaky, packs=True, plugin="leaky-plugin"):
+        target = kit.op_target("retention", "leaky", dtypes=[torch.float64])
+        with pytest.raises(kit._PropertyFailed, match="as registered, mode"):
+            kit.check_op_packed_equals_separate(target, max_examples=20)
+        with kit.per_sequence(["retention"], BUILTIN):  # the loop path gives each row its own state: it passes
+            assert not BUILTIN.backends["retention"]["leaky"].packs

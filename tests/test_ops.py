@@ -14,9 +14,10 @@ from torch import Tensor
 
 import mixers
 from mixers import functional
+from mixers.catalogue import Backend, BackendOutputError
 from mixers.ops import BUILTIN_OPS, KVCache, LinearState, Op, OpCall
 from mixers.ops.checks import check_mode, check_state
-from mixers.registry import Backend, BackendOutputError, Registry, get_registry
+from mixers.registry import Registry, get_registry
 from mixers.testing.ops import OP_SPECS, get_op_spec
 
 

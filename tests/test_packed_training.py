@@ -14,10 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models import cli, load, read_header
-from models import data as corpus
 from models.config import ConfigError, ModelConfig, TrainConfig
 from models.lm import build_model
-from models.train import evaluate, train
+from models.training import data as corpus
+from models.training.batches import cache_options
+from models.training.loop import evaluate, train
+from models.training.tokenizers import ByteTokenizer
 from tests.models_helpers import (
     one_thread,  # noqa: F401  (autouse fixture)
     tiny_run_file,
@@ -26,49 +28,50 @@ from tests.models_helpers import (
 # documents -----------------------------------------------------------------------------------------------
 
 
-def test_documents_split_on_a_separator_dropping_empty_ones():
+def documents(tmp_path, data: bytes, how: str, **options: str) -> list[bytes]:
+    """The documents training reads from ``data`` with ``documents=how``: those of its token cache."""
+    (tmp_path / "d.txt").write_bytes(data)
+    tc = TrainConfig(documents=how, **options)
+    cache = corpus.build_token_cache(tmp_path / "d.txt", ByteTokenizer(), tmp_path / "d.bin", **cache_options(tc))
+    return [bytes(cache.document(i).tolist()) for i in range(cache.n_documents)]
+
+
+def test_documents_split_on_a_separator_dropping_empty_ones(tmp_path):
     data = b"first doc\nline two\n\nsecond\n\n\n\nthird\n\n"
-    assert corpus.documents(data, "separator") == [b"first doc\nline two", b"second", b"third"]
-    assert corpus.documents(b"a||b||||c", "separator", separator="||") == [b"a", b"b", b"c"]
-    with pytest.raises(ValueError, match="separator must be a non-empty string"):
-        corpus.documents(data, "separator", separator="")
-    with pytest.raises(ValueError, match="how must be one of"):
-        corpus.documents(data, "paragraphs")
+    assert documents(tmp_path, data, "separator") == [b"first doc\nline two", b"second", b"third"]
+    assert documents(tmp_path, b"a||b||||c", "separator", separator="||") == [b"a", b"b", b"c"]
+    with pytest.raises(ConfigError, match="separator must be a non-empty string"):
+        documents(tmp_path, data, "separator", separator="")
+    with pytest.raises(ConfigError, match="documents must be one of"):
+        documents(tmp_path, data, "paragraphs")
 
 
-def test_documents_one_per_line():
-    assert corpus.documents(b"one\ntwo\r\n\nthree", "lines") == [b"one", b"two", b"three"]
-    assert corpus.documents(b"", "lines") == []
+def test_documents_one_per_line(tmp_path):
+    assert documents(tmp_path, b"one\ntwo\r\n\nthree", "lines") == [b"one", b"two", b"three"]
+    assert documents(tmp_path, b"", "lines") == []
 
 
-def test_documents_from_jsonl():
+def test_documents_from_jsonl(tmp_path):
     lines = [json.dumps({"text": "héllo", "id": 1}), "", "   ", json.dumps({"text": ""}), json.dumps({"text": "b"})]
-    assert corpus.documents("\n".join(lines).encode(), "jsonl") == ["héllo".encode(), b"b"]
+    assert documents(tmp_path, "\n".join(lines).encode(), "jsonl") == ["héllo".encode(), b"b"]
     other = json.dumps({"body": "x"}).encode()
-    assert corpus.documents(other, "jsonl", field="body") == [b"x"]
+    assert documents(tmp_path, other, "jsonl", jsonl_field="body") == [b"x"]
 
 
 @pytest.mark.parametrize(
     ("line", "match"),
     [
-        ("{not json", "JSONL line 3: not valid JSON"),
-        ("[1, 2]", "JSONL line 3: a list, not an object"),
-        ('{"body": "x"}', "JSONL line 3: no field 'text'"),
-        ('{"text": 5}', "JSONL line 3: field 'text' is a int, not a string"),
+        ("{not json", "d.txt:3: not valid JSON"),
+        ("[1, 2]", "d.txt:3: a list, not an object"),
+        ('{"body": "x"}', "d.txt:3: no field 'text'"),
+        ('{"text": 5}', "d.txt:3: field 'text' is a int, not a string"),
     ],
 )
-def test_a_bad_jsonl_line_is_named_with_what_was_expected(line, match):
+def test_a_bad_jsonl_line_is_named_with_what_was_expected(tmp_path, line, match):
     data = "\n".join([json.dumps({"text": "ok"}), "", line, json.dumps({"text": "after"})]).encode()
     with pytest.raises(ConfigError, match=match) as info:
-        corpus.documents(data, "jsonl")
+        documents(tmp_path, data, "jsonl")
     assert "expected one JSON object per line with a string field 'text'" in str(info.value)
-
-
-def test_split_documents_holds_out_the_last_ones_and_needs_two():
-    assert corpus.split_documents(list(range(10)), 0.2) == (list(range(8)), [8, 9])
-    assert corpus.split_documents([1, 2], 0.1) == ([1], [2]), "at least one document each"
-    with pytest.raises(ConfigError, match="1 document.*at least one each"):
-        corpus.split_documents([1], 0.1)
 
 
 # packing -------------------------------------------------------------------------------------------------
@@ -169,15 +172,6 @@ def test_batches_join_the_rows_boundaries():
     assert x.shape == y.shape == (1, 16)
     assert cu.tolist() == [0, 3, 7, 8, 13, 16]
     assert torch.equal(x[0, :8], rows[2][0]) and torch.equal(y[0, 8:], rows[0][1])
-    gen = torch.Generator().manual_seed(0)
-    x, y, cu = corpus.random_packed_batch(rows, 3, gen)
-    assert x.shape == (1, 24) and cu[-1] == 24 and set(range(0, 24, 8)) <= set(cu.tolist())
-    fixed = corpus.fixed_packed_batches(rows, 2, 5)
-    assert [b[0].shape[1] for b in fixed] == [16, 16, 8], "fewer rows than asked: each row once"
-    again = corpus.fixed_packed_batches(rows, 2, 5)
-    assert all(torch.equal(a, b) for p, q in zip(fixed, again, strict=True) for a, b in zip(p, q, strict=True))
-    assert torch.equal(torch.cat([b[0] for b in fixed], 1), rows.batch(range(5))[0])
-    assert len(corpus.fixed_packed_batches(rows, 1, 2)) == 2
 
 
 # the loss of a packed batch is the documents' own loss ---------------------------------------------------

@@ -20,9 +20,10 @@ import torch
 
 import mixers
 from mixers import registry as registry_module
-from mixers.__main__ import format_listing
 from mixers.functional import MODES
-from mixers.registry import PluginLoadError, Registry
+from mixers.listing import format_listing
+from mixers.plugins import PluginLoadError
+from mixers.registry import Registry
 from mixers.testing import ConformanceError, check_mixer, check_op_backend
 from mixers.testing import conformance as kit
 from mixers.testing.ops import OP_SPECS, OpSpec

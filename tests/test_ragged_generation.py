@@ -224,8 +224,8 @@ def test_beam_search_bad_inputs(kwargs, message):
 
 def test_cli_several_prompts_and_beams(tmp_path, capsys):
     from models import cli
-    from models import data as corpus
     from models.checkpoint import load
+    from models.training.tokenizers import ByteTokenizer
 
     torch.manual_seed(0)
     config = dict(d_model=16, n_layers=2, layers=LAYERS["hybrid"], ffn_dim=16)
@@ -237,6 +237,7 @@ def test_cli_several_prompts_and_beams(tmp_path, capsys):
 
     assert cli.main([*base, "--prompt", "ab", "--prompt", "xyz!"]) == 0
     out, err = capsys.readouterr()
+    corpus = ByteTokenizer()
     texts = [corpus.decode(model.generate(corpus.encode(p), 6, temperature=0.8, seed=4)) for p in ("ab", "xyz!")]
     assert out == f"==> prompt 1 <==\n{texts[0]}\n\n==> prompt 2 <==\n{texts[1]}\n" and "ms/token" in err
 

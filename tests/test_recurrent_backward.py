@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from mixers import functional
-from mixers.testing.reference import linear_attention_reference, retention_reference
+from mixers.ops.checks import state_dtype
+from mixers.ops.linear_attention.reference import linear_attention_reference
+from mixers.ops.retention.reference import retention_reference
 
 B, H, Dk, Dv = 1, 2, 16, 16
 GAMMA = [0.9, 1.0]
@@ -27,7 +29,7 @@ def inputs(op: str, T: int, dtype=torch.float64, with_state=True, seed=0):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
     q, k, v = randn(B, T, H, Dk), randn(B, T, H, Dk) * Dk**-0.5, randn(B, T, H, Dv)
-    sd = functional.state_dtype(dtype)
+    sd = state_dtype(dtype)
     if op == "linear_attention":
         q, k = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
         state = (randn(B, H, Dk, Dv).abs().to(sd), randn(B, H, Dk).abs().to(sd)) if with_state else None

@@ -22,7 +22,9 @@ import torch
 import mixers
 from mixers import functional, hookspecs
 from mixers import registry as registry_module
-from mixers.registry import PluginLoadError, Registry
+from mixers.catalogue import RUNTIME_PLUGIN, RegistrationError
+from mixers.plugins import PluginLoadError
+from mixers.registry import Registry
 from tests.fake_plugins import (
     BROKEN,
     BROKEN_TWIN,
@@ -95,7 +97,7 @@ def test_builtins_register_through_the_same_hook(reg):
         ("fake_broken", ["failed to import", "fakeplug_broken", "No module named", "nonexistent_library_for"]),
         ("fake_exit", ["failed to import", "fakeplug_exit", "SystemExit", "sys.exit(3)"]),
         ("fake_malformed", ["register_backends raised RegistrationError", "other than 'auto'", "'auto'"]),
-        ("fake_not_a_backend", ["expected a mixers.registry.Backend", "got dict"]),
+        ("fake_not_a_backend", ["expected a mixers.Backend", "got dict"]),
         ("fake_bad_mixer", ["register_mixers raised", "'fake_bad_mixer'", "factory must be callable", "42"]),
         ("fake_bad_hook", ["not a valid plugin", "registrar"]),
         ("fake_raising", ["register_backends raised RuntimeError", "fake hook exploded"]),
@@ -378,7 +380,7 @@ def _module_plugin(monkeypatch, name: str, source: str) -> str:
 
 WRAPPED_PLUGIN = """
     import mixers
-    from mixers.registry import Backend
+    from mixers.catalogue import Backend
 
     SEEN = []
     FAIL_AFTER = False
@@ -466,14 +468,14 @@ def test_a_backend_added_without_a_plugin_is_not_picked_by_auto_for_a_builtin_op
     reg.register_backend(
         mixers.Backend(op="retention", name="mine", fn=reg.backends["retention"]["torch"].fn, priority=9)
     )
-    assert reg.backends["retention"]["mine"].plugin == registry_module.RUNTIME_PLUGIN
+    assert reg.backends["retention"]["mine"].plugin == RUNTIME_PLUGIN
     assert _resolve(reg) == "torch" and _resolve(reg, "mine") == "mine"
 
 
 def test_register_backend_refuses_to_replace_unless_told(monkeypatch):
     reg = _fresh_registry(monkeypatch)
     original = reg.backends["retention"]["torch"]
-    with pytest.raises(registry_module.RegistrationError) as info:
+    with pytest.raises(RegistrationError) as info:
         reg.register_backend("retention", "torch", lambda *a, **k: None, plugin="my_tests")
     message = str(info.value)
     for fragment in (f"backend 'torch' of op 'retention' (plugin '{TORCH_PLUGIN}' (built-in))", "override=True"):
@@ -483,7 +485,7 @@ def test_register_backend_refuses_to_replace_unless_told(monkeypatch):
         (mixers.Backend(op="retention", name="auto", fn=original.fn), "other than 'auto'"),
         (mixers.Backend(op="retention", name="x", fn=original.fn, priority=1.5), "priority must be an int"),
     ]:
-        with pytest.raises(registry_module.RegistrationError, match=match):
+        with pytest.raises(RegistrationError, match=match):
             reg.register_backend(bad)
     with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
         reg.register_backend("retention", "x", original.fn, colour="red")

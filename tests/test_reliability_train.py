@@ -5,7 +5,6 @@ best checkpoint is kept beside the last one and a run whose validation loss runs
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import signal
 import sys
@@ -14,14 +13,13 @@ from pathlib import Path
 import pytest
 
 from models import cli, read_header
-from models import data as corpus
 from models.config import load_run_config
+from models.training import data as corpus
+from models.training import loop as training
 from tests.models_helpers import (
     one_thread,  # noqa: F401  (autouse fixture)
     tiny_run_file,
 )
-
-training = importlib.import_module("models.train")  # the module: `models.train` is also the function
 
 
 @pytest.fixture
@@ -52,7 +50,7 @@ def fake_validation(monkeypatch, losses: list[float]) -> None:
 def test_best_checkpoint_is_kept_beside_the_last_one(tiny, tmp_path, monkeypatch):
     model_config, train_config = load_run_config(tiny)
     fake_validation(monkeypatch, [5.0, 4.0, 4.5])
-    result = training.train(model_config, train_config, data=corpus.load_corpus(), out=tmp_path, progress=False)
+    result = training.train(model_config, train_config, data=corpus.default_corpus(), out=tmp_path, progress=False)
     assert result.checkpoint == tmp_path / "model.safetensors" and result.best == tmp_path / "best.safetensors"
     assert read_header(result.checkpoint)[1] | {"train": None} == {
         "step": 4,
@@ -69,7 +67,7 @@ def test_a_run_away_validation_loss_stops_the_run_and_keeps_the_good_checkpoints
     model_config, train_config = load_run_config(tiny)
     fake_validation(monkeypatch, [5.0, 4.0, runaway])
     with pytest.raises(training.TrainingDiverged, match=r"at step 4: validation loss .* best 4\.000 \(step 2\)"):
-        training.train(model_config, train_config, data=corpus.load_corpus(), out=tmp_path, progress=False)
+        training.train(model_config, train_config, data=corpus.default_corpus(), out=tmp_path, progress=False)
     assert read_header(tmp_path / "model.safetensors")[1]["step"] == 2, "the diverged weights are not saved"
     assert read_header(tmp_path / "best.safetensors")[1]["step"] == 2
 
@@ -77,7 +75,7 @@ def test_a_run_away_validation_loss_stops_the_run_and_keeps_the_good_checkpoints
 def test_a_rise_within_the_margin_is_not_divergence(tiny, tmp_path, monkeypatch):
     model_config, train_config = load_run_config(tiny)
     fake_validation(monkeypatch, [5.0, 4.0, 4.0 + training.DIVERGENCE_MARGIN - 0.01])
-    training.train(model_config, train_config, data=corpus.load_corpus(), out=tmp_path, progress=False)
+    training.train(model_config, train_config, data=corpus.default_corpus(), out=tmp_path, progress=False)
     assert read_header(tmp_path / "model.safetensors")[1]["step"] == 4
 
 
@@ -97,7 +95,7 @@ def test_lr_10_exits_3_with_the_best_checkpoint_kept(tiny, tmp_path, capsys):
 def interrupt_at_batch(monkeypatch, n: int, signum: int) -> list[int]:
     """Send the process ``signum`` itself (a real signal, to the real handler) while step ``n`` draws its
     batch: deterministic, unlike a signal from outside, and no process start (torch's import costs seconds)."""
-    sample, calls = corpus.random_starts, []
+    sample, calls = corpus.TokenCache.random_window_starts, []
 
     def sample_and_interrupt(*args):
         calls.append(1)
@@ -105,7 +103,7 @@ def interrupt_at_batch(monkeypatch, n: int, signum: int) -> list[int]:
             os.kill(os.getpid(), signum)
         return sample(*args)
 
-    monkeypatch.setattr(corpus, "random_starts", sample_and_interrupt)
+    monkeypatch.setattr(corpus.TokenCache, "random_window_starts", sample_and_interrupt)
     return calls
 
 
@@ -130,7 +128,7 @@ def test_sigint_during_training_saves_before_raising(tiny, tmp_path, monkeypatch
     before = signal.getsignal(signal.SIGINT)
     train_config = dataclasses.replace(train_config, steps=100, eval_every=100)
     with pytest.raises(training.Interrupted) as caught:
-        training.train(model_config, train_config, data=corpus.load_corpus(), out=tmp_path, progress=False)
+        training.train(model_config, train_config, data=corpus.default_corpus(), out=tmp_path, progress=False)
     assert isinstance(caught.value, KeyboardInterrupt)
     assert caught.value.signum == signal.SIGINT and caught.value.step == 3 and len(calls) == 3
     info = read_header(tmp_path / "model.safetensors")[1]

@@ -10,7 +10,6 @@ another setup is refused by name; a training state converts to the single-file c
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import signal
 
@@ -18,12 +17,11 @@ import pytest
 import torch
 
 import models
-from models import data as corpus
-from models import train_state
 from models.config import ModelConfig, TrainConfig
+from models.training import data as corpus
+from models.training import loop as training
+from models.training import state as train_state
 from tests.dist_helpers import train_on_ranks
-
-training = importlib.import_module("models.train")
 
 MODEL = ModelConfig(
     d_model=16,
@@ -60,7 +58,7 @@ def sigterm_safety_net():
 
 def test_sigterm_then_resume_is_bit_identical(tmp_path, monkeypatch, sigterm_safety_net):
     whole = run(tmp_path / "whole")
-    draw, calls = corpus.random_starts, []
+    draw, calls = corpus.TokenCache.random_window_starts, []
 
     def draw_and_terminate(*args):
         calls.append(1)
@@ -68,13 +66,13 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, monkeypatch, sigterm_saf
             os.kill(os.getpid(), signal.SIGTERM)
         return draw(*args)
 
-    monkeypatch.setattr(corpus, "random_starts", draw_and_terminate)
+    monkeypatch.setattr(corpus.TokenCache, "random_window_starts", draw_and_terminate)
     out = tmp_path / "stopped"
     with pytest.raises(training.Interrupted) as caught:
         run(out)
     assert caught.value.step == 3 and caught.value.signal_name == "SIGTERM"
     assert train_state.read_meta(out / train_state.STATE)["step"] == 3
-    monkeypatch.setattr(corpus, "random_starts", draw)
+    monkeypatch.setattr(corpus.TokenCache, "random_window_starts", draw)
     assert_identical(run(out, resume=out), whole)
 
 

@@ -15,9 +15,11 @@ import torch
 from hypothesis import example, given, settings
 
 from mixers import functional
+from mixers.ops.checks import state_dtype
+from mixers.ops.retention.reference import retention_reference
+from mixers.ops.retention.testing import RetentionCase, retention_cases
 from mixers.testing import RTOL, assert_rel_close, norm_rel_error
-from mixers.testing.reference import retention_reference
-from mixers.testing.strategies import MODES, RetentionCase, retention_cases
+from mixers.testing.strategies import MODES
 
 
 def run_all_modes(case: RetentionCase) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -38,7 +40,7 @@ def check_against_reference(case: RetentionCase) -> None:
     rtol = RTOL[case.dtype]
     for mode, (o, s) in run_all_modes(case).items():
         assert o.dtype == case.dtype and o.shape == (case.B, case.T, case.H, case.Dv), mode
-        assert s.dtype == functional.state_dtype(case.dtype) and s.shape == (case.B, case.H, case.Dk, case.Dv), mode
+        assert s.dtype == state_dtype(case.dtype) and s.shape == (case.B, case.H, case.Dk, case.Dv), mode
         assert_rel_close(o, ref_o, rtol, f"{mode} output ({case})", scale=abs_o)
         assert_rel_close(s, ref_s, rtol, f"{mode} final state ({case})", scale=abs_s)
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from models.runlog import LOG_FIELDS, RunLog, memory_stats, plot_curves, read_log
+from models.training.runlog import LOG_FIELDS, RunLog, memory_stats, plot_curves, read_log
 
 
 def fill(log: RunLog, steps: int) -> None:

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 import mixers
 from mixers import functional
+from mixers.ops.softmax_attention.reference import softmax_attention_reference
 from mixers.softmax_attention import SoftmaxAttention
-from mixers.testing.reference import softmax_attention_reference
 
 MODES = functional.MODES
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5)}  # (rtol, atol) against float64

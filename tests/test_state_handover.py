@@ -10,9 +10,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mixers import functional
+from mixers.ops.retention.reference import retention_reference
+from mixers.ops.retention.testing import RetentionCase, retention_cases
 from mixers.testing import RTOL, assert_rel_close
-from mixers.testing.reference import retention_reference
-from mixers.testing.strategies import MODES, Plan, RetentionCase, handover_plans, retention_cases, scaled_examples
+from mixers.testing.strategies import MODES, Plan, handover_plans, scaled_examples
 
 
 def split_plans(dtypes=(torch.float64, torch.float32), **sizes) -> st.SearchStrategy[tuple[RetentionCase, Plan]]:

@@ -4,7 +4,7 @@ One forward pass agreeing (tests/test_torchscale_parity.py) does not show that t
 backward passes, the weight layout (our stacked q/k/v/g and gate/up projections against their separate
 ones), the optimizer's view of the parameters and every per-step rounding must agree too, and training
 amplifies any difference. So both models start from the same weights (``build_lm_pair`` copies theirs
-into ours), see the same batches of the embedded corpus, and take the same AdamW steps (``models.train``'s
+into ours), see the same batches of the embedded corpus, and take the same AdamW steps (``models.training.loop``'s
 recipe); the per-step losses and the final weights are compared.
 
 In float64 the comparison is at machine precision once torchscale's two float32 islands are removed

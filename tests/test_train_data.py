@@ -5,7 +5,6 @@ beside the checkpoint, which ``seqmixers generate`` then uses."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import re
@@ -15,21 +14,28 @@ import pytest
 import torch
 
 from models import cli, load, read_header
-from models import data as memory
 from models.config import ConfigError, ModelConfig, TrainConfig
-from models.corpus import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, TextStream, build_token_cache, load_tokenizer
+from models.training import data as memory
+from models.training import loop as training
+from models.training.data import build_token_cache, iter_texts
+from models.training.folder import CACHE_DIR, CACHE_NAME
+from models.training.tokenizers import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, load_tokenizer
 from tests.models_helpers import (
     one_thread,  # noqa: F401  (autouse fixture)
     tiny_run_file,
 )
 
 pytest.importorskip("tokenizers")
-training = importlib.import_module("models.train")  # the module: `models.train` is also the function
 
 MODEL = ModelConfig(
     d_model=16, n_layers=1, layers=["retention"], ffn_dim=16, mixer_options={"retention": {"num_heads": 2}}
 )
 TC = TrainConfig(steps=2, batch_size=2, seq_len=16, eval_every=2, eval_batches=1, sample_tokens=0)
+
+
+def on(path, tc=TC, **changes) -> TrainConfig:
+    """``tc`` (with ``changes``) training on the file or folder ``path``."""
+    return dataclasses.replace(tc, data=path, **changes)
 
 
 def lines(i: int, n: int = 30) -> str:
@@ -54,21 +60,21 @@ def jsonl(tmp_path) -> Path:
 
 
 def sidecar(out: Path) -> Path:
-    return out / training.CACHE_DIR / Path(training.CACHE_NAME).with_suffix(".json")
+    return out / CACHE_DIR / Path(CACHE_NAME).with_suffix(".json")
 
 
 @pytest.mark.parametrize("documents", ["none", "lines"])
 def test_train_from_a_folder_builds_then_reuses_its_cache(folder, tmp_path, documents):
     tc = dataclasses.replace(TC, documents=documents)
     out = tmp_path / "run"
-    result = training.train(MODEL, tc, source=folder, out=out, progress=False)
+    result = training.train(MODEL, on(folder, tc), out=out, progress=False)
     assert math.isfinite(result.val_loss) and len(result.train_curve) == 2
     meta = json.loads(sidecar(out).read_text())
     assert [Path(f["path"]).name for f in meta["files"]] == ["a.txt", "b.md", "c.txt"], "sorted, .bin left out"
     assert meta["length"] == sum(len(lines(i).encode()) for i in range(3)) - (3 * 29 if documents == "lines" else 0)
     assert isinstance(result.tokenizer, ByteTokenizer) and not (out / TOKENIZER_FILE).exists()
     stamp = sidecar(out).stat().st_mtime_ns, (out / "cache" / "tokens.bin").stat().st_mtime_ns
-    again = training.train(MODEL, tc, source=folder, out=out, progress=False)
+    again = training.train(MODEL, on(folder, tc), out=out, progress=False)
     assert (sidecar(out).stat().st_mtime_ns, (out / "cache" / "tokens.bin").stat().st_mtime_ns) == stamp, "reused"
     assert again.val_curve == result.val_curve, "the same data, the same run"
 
@@ -76,41 +82,23 @@ def test_train_from_a_folder_builds_then_reuses_its_cache(folder, tmp_path, docu
 def test_train_from_jsonl_packs_its_records_and_reuses_the_cache(jsonl, tmp_path, capsys):
     tc = dataclasses.replace(TC, documents="jsonl")
     out = tmp_path / "run"
-    result = training.train(MODEL, tc, source=jsonl, out=out, progress=True)
+    result = training.train(MODEL, on(jsonl, tc), out=out, progress=True)
     assert math.isfinite(result.val_loss)
     meta = json.loads(sidecar(out).read_text())
     assert meta["n_documents"] == 30 and meta["files"][0]["format"] == "jsonl"
     assert "token cache built" in capsys.readouterr().err
-    training.train(MODEL, tc, source=jsonl, out=out, progress=True)
+    training.train(MODEL, on(jsonl, tc), out=out, progress=True)
     assert "token cache reused" in capsys.readouterr().err
 
 
-def test_cache_windows_equal_the_in_memory_windows(tmp_path):
-    data = (lines(0) + "\nhé ünïcode ✓\n" + lines(1)).encode()
-    path = tmp_path / "one.txt"
-    path.write_bytes(data)
-    cache = build_token_cache(path, ByteTokenizer(), tmp_path / "c" / "t.bin")
-    tc = dataclasses.replace(TC, eval_batches=3)
-    draw_m, make_m, val_m = training._batches(data, tc)
-    draw_c, make_c, val_c = training._batches(cache, tc)
-    for seed in range(3):
-        picked = draw_m(torch.Generator().manual_seed(seed))
-        assert torch.equal(picked, draw_c(torch.Generator().manual_seed(seed)))
-        for a, b in zip(make_m(picked), make_c(picked), strict=True):
-            assert (a is None and b is None) or (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b)
-    assert len(val_m) == len(val_c) == 3
-    for (xm, ym), (xc, yc) in zip(val_m, val_c, strict=True):
-        assert torch.equal(xm, xc) and torch.equal(ym, yc)
-
-
-def test_cache_packed_rows_equal_the_in_memory_rows_for_lines(tmp_path):
+def test_cache_packed_rows_are_the_packed_documents_for_lines(tmp_path):
     data = "\n".join(f"doc {k} {'ab' * (k % 7)}" for k in range(40)).encode()  # every line fits in a row
     path = tmp_path / "lines.txt"
     path.write_bytes(data)
     seq_len = 24
     cache = build_token_cache(path, ByteTokenizer(), tmp_path / "c" / "t.bin", documents="lines")
-    docs = memory.tokenize_documents(memory.documents(data, "lines"))
-    assert torch.equal(cache.tokens.long(), torch.cat(docs).long())
+    docs = [torch.tensor(list(line)) for line in data.split(b"\n")]
+    assert torch.equal(cache.tokens.long(), torch.cat(docs))
     rows = memory.pack_documents(docs, seq_len)
     # the document each in-memory row starts with (pack_documents's rule for documents that fit in a row)
     first, pos, offset = [], 0, 0
@@ -164,11 +152,11 @@ def test_a_resumed_bpe_run_reuses_its_tokenizer_and_cache(folder, tmp_path):
     tc = dataclasses.replace(TC, tokenizer="bpe", bpe_vocab=300, save_every=1)
     big = MODEL  # the byte default: the tokenizer's size, in the first run and the resumed one
     out = tmp_path / "run"
-    first = training.train(big, tc, source=folder, out=out, progress=False)
+    first = training.train(big, on(folder, tc), out=out, progress=False)
     assert first.model.config.vocab_size == first.tokenizer.vocab_size <= 300
     saved = (out / TOKENIZER_FILE).read_bytes()
     stamp = (out / TOKENIZER_FILE).stat().st_mtime_ns, sidecar(out).stat().st_mtime_ns
-    resumed = training.train(big, dataclasses.replace(tc, steps=3), source=folder, out=out, progress=False, resume=out)
+    resumed = training.train(big, on(folder, tc, steps=3), out=out, progress=False, resume=out)
     assert [s for s, _ in resumed.train_curve] == [1, 2, 3]
     assert (out / TOKENIZER_FILE).read_bytes() == saved
     assert ((out / TOKENIZER_FILE).stat().st_mtime_ns, sidecar(out).stat().st_mtime_ns) == stamp
@@ -184,18 +172,18 @@ def test_bpe_with_in_memory_data_and_a_sample(tmp_path):
 
 def test_errors_are_clear(folder, tmp_path, capsys):
     with pytest.raises(ConfigError, match="not both"):
-        training.train(MODEL, TC, data=b"x" * 1000, source=folder, progress=False)
+        training.train(MODEL, on(folder), data=b"x" * 1000, progress=False)
     with pytest.raises(FileNotFoundError, match="neither a file nor a folder"):
-        training.train(MODEL, TC, source=tmp_path / "missing", progress=False)
+        training.train(MODEL, on(tmp_path / "missing"), progress=False)
     out = tmp_path / "small"
     tc = dataclasses.replace(TC, tokenizer="bpe", bpe_vocab=300)
     with pytest.raises(ConfigError) as caught:  # a vocab_size chosen, and smaller than the tokenizer's
-        training.train(dataclasses.replace(MODEL, vocab_size=257), tc, source=folder, out=out, progress=False)
+        training.train(dataclasses.replace(MODEL, vocab_size=257), on(folder, tc), out=out, progress=False)
     size = load_tokenizer(out).vocab_size
     assert f"vocab_size=257 in the model config is smaller than the BPE tokenizer's {size} ids" in str(caught.value)
     with pytest.raises(ConfigError, match=r"data '.*tiny\.txt' holds \d+ tokens; seq_len=16"):
         (tmp_path / "tiny.txt").write_text("a few words only")
-        training.train(MODEL, dataclasses.replace(TC, tokenizer="bpe"), source=tmp_path / "tiny.txt", progress=False)
+        training.train(MODEL, on(tmp_path / "tiny.txt", tokenizer="bpe"), progress=False)
     with pytest.raises(ConfigError, match="tokenizer must be one of"):
         TrainConfig(tokenizer="wordpiece")
     with pytest.raises(ConfigError, match="bpe_vocab must be an int >= 256"):
@@ -209,12 +197,14 @@ def test_errors_are_clear(folder, tmp_path, capsys):
     assert code == 2 and "holds no files ending in" in capsys.readouterr().err
 
 
-def test_text_stream_decodes_split_characters_once_complete():
-    tok = ByteTokenizer()
-    stream = TextStream(tok)
-    pieces = [stream(t) for t in "aé✓".encode()] + [stream.flush()]
-    assert "".join(pieces) == "aé✓" and pieces[:3] == ["a", "", "é"]
-    stream = TextStream(tok)
+def test_text_stream_decodes_split_characters_once_complete(folder):
+    for tok in (ByteTokenizer(), BPETokenizer.train(iter_texts(folder), 300, show_progress=False)):
+        stream = tok.stream()
+        ids = tok.encode("aé✓ and é")
+        pieces = [stream(t) for t in ids] + [stream.flush()]
+        assert "".join(pieces) == "aé✓ and é" and "\ufffd" not in "".join(pieces), tok
+    stream = ByteTokenizer().stream()
+    assert [stream(t) for t in "aé".encode()] == ["a", "", "é"]
     assert stream(0xE2) == "" and stream.flush() == "\ufffd"
 
 
@@ -225,8 +215,8 @@ def test_two_ranks_share_the_cache_and_tokenizer_rank_0_builds(folder, tmp_path)
 
     tc = dataclasses.replace(TC, tokenizer="bpe", bpe_vocab=300, documents="lines", steps=3, eval_every=3)
     big = dataclasses.replace(MODEL, vocab_size=300)
-    alone = training.train(big, tc, source=folder, out=tmp_path / "alone", progress=False)
-    got = train_on_ranks(tmp_path, big, tc, None, "ddp", source=folder, out=tmp_path / "ranks")
+    alone = training.train(big, on(folder, tc), out=tmp_path / "alone", progress=False)
+    got = train_on_ranks(tmp_path, big, on(folder, tc), None, "ddp", out=tmp_path / "ranks")
     assert (tmp_path / "ranks" / TOKENIZER_FILE).read_bytes() == (tmp_path / "alone" / TOKENIZER_FILE).read_bytes()
     assert [s for s, _ in got["val_curve"]] == [s for s, _ in alone.val_curve]
     torch.testing.assert_close([v for _, v in got["val_curve"]], [v for _, v in alone.val_curve], rtol=2e-4, atol=0)

@@ -15,8 +15,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from models import CheckpointError, build_model, cli, load
-from models import checkpoint as ckpt
+from models import CheckpointError, build_model, cli, load, read_header
+from models import checkpoint_format as ckpt
 from models import lm as lm_module
 from tests.models_helpers import one_thread, tiny_config  # noqa: F401  (one_thread is an autouse fixture)
 
@@ -159,7 +159,7 @@ def test_generate_refuses_a_checkpoint_with_non_finite_weights(nan_model, tmp_pa
 def test_a_path_that_is_not_a_checkpoint_file_is_named_for_what_it_is(tmp_path, capsys, make, message):
     path = tmp_path / "m.safetensors"
     make(path)
-    for read in (load, ckpt.read_header):
+    for read in (load, read_header):
         with pytest.raises(OSError, match=rf"checkpoint '.*m\.safetensors' {message}"):
             read(path)
     code = cli.main(["generate", str(path)])

@@ -5,7 +5,6 @@ proportion to its text, shows progress and stops at once on SIGINT or SIGTERM (i
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import pty
@@ -21,16 +20,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import corpus
 from models.config import ConfigError, ModelConfig, TrainConfig
-from models.corpus import TokenCacheError
-from models.data import default_corpus
+from models.training import data as corpus
+from models.training import folder, tokenizers
+from models.training import loop as training
+from models.training.data import TokenCacheError, default_corpus
 from tests.models_helpers import (
     one_thread,  # noqa: F401  (autouse fixture)
     tiny_run_file,
 )
 
-training = importlib.import_module("models.train")  # the module: `models.train` is also the function
 MODEL = ModelConfig(
     d_model=16, n_layers=1, layers=["retention"], ffn_dim=16, mixer_options={"retention": {"num_heads": 2}}
 )
@@ -102,7 +101,7 @@ def test_a_damaged_cache_is_refused_when_opened_and_rebuilt_from_its_sources(tmp
     source = tmp_path / "t.txt"
     source.write_text(LINES)
     tokens, starts, meta = corpus.cache_paths(tmp_path / "c.bin")
-    first = corpus.build_token_cache(source, corpus.ByteTokenizer(), tokens, documents="lines")
+    first = corpus.build_token_cache(source, tokenizers.ByteTokenizer(), tokens, documents="lines")
     good_tokens, good_starts = first.tokens.clone(), first.doc_starts.clone()
     assert first.n_documents == 60
     del first
@@ -113,11 +112,11 @@ def test_a_damaged_cache_is_refused_when_opened_and_rebuilt_from_its_sources(tmp
         corpus.open_token_cache(tokens)
     assert isinstance(error.value, ConfigError) and str(tmp_path) in str(error.value)
 
-    again = corpus.build_token_cache(source, corpus.ByteTokenizer(), tokens, documents="lines")
+    again = corpus.build_token_cache(source, tokenizers.ByteTokenizer(), tokens, documents="lines")
     assert again.built, "a damaged cache is built again from its sources, never reused"
     assert again.damaged is not None and re.search(message, again.damaged), "and says why"
     assert torch.equal(again.tokens, good_tokens) and torch.equal(again.doc_starts, good_starts)
-    reused = corpus.build_token_cache(source, corpus.ByteTokenizer(), tokens, documents="lines")
+    reused = corpus.build_token_cache(source, tokenizers.ByteTokenizer(), tokens, documents="lines")
     assert not reused.built and reused.damaged is None, "the rebuilt cache is reused"
     assert reused.meta["max_id"] == TOP and reused.meta["crc32"]["tokens"] == zlib.crc32(tokens.read_bytes())
     assert torch.equal(corpus.open_token_cache(tokens).tokens, good_tokens)
@@ -141,14 +140,14 @@ def test_a_run_never_trains_on_a_damaged_or_forged_cache(tmp_path, capsys, case)
     source.write_text(LINES)
     out = tmp_path / "run"
     tc = TC if case == "flipped" else dataclasses.replace(TC, tokenizer="bpe", bpe_vocab=300)
-    first = training.train(MODEL, tc, source=source, out=out, progress=True)
+    first = training.train(MODEL, dataclasses.replace(tc, data=source), out=out, progress=True)
     assert "token cache built" in capsys.readouterr().err
-    tokens, _, meta = corpus.cache_paths(out / training.CACHE_DIR / training.CACHE_NAME)
+    tokens, _, meta = corpus.cache_paths(out / folder.CACHE_DIR / folder.CACHE_NAME)
     if case == "flipped":  # the case: bytes flipped, the size and modification time kept
         flip(tokens, *range(0, tokens.stat().st_size, 97))
     else:  # ids beyond the BPE tokenizer's (a cache of another tokenizer, or crafted), with a true checksum
         forge(tokens, meta, [1999 - i % 7 for i in range(json.loads(meta.read_text())["length"])])
-    again = training.train(MODEL, tc, source=source, out=out, progress=True)
+    again = training.train(MODEL, dataclasses.replace(tc, data=source), out=out, progress=True)
     err = capsys.readouterr().err
     assert "token cache reused" not in err
     why = "does not match its checksum" if case == "flipped" else "holds token id 1999, beyond the tokenizer's"
@@ -189,14 +188,14 @@ def test_a_cache_with_ids_beyond_its_tokenizer_is_a_clear_error(tmp_path, vocab)
 
 def test_long_texts_are_fed_to_bpe_in_pieces_cut_before_whitespace():
     text = "word " * 100 + "x" * 150 + "\nlast line\tend"
-    pieces = list(corpus.bounded_pieces([text, "", "short"], 64))
+    pieces = list(tokenizers.bounded_pieces([text, "", "short"], 64))
     assert "".join(pieces[:-1]) == text and pieces[-1] == "short" and all(0 < len(p) <= 64 for p in pieces)
     words = [p for p in pieces if "word" in p]
     assert all(p.startswith(" ") for p in words[1:]) and all(p.endswith("word") for p in words[:-1])
     assert "x" * 64 in pieces, "a run without whitespace is cut after max_chars"
-    assert list(corpus.bounded_pieces(["a b"], 64)) == ["a b"]
+    assert list(tokenizers.bounded_pieces(["a b"], 64)) == ["a b"]
     with pytest.raises(ValueError, match="max_chars must be an int >= 1"):
-        list(corpus.bounded_pieces(["a"], 0))
+        list(tokenizers.bounded_pieces(["a"], 0))
 
 
 def letters(n: int) -> str:
@@ -209,7 +208,8 @@ def test_bpe_on_one_long_line_trains_in_seconds(tmp_path):
     line = tmp_path / "line.txt"
     line.write_text(letters(2_000_000))  # one 2 MB line: it took over 5 minutes
     code = (
-        "import sys, time; from models.corpus import BPETokenizer, iter_texts; t = time.perf_counter(); "
+        "import sys, time; from models.training.data import iter_texts; "
+        "from models.training.tokenizers import BPETokenizer; t = time.perf_counter(); "
         "tok = BPETokenizer.train(iter_texts(sys.argv[1]), 1000); "
         "print(tok.vocab_size, tok.decode(tok.encode('Theparser')), time.perf_counter() - t)"
     )
@@ -222,7 +222,7 @@ def test_bpe_on_one_long_line_trains_in_seconds(tmp_path):
 def test_bpe_training_shows_progress_on_a_terminal():
     pytest.importorskip("tokenizers")
     terminal, child_end = pty.openpty()
-    code = "from models.corpus import BPETokenizer; BPETokenizer.train(['the cat sat on the mat '] * 300, 300)"
+    code = "from models.training.tokenizers import BPETokenizer as T; T.train(['the cat sat on the mat '] * 300, 300)"
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=child_end, stdout=subprocess.DEVNULL)
     os.close(child_end)
     shown = b""

@@ -5,7 +5,6 @@ says plainly what it did (no steps left, the ranks it ran on, where a non-finite
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import subprocess
@@ -13,13 +12,14 @@ import sys
 
 import pytest
 
-from models import cli, train_state
-from models import data as corpus
-from models.config import ModelConfig, TrainConfig
-from models.distributed import World
+from models import cli
+from models.config import ConfigError, ModelConfig, TrainConfig
+from models.training import data as corpus
+from models.training import folder
+from models.training import loop as training
+from models.training import state as train_state
+from models.training.parallel import Layout, World
 from tests.models_helpers import one_thread  # noqa: F401  (autouse fixture)
-
-training = importlib.import_module("models.train")
 
 MODEL = ModelConfig(
     d_model=16, n_layers=2, layers=["retention"], ffn_dim=16, mixer_options={"retention": {"num_heads": 2}}
@@ -38,10 +38,15 @@ def run(out, tc=TRAIN, **kwargs):
     return training.train(MODEL, tc, out=out, progress=False, **kwargs)
 
 
+def on(path, tc=TRAIN) -> TrainConfig:
+    """``tc`` training on the file or folder ``path``."""
+    return dataclasses.replace(tc, data=path)
+
+
 def saved_run(tmp_path, text_file):
     """A run on ``text_file`` of the first 2 of ``TRAIN``'s 4 steps, whose training state is saved after step 2."""
     out = tmp_path / "run"
-    run(out, dataclasses.replace(TRAIN, save_every=2, steps=2), source=text_file)
+    run(out, dataclasses.replace(TRAIN, save_every=2, steps=2, data=text_file))
     return out
 
 
@@ -53,7 +58,7 @@ def curves_equal(a, b) -> bool:
 
 
 def test_resume_without_data_trains_on_the_saved_source(tmp_path, text_file):
-    whole = run(tmp_path / "whole", source=text_file)
+    whole = run(tmp_path / "whole", on(text_file))
     out = saved_run(tmp_path, text_file)
     resumed = run(out, resume=out)  # no data given: the saved source, not the embedded corpus
     assert curves_equal(resumed, whole)
@@ -64,7 +69,7 @@ def test_resume_refuses_changed_or_other_data_unless_allowed(tmp_path, text_file
     other = tmp_path / "other.txt"
     other.write_bytes(text_file.read_bytes()[::-1])
     with pytest.raises(train_state.ResumeError, match="trained on other data.*now .*other.txt"):
-        run(out, resume=out, source=other)
+        run(out, on(other), resume=out)
     with pytest.raises(train_state.ResumeError, match=r"trained on other data.*now bytes given to train\(data=...\)"):
         training.train(MODEL, TRAIN, data=corpus.default_corpus(), out=out, progress=False, resume=out)
     with pytest.raises(train_state.ResumeError, match="train.documents: saved 'none', now 'lines'"):
@@ -90,6 +95,7 @@ def test_the_command_resumes_on_its_saved_data_and_prints_an_exact_resume_comman
     assert cli.main(["train", "--resume", str(out), "--steps", "4", "--quiet"]) == 0
     err = capsys.readouterr().err
     assert f"data: {text_file}, as the run trained on it" in err and "embedded" not in err
+    assert train_state.read(out).train.data == str(text_file.resolve()), "the resume kept the run's data"
     args = cli.parser().parse_args(["train", "--resume", str(out), "--device", "cpu", "--threads", "2"])
     assert cli._resume_command(args, out) == f"seqmixers train --resume {out} --threads 2"
     ddp = cli.parser().parse_args(["train", "--config", "x", "--parallel", "ddp"])
@@ -97,8 +103,10 @@ def test_the_command_resumes_on_its_saved_data_and_prints_an_exact_resume_comman
     with pytest.MonkeyPatch.context() as m:
         for k, v in env.items():
             m.setenv(k, v)
-        assert cli._resume_command(ddp, out) == (
-            f"torchrun --nnodes 2 --nproc_per_node 2 -m models.cli train --resume {out} --parallel ddp"
+        # --parallel ddp is in the run's train config, which its state holds
+        assert (
+            cli._resume_command(ddp, out)
+            == f"torchrun --nnodes 2 --nproc_per_node 2 -m models.cli train --resume {out}"
         )
 
 
@@ -214,10 +222,10 @@ def test_ddp_or_fsdp_outside_torchrun_says_how_to_launch(tmp_path, capsys):
 
 def test_a_second_run_into_a_locked_folder_is_told_who_holds_it(tmp_path, text_file):
     out = tmp_path / "run"
-    with training.run_folder_lock(out, World()):
-        with pytest.raises(training.RunLocked, match=f"in use by pid {os.getpid()} on "):
-            run(out, source=text_file)
-    run(out, source=text_file)  # released: a run goes on
+    with folder.lock(out, World()):
+        with pytest.raises(folder.RunLocked, match=f"in use by pid {os.getpid()} on "):
+            run(out, on(text_file))
+    run(out, on(text_file))  # released: a run goes on
 
 
 def test_the_lock_is_held_across_processes(tmp_path, text_file):
@@ -231,8 +239,8 @@ def test_the_lock_is_held_across_processes(tmp_path, text_file):
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(training.RunLocked, match="in use by pid 4242 holder"):
-            run(out, source=text_file)
+        with pytest.raises(folder.RunLocked, match="in use by pid 4242 holder"):
+            run(out, on(text_file))
     finally:
         holder.communicate("")
 
@@ -245,7 +253,7 @@ def test_stale_temporaries_of_the_run_folder_are_removed_at_start(tmp_path, text
     (out / "cache").mkdir(parents=True)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)  # a process that has ended
-    from models.checkpoint import _host
+    from models.checkpoint_format import _host
 
     stale = [
         out / f".best.safetensors.{_host()}.{pid}.tmp",
@@ -257,7 +265,7 @@ def test_stale_temporaries_of_the_run_folder_are_removed_at_start(tmp_path, text
     (out / "train_state.tmp").mkdir()
     live = out / f".best.safetensors.{_host()}.{os.getppid()}.tmp"  # a live process's: left alone
     live.write_bytes(b"being written")
-    run(out, dataclasses.replace(TRAIN, steps=1, eval_every=1), source=text_file)
+    run(out, dataclasses.replace(TRAIN, steps=1, eval_every=1, data=text_file))
     assert not any(p.exists() for p in stale) and not (out / "train_state.tmp").exists()
     assert live.exists()
 
@@ -289,14 +297,14 @@ def test_a_backend_that_makes_nan_is_named_when_training_diverges(tmp_path):
 def test_bpe_sets_vocab_size_from_the_tokenizer_unless_the_config_chose_one(tmp_path, text_file):
     pytest.importorskip("tokenizers")
     tc = dataclasses.replace(TRAIN, steps=1, eval_every=1, tokenizer="bpe", bpe_vocab=300)
-    result = run(tmp_path / "a", tc, source=text_file)  # MODEL has the byte default, 256
+    result = run(tmp_path / "a", on(text_file, tc))  # MODEL has the byte default, 256
     assert result.model.config.vocab_size == result.tokenizer.vocab_size > 256
     chosen = dataclasses.replace(MODEL, vocab_size=512)
-    kept = training.train(chosen, tc, out=tmp_path / "b", progress=False, source=text_file)
+    kept = training.train(chosen, on(text_file, tc), out=tmp_path / "b", progress=False)
     assert kept.model.config.vocab_size == 512
     too_small = dataclasses.replace(MODEL, vocab_size=260)
-    with pytest.raises(training.ConfigError, match="vocab_size=260 .* smaller than the BPE tokenizer's"):
-        training.train(too_small, tc, out=tmp_path / "c", progress=False, source=text_file)
+    with pytest.raises(ConfigError, match="vocab_size=260 .* smaller than the BPE tokenizer's"):
+        training.train(too_small, on(text_file, tc), out=tmp_path / "c", progress=False)
 
 
 # -- 17. the command says its defaults and how it ran --------------------------------------------------------------
@@ -315,6 +323,6 @@ def test_every_train_option_shows_its_default():
 def test_a_distributed_run_says_on_how_many_ranks_and_with_what():
     world = World(rank=0, size=4)
     tc = dataclasses.replace(TRAIN, batch_size=16, accumulate=2)
-    assert training._parallel_note(world, "ddp", tc, 1) == (
+    assert Layout(world, "ddp").note(tc) == (
         "parallel: DDP on 4 ranks (?, cpu); each step's 16 rows: 4 ranks x 2 rows x 2 micro-batch(es)"
     )

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 import mixers
 from mixers.retention import MultiScaleRetention
 from models import LanguageModel, ModelConfig, TrainConfig, build_model
-from models import data as corpus
-from models.train import lr_at, make_optimizer
+from models.training.batches import prepare
+from models.training.loop import lr_at, make_optimizer
+from models.training.parallel import World
 
 
 def _stub_missing(name: str, **attrs: Any) -> None:
@@ -326,11 +327,13 @@ def training_batches(
     batch_size: int, seq_len: int, steps: int, seed: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``steps`` random (inputs, targets) windows of the embedded corpus's training part, from a seeded
-    generator: the batches ``models.train`` would draw with this seed."""
-    train_data, _ = corpus.split(corpus.load_corpus(), TrainConfig().val_fraction, seq_len)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        yield corpus.random_batch(train_data, batch_size, seq_len, gen)
+    generator: the batches ``models.training.loop`` would draw with this seed."""
+    tc = TrainConfig(batch_size=batch_size, seq_len=seq_len)
+    with prepare(ModelConfig(), tc, World()) as data:
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            x, y, *_ = data.make(data.draw(gen))
+            yield x, y
 
 
 def train_together(
@@ -338,11 +341,11 @@ def train_together(
 ) -> Iterator[tuple[int, list[float]]]:
     """Train each ``(model, forward)`` of ``runs`` on the same batches; yield ``(step, losses)`` per step.
 
-    The recipe is ``models.train``'s: ``make_optimizer`` (AdamW, weight decay on matrices only), ``lr_at``
+    The recipe is ``models.training.loop``'s: ``make_optimizer`` (AdamW, weight decay on matrices only), ``lr_at``
     (warm-up, then cosine), clipping at ``tc.grad_clip``; the batches are ``training_batches(tc.batch_size,
     tc.seq_len, tc.steps, tc.seed)``. ``forward`` maps tokens to logits. AdamW acts elementwise, so their
     separate q/k/v/g matrices and our stacked ``in_proj`` get the same updates, and the global gradient
-    norm is the same sum over the same numbers. The loss is computed in the logits' dtype (``models.train``
+    norm is the same sum over the same numbers. The loss is computed in the logits' dtype (``models.training.loop``
     casts to float32).
     """
     optimizers = [make_optimizer(model, tc) for model, _ in runs]

@@ -13,14 +13,20 @@ zero (the loss is NaN wherever it reached).
 
 This costs a few elementwise passes, only when some input may be non-finite (``may_be_nonfinite``) and T > 1
 (a single token is seen by nothing earlier: the decode step is unchanged).
+
+Packed sequences (a ``mixers.packing.Packing``): a non-finite entry reaches the outputs of its own sequence only,
+from its position to the sequence's end, and the state row of its sequence.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mixers.packing import Packing
 
 
 def recording(*tensors: Tensor | None) -> bool:
@@ -55,21 +61,33 @@ def _nan_at_nonfinite(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def marks(q: Tensor, k: Tensor, v: Tensor) -> Marks:
-    """Where the non-finite entries of ``q, k, v [B, T, heads, D]`` reach (see ``Marks``)."""
+def marks(q: Tensor, k: Tensor, v: Tensor, packing: Packing | None = None) -> Marks:
+    """Where the non-finite entries of ``q, k, v [B, T, heads, D]`` reach (see ``Marks``); with ``packing``
+    (``B = 1``), within their sequence, and the state marks have a row per sequence."""
     mq, mk, mv = _nan_at_nonfinite(q), _nan_at_nonfinite(k), _nan_at_nonfinite(v)
-    reach = (mk.sum(-1, keepdim=True) + mv).cumsum(1)  # [B, T, Hkv, Dv]
+    step = mk.sum(-1, keepdim=True) + mv  # [B, T, Hkv, Dv]: NaN where a key or value entry is not finite
+    if packing is None:
+        reach, keys, values = step.cumsum(1), mk.sum(1), mv.sum(1)
+    else:  # counted, not summed: a NaN minus the NaN before a boundary would be NaN, not 0
+        seen = torch.cat([torch.zeros_like(step[:, :1], dtype=torch.int64), step.isnan().cumsum(1)], dim=1)
+        starts = packing.cu_seqlens[packing.seq_id]  # each token's sequence's first token
+        within = seen[:, 1:] - seen.index_select(1, starts)
+        reach = torch.where(within > 0, torch.nan, 0.0).to(step.dtype)
+        keys, values = (m.new_zeros(packing.n, *m.shape[2:]).index_add_(0, packing.seq_id, m[0]) for m in (mk, mv))
     reach = reach.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
-    return Marks(reach + mq.sum(-1, keepdim=True), mk.sum(1), mv.sum(1))
+    return Marks(reach + mq.sum(-1, keepdim=True), keys, values)
 
 
-def finite_parts(q: Tensor, k: Tensor, v: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], Marks | None]:
+def finite_parts(
+    q: Tensor, k: Tensor, v: Tensor, packing: Packing | None = None
+) -> tuple[tuple[Tensor, Tensor, Tensor], Marks | None]:
     """``(q, k, v)`` with non-finite entries zeroed, and their ``Marks``; or the inputs as given and ``None``
     when there is nothing to exclude (T < 2, or all finite on the CPU). Add ``marks.o`` to the output (and
-    ``marks.state()`` to a ``k^T v`` state) computed from the finite parts."""
+    ``marks.state()`` to a ``k^T v`` state) computed from the finite parts. With ``packing`` (packed sequences,
+    ``B = 1``), the marks stay within each sequence and the state marks have a row per sequence."""
     if q.shape[1] < 2 or not may_be_nonfinite(q, k, v):
         return (q, k, v), None
-    found = marks(q, k, v)
+    found = marks(q, k, v, packing)
     return tuple(torch.where(torch.isfinite(x), x, 0.0) for x in (q, k, v)), found  # type: ignore[return-value]
 
 

@@ -1,10 +1,11 @@
-"""The built-in torch backend, registered through the same hook a third-party plugin uses."""
+"""The built-in torch backend, registered through the same hook a third-party plugin uses. Each of its functions
+computes a packed row in one call (``packs=True``; the contract is in docs/packing.md)."""
 
 from __future__ import annotations
 
 from mixers.backends import torch_linear_attention, torch_retention, torch_softmax_attention
+from mixers.catalogue import Backend, BackendRegistrar
 from mixers.hookspecs import hookimpl
-from mixers.registry import Backend, BackendRegistrar
 
 
 @hookimpl
@@ -15,6 +16,7 @@ def register_backends(register: BackendRegistrar) -> None:
             name="torch",
             fn=torch_retention.retention,
             priority=0,
+            packs=True,
             description="pure torch; any device and dtype; differentiable by autograd",
         )
     )
@@ -24,6 +26,7 @@ def register_backends(register: BackendRegistrar) -> None:
             name="torch",
             fn=torch_linear_attention.linear_attention,
             priority=0,
+            packs=True,
             description="pure torch; any device and dtype; differentiable by autograd",
         )
     )
@@ -33,6 +36,7 @@ def register_backends(register: BackendRegistrar) -> None:
             name="torch",
             fn=torch_softmax_attention.softmax_attention,
             priority=0,
+            packs=True,
             description="pure torch (parallel through scaled_dot_product_attention); any device and dtype",
         )
     )

@@ -9,17 +9,28 @@ with every value replaced by 1, so the values get a column of ones appended: one
 Non-finite inputs are excluded as in the retention backend; with gradients, before the normaliser, whose
 backward would otherwise meet the NaN of a later output with a zero gradient.
 
+Packed sequences (``cu_seqlens``, a ``mixers.packing.Packing``; registered with ``packs=True``) go through the
+retention backend's packed path the same way: all sequences of the row in one pass (``torch_retention``'s module
+docstring says how, mode by mode), ``initial_state`` and the final state a ``LinearState`` with a row per
+sequence.
+
 Inputs arrive validated by ``mixers.functional.linear_attention``. Computation runs in float32
 (float64 for float64 inputs); ``o`` is cast back to the input dtype.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from mixers.backends import nonfinite, torch_retention
-from mixers.functional import LinearState, state_dtype
+from mixers.ops.checks import state_dtype
+from mixers.ops.linear_attention import LinearState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mixers.packing import Packing
 
 
 def guard(den: Tensor, eps: float) -> Tensor:
@@ -37,8 +48,13 @@ def linear_attention(
     initial_state: LinearState | None,
     normalize: bool,
     eps: float,
+    cu_seqlens: Packing | None = None,
 ) -> tuple[Tensor, LinearState]:
-    """The torch backend of ``mixers.functional.linear_attention`` (inputs already validated)."""
+    """The torch backend of ``mixers.functional.linear_attention`` (inputs already validated).
+
+    ``cu_seqlens`` (``packs=True``): q, k, v ``[1, T, H, D]`` hold ``cu_seqlens.n`` sequences back to back,
+    ``initial_state`` is None or a ``LinearState(kv [n, H, Dk, Dv], z [n, H, Dk])``; returns ``o [1, T, H, Dv]``
+    and the final ``LinearState`` with ``n`` rows, each sequence computed from its own initial row alone."""
     out_dtype = q.dtype
     acc = state_dtype(q.dtype)
     B, T, H, Dk = q.shape
@@ -46,15 +62,16 @@ def linear_attention(
     state = None if initial_state is None else torch.cat([initial_state.kv, initial_state.z[..., None]], dim=-1)
     if T == 0:
         if initial_state is None:
-            initial_state = LinearState(q.new_zeros(B, H, Dk, Dv, dtype=acc), q.new_zeros(B, H, Dk, dtype=acc))
+            rows = B if cu_seqlens is None else cu_seqlens.n
+            initial_state = LinearState(q.new_zeros(rows, H, Dk, Dv, dtype=acc), q.new_zeros(rows, H, Dk, dtype=acc))
         return v.new_empty(B, 0, H, Dv), initial_state
     found = None
     if nonfinite.recording(q, k, v, state):  # (the normaliser's backward too must meet no NaN)
-        (q, k, v), found = nonfinite.finite_parts(q, k, v)
+        (q, k, v), found = nonfinite.finite_parts(q, k, v, cu_seqlens)
     v = torch.cat([v.to(acc), v.new_ones(B, T, H, 1, dtype=acc)], dim=-1)  # the ones column makes the normaliser
     no_decay = torch.ones(H, dtype=torch.float64, device=q.device)
     o, state = torch_retention.compute(
-        q.to(acc), k.to(acc), v, no_decay, mode=mode, chunk_size=chunk_size, initial_state=state
+        q.to(acc), k.to(acc), v, no_decay, mode=mode, chunk_size=chunk_size, initial_state=state, cu_seqlens=cu_seqlens
     )  # (B, T, H, Dv + 1)
     num, den = o[..., :Dv], o[..., Dv:]
     o = (num / guard(den, eps) if normalize else num).to(out_dtype)

@@ -22,6 +22,25 @@ Recurrent mode with gradients keeps no state per token (``_Recurrent``): its bac
 in a forward sweep (for ``dq``) and runs the state's gradient in a backward sweep (for ``dk``, ``dv``), two
 ``[B, H, Dk, Dv]`` tensors alive whatever T is, as fla's fused recurrent kernel does.
 
+Packed sequences (``cu_seqlens``, a ``mixers.packing.Packing``; the backend is registered with ``packs=True``).
+q, k, v ``[1, T, H, D]`` hold ``n`` sequences back to back, ``initial_state`` is None or ``[n, H, Dk, Dv]``, and
+the final state has a row per sequence: each sequence computed from its own initial row as if it ran alone,
+nothing crossing a boundary, an empty sequence giving its initial state back (zeros if none). There is no loop
+over sequences: every mode cuts each sequence into chunks of its own, from its first token (recurrent mode:
+single tokens; chunkwise mode: ``chunk_size`` tokens; parallel mode: one chunk per sequence), laid out step-major
+(``mixers.backends.ragged``): step j holds the j-th chunk of every sequence that has one. One pass is then as
+many batched steps as the longest sequence has chunks, each advancing the state rows of the sequences still
+running (``_ragged_carry``: in place, the other rows untouched, so nothing multiplies a finished sequence's state
+by zero and nothing needs resetting). Sequences no longer than a chunk (all of them in parallel mode) are one
+chunk each, padded with those of similar lengths (``ragged.buckets``). A sequence's last chunk is filled up by
+repeating its last token: causality hides those slots from every real token, their ``k_decay`` is 0 (the decays
+are per chunk: ``gamma^(L-1-j)`` over the L tokens a chunk holds), and their outputs are dropped. The same
+``_Chunks`` and ``_Recurrent`` compute it, so the hand-written and memory-bounded backwards, the float32
+accumulation, the decays' exponents in ``0..C`` and ``checkpoint_states`` (every ``every``-th chunk of each
+sequence) hold as for one sequence. Without gradients, ``PACKED_GROUP`` chunks run at a time, gathered from the
+packed inputs (no copy of the whole row). Non-finite inputs are excluded as above, their reach ending at their
+sequence's end (``nonfinite.finite_parts`` with the packing).
+
 Inputs arrive validated by ``mixers.functional.retention``; ``gamma`` is a float64 tensor ``[H]``.
 Computation runs in float32 (float64 for float64 inputs); ``o`` is cast back to the input dtype.
 """
@@ -30,16 +49,23 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from mixers.backends import nonfinite
-from mixers.functional import state_dtype
+from mixers.backends.ragged import Buckets, Ragged, buckets, ragged
+from mixers.ops.checks import state_dtype
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mixers.packing import Packing
 
 GROUP = 8  # chunks computed at once without gradients: at most 2 * GROUP + 1 states are alive
+PACKED_GROUP = 16  # chunks of a packed row computed at once without gradients (their working set stays in cache)
 
 _OFF = 0
 _CHECKPOINT_EVERY: contextvars.ContextVar[int | None] = contextvars.ContextVar("checkpoint_every", default=_OFF)
@@ -79,22 +105,26 @@ def _checkpoint_every(N: int) -> int | None:
     return max(1, math.isqrt(N - 1) + 1) if every is None else every
 
 
-def _decays(log_g: Tensor, C: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _decays(log_g: Tensor, C: int, lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Decay factors for chunks of C tokens, from ``log_g = log gamma`` ``[H]``.
 
     Returns ``intra [H, C, C]`` (``gamma^(i-j)`` for ``i >= j``, else 0), ``q_decay [H, C]``
-    (``gamma^(i+1)``: how much the incoming state reaches token i), ``k_decay [H, C]``
+    (``gamma^(i+1)``: how much the incoming state reaches token i), ``k_decay [H, 1, C]``
     (``gamma^(C-1-j)``: how much token j reaches the outgoing state) and ``chunk_decay [H]``
-    (``gamma^C``).
+    (``gamma^C``). With ``lengths [N]`` (chunks holding ``L = lengths[n]`` tokens in their first slots), per
+    chunk: ``k_decay [H, N, C]`` (``gamma^(L-1-j)``, and 0 in the empty slots ``j >= L``: they reach no state) and
+    ``chunk_decay [H, N]`` (``gamma^L``).
     """
     i = torch.arange(C, device=log_g.device, dtype=log_g.dtype)
     diff = i[:, None] - i[None, :]
     # Built in place: in parallel mode C = T and every [H, C, C] temporary would cost as much as the scores.
     intra = torch.mul(diff.clamp(min=0), log_g[:, None, None]).exp_().masked_fill_(diff < 0, 0)
     q_decay = torch.exp((i + 1) * log_g[:, None])
-    k_decay = torch.exp((C - 1 - i) * log_g[:, None])
-    chunk_decay = torch.exp(C * log_g)
-    return intra, q_decay, k_decay, chunk_decay
+    if lengths is None:
+        return intra, q_decay, torch.exp((C - 1 - i) * log_g[:, None])[:, None], torch.exp(C * log_g)
+    L = lengths.to(log_g.dtype)[:, None]
+    k_decay = torch.exp((L - 1 - i).clamp(min=0) * log_g[:, None, None]).masked_fill_(i >= L, 0)
+    return intra, q_decay, k_decay, torch.exp(L[:, 0] * log_g[:, None])
 
 
 def _carry(kv: Tensor, state: Tensor, chunk_decay: Tensor, *, reverse: bool = False) -> tuple[Tensor, Tensor]:
@@ -141,18 +171,28 @@ def _intra(scores: Tensor, v: Tensor, out: Tensor, exclude: bool) -> Tensor:
     return out.add_(v.sub(finite).cumsum_(-2))
 
 
+Carry = Callable[..., tuple[Tensor, Tensor]]  # _carry's signature: (kv, state, chunk_decay, *, reverse=False)
+Decays = tuple[Tensor, Tensor, Tensor, Tensor]  # _decays's: (intra, q_decay, k_decay, chunk_decay)
+
+
 def _forward(
-    q: Tensor, k: Tensor, v: Tensor, state: Tensor, decays: tuple[Tensor, Tensor, Tensor, Tensor], exclude: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: Tensor,
+    decays: tuple[Tensor, Tensor, Tensor, Tensor],
+    exclude: bool,
+    carry: Carry = _carry,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Retention over chunks ``q, k: [B, H, N, C, Dk]``, ``v: [B, H, N, C, Dv]`` from ``state`` (``exclude``:
-    as ``_intra``'s).
+    as ``_intra``'s; ``carry``: how the states pass from chunk to chunk, ``_carry`` or ``_ragged_carry``).
 
     Returns ``(o [B, H, N, C, Dv], the state entering each chunk [B, H, N, Dk, Dv], the final state)``.
     """
     intra, q_decay, k_decay, chunk_decay = decays
     scores = _scores(q, k, intra[:, None])  # (B, H, N, C, C)
-    kv = _bmm((k * k_decay[:, None, :, None]).transpose(-1, -2), v)  # chunk's share of the state (B, H, N, Dk, Dv)
-    incoming, final = _carry(kv, state, chunk_decay)
+    kv = _bmm((k * k_decay[..., None]).transpose(-1, -2), v)  # chunk's share of the state (B, H, N, Dk, Dv)
+    incoming, final = carry(kv, state, chunk_decay)
     del kv
     o = _intra(scores, v, _bmm(q * q_decay[:, None, :, None], incoming), exclude)  # (B, H, N, C, Dv)
     return o, incoming, final
@@ -166,13 +206,14 @@ def _backward(
     incoming: Tensor,
     dfinal: Tensor,
     decays: tuple[Tensor, Tensor, Tensor, Tensor],
+    carry: Carry = _carry,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv, d state)`` of ``_forward`` over chunks, given ``do``, the state entering each
     chunk and the gradient of the final state."""
     intra, q_decay, k_decay, chunk_decay = decays
-    intra, q_decay, k_decay = intra[:, None], q_decay[:, None, :, None], k_decay[:, None, :, None]
+    intra, q_decay, k_decay = intra[:, None], q_decay[:, None, :, None], k_decay[..., None]
     # Gradient w.r.t. the state leaving each chunk: dS_out[n] = dS_in[n+1], run backwards from dfinal.
-    dkv, dstate = _carry(_bmm((q * q_decay).transpose(-1, -2), do), dfinal, chunk_decay, reverse=True)
+    dkv, dstate = carry(_bmm((q * q_decay).transpose(-1, -2), do), dfinal, chunk_decay, reverse=True)
     dq = _bmm(do, incoming.transpose(-1, -2)).mul_(q_decay)
     dk = _bmm(v, dkv.transpose(-1, -2)).mul_(k_decay)
     dv = _bmm(k * k_decay, dkv)
@@ -196,27 +237,37 @@ class _Chunks(torch.autograd.Function):
     keeping every intermediate (and zero-filling a full gradient buffer per chunk of the state loop).
     With ``every``, it runs ``every`` chunks at a time and saves only the state entering each such group;
     the backward, group by group from the last, recomputes the group's states from it.
+    With a ``Ragged`` ``layout`` (packed sequences): ``B = 1``, the chunks are the layout's, ``state`` has a row
+    per sequence (in the layout's row order) and ``every`` counts steps (chunks of each sequence); a group saves
+    the rows of the sequences it advances only.
     Inputs must be contiguous.
     """
 
     @staticmethod
     def forward(
-        ctx, q: Tensor, k: Tensor, v: Tensor, state: Tensor, log_g: Tensor, every: int | None, exclude: bool
+        ctx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        state: Tensor,
+        log_g: Tensor,
+        every: int | None,
+        exclude: bool,
+        layout: Ragged | None,
     ) -> tuple[Tensor, Tensor]:
-        N = q.shape[2]
-        decays = _decays(log_g, q.shape[-2])
+        decays = _decays(log_g, q.shape[-2], None if layout is None else layout.lengths)
         if every is None:
-            o, saved, final = _forward(q, k, v, state, decays, exclude)
+            o, saved, final = _forward(q, k, v, state, decays, exclude, _carry_of(layout))
         else:
             o = q.new_empty(*q.shape[:-1], v.shape[-1])
             starts = []
-            for n0 in range(0, N, every):
-                n1 = min(n0 + every, N)
-                starts.append(state)
-                group = (x[:, :, n0:n1].contiguous() for x in (q, k, v))  # (one copy, not one per product)
-                o[:, :, n0:n1], _, state = _forward(*group, state, decays, exclude)
-            saved, final = torch.stack(starts, dim=2), state
-        ctx.every = every
+            for a, b, carry, part, rows in _groups(q.shape[2], every, decays, layout):
+                starts.append(state[:rows])
+                group = (x[:, :, a:b].contiguous() for x in (q, k, v))  # (one copy, not one per product)
+                o[:, :, a:b], _, state = _forward(*group, state, part, exclude, carry)
+            saved = torch.stack(starts, dim=2) if layout is None else torch.cat(starts)  # (one tensor, compact)
+            final = state
+        ctx.every, ctx.layout = every, layout
         ctx.save_for_backward(q, k, v, saved, log_g)
         return o, final
 
@@ -225,23 +276,49 @@ class _Chunks(torch.autograd.Function):
     def backward(ctx, do: Tensor, dfinal: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, saved, log_g = ctx.saved_tensors
         do = do.contiguous()
-        decays = _decays(log_g, q.shape[-2])
-        every = ctx.every
+        every, layout = ctx.every, ctx.layout
+        decays = _decays(log_g, q.shape[-2], None if layout is None else layout.lengths)
         if every is None:
-            dq, dk, dv, dstate = _backward(q, k, v, do, saved, dfinal, decays)
-            return dq, dk, dv, dstate, None, None, None
-        N = q.shape[2]
-        k_decay, chunk_decay = decays[2][:, None, :, None], decays[3]
+            dq, dk, dv, dstate = _backward(q, k, v, do, saved, dfinal, decays, _carry_of(layout))
+            return dq, dk, dv, dstate, None, None, None, None
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dstate = dfinal
-        for g in range((N - 1) // every, -1, -1):  # the groups, last first
-            n0, n1 = g * every, min(g * every + every, N)
-            qg, kg, vg, dog = (x[:, :, n0:n1].contiguous() for x in (q, k, v, do))
-            incoming, _ = _carry(_bmm((kg * k_decay).transpose(-1, -2), vg), saved[:, :, g], chunk_decay)
-            dq[:, :, n0:n1], dk[:, :, n0:n1], dv[:, :, n0:n1], dstate = _backward(
-                qg, kg, vg, dog, incoming, dstate, decays
+        groups = _groups(q.shape[2], every, decays, layout)
+        if layout is None:
+            starts = saved.unbind(2)
+        else:
+            starts = saved.split([rows for *_, rows in groups])
+        for (a, b, carry, part, _), start in zip(reversed(groups), reversed(starts), strict=True):
+            qg, kg, vg, dog = (x[:, :, a:b].contiguous() for x in (q, k, v, do))
+            incoming, _ = carry(_bmm((kg * part[2][..., None]).transpose(-1, -2), vg), start, part[3])
+            dq[:, :, a:b], dk[:, :, a:b], dv[:, :, a:b], dstate = _backward(
+                qg, kg, vg, dog, incoming, dstate, part, carry
             )
-        return dq, dk, dv, dstate, None, None, None
+        return dq, dk, dv, dstate, None, None, None, None
+
+
+def _groups(
+    N: int, every: int, decays: Decays, layout: Ragged | None, *, by_steps: bool = True
+) -> list[tuple[int, int, Carry, Decays, int | None]]:
+    """Consecutive chunks ``a..b-1`` with their carry and decays, and the number of leading state rows they advance
+    (``None``: all), ``(a, b, carry, decays, rows)``: ``every`` chunks at a time, or for a ``layout``, ``every`` of
+    its steps (``every`` chunks of each sequence; or, not ``by_steps``, ``every`` of its chunks)."""
+    if layout is None:
+        return [(n0, min(n0 + every, N), _carry, decays, None) for n0 in range(0, N, every)]
+    starts = [a for a, _ in layout.steps[::every]] if by_steps else list(range(0, N, every))
+    intra, q_decay, k_decay, chunk_decay = decays
+    out = []
+    for a, b in zip(starts, [*starts[1:], N], strict=True):
+        clipped = ((max(s, a), max(s, a) - s, min(s + m, b) - max(s, a)) for s, m in layout.steps)
+        spans = tuple((s - a, r, m) for s, r, m in clipped if m > 0)
+        part = (intra, q_decay, k_decay[:, a:b], chunk_decay[:, a:b])
+        out.append((a, b, functools.partial(_ragged_carry, spans), part, max(r + m for _, r, m in spans)))
+    return out
+
+
+def _carry_of(layout: Ragged | None) -> Carry:
+    """How states pass from chunk to chunk: along each row (unpacked), or along each sequence of ``layout``."""
+    return _carry if layout is None else functools.partial(_ragged_carry, tuple((a, 0, m) for a, m in layout.steps))
 
 
 def _chunks(
@@ -252,7 +329,23 @@ def _chunks(
     if state is None:
         B, H = q.shape[:2]
         state = q.new_zeros(B, H, q.shape[-1], v.shape[-1])
-    return _Chunks.apply(q, k, v, state, log_g, every, exclude)
+    return _Chunks.apply(q, k, v, state, log_g, every, exclude, None)
+
+
+def _ragged_carry(
+    spans: tuple[tuple[int, int, int], ...], kv: Tensor, state: Tensor, chunk_decay: Tensor, *, reverse: bool = False
+) -> tuple[Tensor, Tensor]:
+    """``_carry`` over chunks of a ``Ragged`` layout: ``kv [1, H, N, Dk, Dv]``, ``chunk_decay [H, N]``, ``state
+    [n, H, Dk, Dv]`` (a row per sequence); span ``(a, r, m)`` advances rows ``r..r+m-1`` by chunks ``a..a+m-1``.
+    The rows a span does not reach are left as they are, never scaled by zero (a NaN in a finished sequence
+    stays in it)."""
+    before = torch.empty_like(kv)
+    state = state.clone()
+    for a, r, m in reversed(spans) if reverse else spans:
+        rows = state[r : r + m]
+        before[0, :, a : a + m] = rows.transpose(0, 1)
+        rows.mul_(chunk_decay[:, a : a + m].t()[..., None, None]).add_(kv[0, :, a : a + m].transpose(0, 1))
+    return before, state
 
 
 def _streamed(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, state: Tensor | None, C: int) -> tuple[Tensor, Tensor]:
@@ -305,37 +398,65 @@ class _Recurrent(torch.autograd.Function):
     recomputed in a forward sweep; ``dk_t = G_t v_t`` and ``dv_t = k_t G_t`` need only ``G_t``, run backwards;
     the initial state's gradient is ``gamma G_1``. It saves q, k, v and the initial state. Each sweep updates one
     state in place and writes each token's result into a tensor made beforehand: no allocation lives from one
-    token to the next, which on the CPU would scatter the freed states and grow the heap with T."""
+    token to the next, which on the CPU would scatter the freed states and grow the heap with T.
+
+    With ``steps`` (packed sequences, a ``Ragged`` layout of single tokens): q, k, v ``[T, H, D]`` step-major and
+    ``state`` a row per sequence; step ``(a, m)`` is the next token of rows ``0..m-1``, tokens ``a..a+m-1``."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, state: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, state: Tensor, g: Tensor, steps: tuple[tuple[int, int], ...] | None
+    ) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(q, k, v, state, g)
-        B, T, H, _ = q.shape
+        ctx.steps = steps
         S = state.clone()
-        o = q.new_empty(T, B, H, v.shape[-1])  # time first: o[t] is one contiguous block
-        for t, (q_t, k_t, v_t) in enumerate(zip(q.unbind(1), k.unbind(1), v.unbind(1), strict=True)):
-            S.mul_(g).addcmul_(k_t[..., :, None], v_t[..., None, :])
-            torch.matmul(q_t[..., None, :], S, out=o[t, ..., None, :])
-        return o.transpose(0, 1), S
+        o, outs = _results(q, v.shape[-1], steps)
+        for q_t, k_t, v_t, o_t in zip(*(_by_step(x, steps) for x in (q, k, v)), outs, strict=True):
+            S_t = S[: q_t.shape[0]]  # the rows this step advances (all of them unpacked)
+            S_t.mul_(g).addcmul_(k_t[..., :, None], v_t[..., None, :])
+            torch.matmul(q_t[..., None, :], S_t, out=o_t[..., None, :])
+        return (o.transpose(0, 1) if steps is None else o), S
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do: Tensor, dfinal: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, state, g = ctx.saved_tensors
-        qs, ks, vs, dos = (x.unbind(1) for x in (q, k, v, do))
-        dq, dk, dv = (x.new_empty(x.shape[1], x.shape[0], *x.shape[2:]) for x in (q, k, v))  # time first
+        steps = ctx.steps
+        qs, ks, vs, dos = (_by_step(x, steps) for x in (q, k, v, do))
+        (dq, dqs), (dk, dks), (dv, dvs) = (_results(x, x.shape[-1], steps) for x in (q, k, v))
         S = state.clone()
-        for t, (k_t, v_t, do_t) in enumerate(zip(ks, vs, dos, strict=True)):
-            S.mul_(g).addcmul_(k_t[..., :, None], v_t[..., None, :])
-            torch.matmul(do_t[..., None, :], S.transpose(-1, -2), out=dq[t, ..., None, :])
+        for k_t, v_t, do_t, dq_t in zip(ks, vs, dos, dqs, strict=True):
+            S_t = S[: k_t.shape[0]]
+            S_t.mul_(g).addcmul_(k_t[..., :, None], v_t[..., None, :])
+            torch.matmul(do_t[..., None, :], S_t.transpose(-1, -2), out=dq_t[..., None, :])
         grad = dfinal.clone()
-        for t in range(q.shape[1] - 1, -1, -1):
-            grad.addcmul_(qs[t][..., :, None], dos[t][..., None, :])  # G_t
-            torch.matmul(grad, vs[t][..., :, None], out=dk[t, ..., :, None])
-            torch.matmul(ks[t][..., None, :], grad, out=dv[t, ..., None, :])
-            grad.mul_(g)
+        for t in range(len(qs) - 1, -1, -1):
+            G = grad[: qs[t].shape[0]]
+            G.addcmul_(qs[t][..., :, None], dos[t][..., None, :])  # G_t
+            torch.matmul(G, vs[t][..., :, None], out=dks[t][..., :, None])
+            torch.matmul(ks[t][..., None, :], G, out=dvs[t][..., None, :])
+            G.mul_(g)
         dstate = grad if ctx.needs_input_grad[3] else None
-        return dq.transpose(0, 1), dk.transpose(0, 1), dv.transpose(0, 1), dstate, None
+        if steps is None:
+            dq, dk, dv = dq.transpose(0, 1), dk.transpose(0, 1), dv.transpose(0, 1)
+        return dq, dk, dv, dstate, None, None
+
+
+def _by_step(x: Tensor, steps: tuple[tuple[int, int], ...] | None) -> list[Tensor] | tuple[Tensor, ...]:
+    """The tokens of each step: ``x [B, T, ...]`` by time, or (packed) ``x [T, ...]`` step-major by ``steps``."""
+    return x.unbind(1) if steps is None else [x[a : a + m] for a, m in steps]
+
+
+def _results(
+    x: Tensor, width: int, steps: tuple[tuple[int, int], ...] | None
+) -> tuple[Tensor, list[Tensor] | tuple[Tensor, ...]]:
+    """A buffer for a result per token of ``x`` (last dim ``width``) and its views per step: time first
+    (``[T, B, ...]``, so each step's block is contiguous), or step-major as ``x`` is when packed."""
+    if steps is None:
+        buffer = x.new_empty(x.shape[1], x.shape[0], *x.shape[2:-1], width)
+        return buffer, buffer.unbind(0)
+    buffer = x.new_empty(*x.shape[:-1], width)
+    return buffer, _by_step(buffer, steps)
 
 
 def _recurrent(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -346,8 +467,80 @@ def _recurrent(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, state: Tensor | N
         state = q.new_zeros(B, H, Dk, v.shape[-1])
     g = gamma[:, None, None]
     if nonfinite.recording(q, k, v, state):
-        return _Recurrent.apply(q, k, v, state, g)
+        return _Recurrent.apply(q, k, v, state, g, None)
     return _steps(q, k, v, g, state)
+
+
+def _packed(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gamma: Tensor,
+    log_g: Tensor,
+    state: Tensor | None,
+    packing: Packing,
+    mode: str,
+    chunk_size: int | None,
+    tracked: bool,
+) -> tuple[Tensor, Tensor]:
+    """Retention over the packed sequences of ``q, k, v [1, T, H, D]`` (T > 0) from ``state [n, H, Dk, Dv]`` or
+    zeros (module docstring): recurrent mode on single tokens, chunkwise mode on chunks of ``chunk_size``, parallel
+    mode on one chunk per sequence, sequences of similar lengths together (``buckets``). Returns ``o`` in the
+    computing dtype and the final states."""
+    acc = log_g.dtype
+    H, Dk, Dv = q.shape[2], q.shape[3], v.shape[3]
+    q, k, v = (x.contiguous() for x in (q, k, v))  # (gathers read (token, head) rows: one copy here, not one each)
+    if mode == "recurrent":
+        groups = Buckets((ragged(packing, 1),), None)
+    else:  # (a sequence no longer than a chunk is one chunk: padded with those of similar lengths)
+        groups = buckets(packing, chunk_size if mode == "chunkwise" else None)
+    layouts = groups.layouts
+    initial = q.new_zeros(packing.n, H, Dk, Dv, dtype=acc) if state is None else state
+    rows = torch.cat([layout.order for layout in layouts])
+    outs, finals = [], []
+    if mode != "recurrent" and not tracked:  # every layout writes its tokens' outputs in place
+        out = q.new_empty(q.shape[1] + 1, H, Dv, dtype=acc)
+        exclude = nonfinite.may_be_nonfinite(v)
+        for layout in layouts:
+            finals.append(_streamed_layout(q, k, v, log_g, initial.index_select(0, layout.order), layout, exclude, out))
+        return out[None, :-1], initial.index_copy(0, rows, torch.cat(finals))  # (empty ones: their initial)
+    for layout in layouts:
+        o, final = _on_layout(q, k, v, gamma, log_g, initial.index_select(0, layout.order), layout, mode)
+        outs.append(o)
+        finals.append(final)
+    return groups.join(outs)[None], initial.index_copy(0, rows, torch.cat(finals))
+
+
+def _on_layout(
+    q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, log_g: Tensor, state: Tensor, layout: Ragged, mode: str
+) -> tuple[Tensor, Tensor]:
+    """Retention over the sequences of ``layout`` from ``state`` (a row per sequence, in the layout's order), with
+    gradients (on finite inputs) or in recurrent mode: their outputs ``[T', H, Dv]`` (the layout's tokens) and
+    final states."""
+    acc = log_g.dtype
+    if mode == "recurrent":  # token by token, every sequence at once
+        q_, k_, v_ = (layout.gather(x, dtype=acc) for x in (q, k, v))  # [T, H, D] step-major
+        o, final = _Recurrent.apply(q_, k_, v_, state, gamma.to(acc)[:, None, None], layout.steps)
+        return layout.scatter(o), final
+    qc, kc, vc = (layout.gather_heads(x, dtype=acc) for x in (q, k, v))
+    every = _checkpoint_every(len(layout.steps)) if mode == "chunkwise" else None
+    o, final = _Chunks.apply(qc, kc, vc, state, log_g, every, False, layout)
+    return layout.scatter_heads(o), final
+
+
+def _streamed_layout(
+    q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, state: Tensor, layout: Ragged, exclude: bool, out: Tensor
+) -> Tensor:
+    """``_on_layout`` without gradients, in chunks and parallel modes: ``PACKED_GROUP`` chunks at a time (their
+    working set stays in cache), gathered from the inputs, their outputs written at their tokens' rows of ``out``
+    (``[T + 1, H, Dv]``); returns the final states (``exclude``: as ``_intra``'s)."""
+    acc = log_g.dtype
+    decays = _decays(log_g, layout.C, layout.lengths)
+    for a, b, carry, part, _ in _groups(layout.chunks, PACKED_GROUP, decays, layout, by_steps=False):
+        group = (layout.gather_heads(x, a, b, acc) for x in (q, k, v))
+        o, _, state = _forward(*group, state, part, exclude, carry)
+        layout.put_heads(o, out, a)
+    return state
 
 
 def retention(
@@ -359,13 +552,20 @@ def retention(
     mode: str,
     chunk_size: int | None,
     initial_state: Tensor | None,
+    cu_seqlens: Packing | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The torch backend of ``mixers.functional.retention`` (inputs already validated). With gradients, it
-    computes on the finite parts of q, k, v and marks where the others reach (module docstring)."""
+    computes on the finite parts of q, k, v and marks where the others reach (module docstring).
+
+    ``cu_seqlens`` (``packs=True``): q, k, v ``[1, T, H, D]`` hold ``cu_seqlens.n`` sequences back to back,
+    ``initial_state`` is None or ``[n, H, Dk, Dv]``; returns ``o [1, T, H, Dv]`` and the final states ``[n, H, Dk,
+    Dv]``, each sequence computed from its own initial row alone, in one pass (module docstring)."""
     found = None
     if nonfinite.recording(q, k, v, initial_state):
-        (q, k, v), found = nonfinite.finite_parts(q, k, v)
-    o, state = compute(q, k, v, gamma, mode=mode, chunk_size=chunk_size, initial_state=initial_state)
+        (q, k, v), found = nonfinite.finite_parts(q, k, v, cu_seqlens)
+    o, state = compute(
+        q, k, v, gamma, mode=mode, chunk_size=chunk_size, initial_state=initial_state, cu_seqlens=cu_seqlens
+    )
     return nonfinite.marked(found, o, state)
 
 
@@ -378,6 +578,7 @@ def compute(
     mode: str,
     chunk_size: int | None,
     initial_state: Tensor | None,
+    cu_seqlens: Packing | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Retention as ``retention`` computes it, but with gradients the inputs must be finite: the caller
     passes their finite parts (``nonfinite.finite_parts``), as ``retention`` and ``linear_attention`` do."""
@@ -386,12 +587,16 @@ def compute(
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     if T == 0:
-        state = initial_state if initial_state is not None else q.new_zeros(B, H, Dk, Dv, dtype=acc)
+        rows = B if cu_seqlens is None else cu_seqlens.n
+        state = initial_state if initial_state is not None else q.new_zeros(rows, H, Dk, Dv, dtype=acc)
         return v.new_empty(B, 0, H, Dv), state
     # log(gamma) from the float64 gamma: a tiny gamma (say 1e-300) rounds to 0 in float32, and
     # log(0) = -inf would turn the exponent-0 decays into 0 * inf = NaN.
     log_g = torch.log(gamma.to(torch.float64)).to(acc)
     tracked = nonfinite.recording(q, k, v, initial_state)
+    if cu_seqlens is not None:
+        o, state = _packed(q, k, v, gamma, log_g, initial_state, cu_seqlens, mode, chunk_size, tracked)
+        return o.to(out_dtype), state
     if mode == "chunkwise" and not tracked:
         return _streamed(q, k, v, log_g, initial_state, min(chunk_size, T))
 

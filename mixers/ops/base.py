@@ -2,14 +2,18 @@
 
 An op is its name, the typed signature its backends implement (a ``typing.Protocol``), its validation
 (``prepare``: the public arguments in, an ``OpCall`` out: the backend's arguments and the specs of what it must
-return), its state type, and where its float64 reference and its conformance spec (hypothesis cases) live.
-Calling the ``Op`` validates, picks the backend from the registry, runs it and checks its outputs, so a plugin
-that brings an op of its own gets all of that by writing ``prepare``.
+return), its state type, where its float64 reference and its conformance spec (hypothesis cases) live, and its
+context-parallel form. Calling the ``Op`` validates, picks the backend from the registry, runs it (through the
+generic custom op while compiling, for a backend dynamo cannot trace), checks its outputs, and handles packed
+sequences and padded batches; so a plugin that brings an op of its own gets all of that by writing ``prepare``.
+Everything here works from what the ``Op`` carries: no table anywhere knows the ops by name.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mixers.catalogue import Backend, BackendOutputError
+from mixers.ops import opaque
 from mixers.ops.checks import _shape
-from mixers.registry import Backend, BackendOutputError, get_registry, resolve_backend
+from mixers.ops.packed import packed_call, padded_call
+from mixers.registry import get_registry, resolve_backend
 
 
 def _backend_fault(impl: Backend, mode: str, inputs: str, problem: str) -> BackendOutputError:
@@ -135,6 +142,29 @@ def _load(path: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
+@functools.cache
+def _takes_packing(prepare: Callable[..., OpCall]) -> bool:
+    try:
+        return "cu_seqlens" in inspect.signature(prepare).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class ContextParallelForm:
+    """How an op runs on one rank's tokens of a sequence split over ranks (``mixers.context_parallel``).
+
+    ``local(arguments)``: this rank's contribution, a tuple of tensors of one dtype (retention: the state its own
+    tokens leave, ``sum_s gamma^(L-1-s) k_s^T v_s``; softmax attention: its keys and values); every rank's are
+    all-gathered in one differentiable collective. ``incoming(cp, gathered, arguments)``: the arguments to run this
+    rank's tokens with, from what every rank contributed (each gathered tensor ``[K, ...]``, rank order), usually
+    ``initial_state`` set to what the earlier ranks leave; ``cp`` gives ``rank``, ``world_size`` and ``earlier``.
+    """
+
+    local: Callable[[dict[str, Any]], tuple[Tensor, ...]]
+    incoming: Callable[[Any, tuple[Tensor, ...], dict[str, Any]], dict[str, Any]]
+
+
 @dataclass(frozen=True)
 class Op:
     """One op, registered through the ``register_ops`` hook.
@@ -142,7 +172,10 @@ class Op:
     Arguments:
         name: the registry name (``Backend.op`` of its backends).
         prepare: ``prepare(*args, **kwargs) -> OpCall``: the op's validation, on its public arguments
-            (everything but ``backend``).
+            (everything but ``backend``, ``cu_seqlens`` and ``attention_mask``). A ``prepare`` that also takes
+            ``cu_seqlens`` (a ``mixers.packing.Packing``: inputs ``[1, T, ...]``, a state row per sequence) lets
+            backends that declare ``packs=True`` compute a packed row in one call; without it, packed sequences
+            run once per sequence.
         backend_signature: the ``typing.Protocol`` its backends' ``fn`` follows (documentation, and what a
             type checker holds a backend to).
         state_type: the type of the state it returns and takes back (``Tensor``, a NamedTuple), for messages.
@@ -150,8 +183,9 @@ class Op:
         testing: ``"module:ATTRIBUTE"``, its ``mixers.testing.OpSpec`` for the conformance kit (imported on use:
             it needs hypothesis).
         description: one line for ``seqmixers list``.
-        sequences: the names of the arguments with time on dimension 1 (sliced per sequence for
-            ``cu_seqlens``); state_arg: the name of the state argument.
+        sequences: the names of the arguments with time on dimension 1 (sliced per sequence for packed
+            sequences); state_arg: the name of the state argument.
+        context_parallel: its ``ContextParallelForm`` (``None``: it cannot run split over ranks).
     """
 
     name: str
@@ -163,48 +197,58 @@ class Op:
     description: str = ""
     sequences: tuple[str, ...] = ("q", "k", "v")
     state_arg: str = "initial_state"
+    context_parallel: ContextParallelForm | None = None
     plugin: str = field(default="", compare=False)  # filled in by the registry
+
+    @property
+    def packs(self) -> bool:
+        """Whether its validation takes ``cu_seqlens``, so that a packing backend gets whole packed rows."""
+        return _takes_packing(self.prepare)
 
     def __call__(
         self,
         *args: Any,
         backend: str = "auto",
-        cu_seqlens: Tensor | None = None,
+        cu_seqlens: Tensor | Any | None = None,
         attention_mask: Tensor | None = None,
         **kwargs: Any,
     ) -> tuple[Tensor, Any]:
         """Validate, dispatch to ``backend`` (``"auto"``: the best available), check what it returned.
 
-        ``cu_seqlens`` (int ``[N+1]``): the sequence inputs hold N sequences packed in one row, each run from its
-        own state (``initial_state`` with N rows, or zeros) with nothing crossing a boundary; the state comes back
-        with N rows. ``attention_mask`` (0/1 ``[B, T]``): a padded batch, row b's real tokens where it is 1 (left
-        or right padding); the outputs at padding are zeros, and the padding never reaches a real token
-        (``mixers.ops.packed``)."""
-        if cu_seqlens is None and attention_mask is None:
-            return self._call(backend, *args, **kwargs)
-        from mixers.ops import packed
-
-        def one(*a: Any, **k: Any) -> tuple[Tensor, Any]:
-            return self._call(backend, *a, **k)
-
-        if attention_mask is None:
-            return packed.packed_call(self, one, args, kwargs, cu_seqlens, self.sequences, self.state_arg)
+        ``cu_seqlens`` (int ``[N+1]`` or a ``mixers.packing.Packing``): the sequence inputs hold N sequences packed
+        in one row, each run from its own state (``initial_state`` with N rows, or zeros) with nothing crossing a
+        boundary; the state comes back with N rows. ``attention_mask`` (0/1 ``[B, T]``): a padded batch, row b's
+        real tokens where it is 1 (left or right padding); the outputs at padding are zeros, and the padding never
+        reaches a real token (``mixers.ops.packed``)."""
+        if attention_mask is not None:
+            if cu_seqlens is not None:
+                raise ValueError("give cu_seqlens (packed sequences) or attention_mask (a padded batch), not both")
+            return padded_call(self, backend, args, kwargs, attention_mask)
         if cu_seqlens is not None:
-            raise ValueError("give cu_seqlens (packed sequences) or attention_mask (a padded batch), not both")
-        return packed.padded_call(self, one, args, kwargs, attention_mask, self.sequences, self.state_arg)
+            return packed_call(self, backend, args, kwargs, cu_seqlens)
+        return self.run(backend, self.prepare(*args, **kwargs))
 
-    def _call(self, backend: str, *args: Any, **kwargs: Any) -> tuple[Tensor, Any]:
-        call = self.prepare(*args, **kwargs)
-        impl = resolve_backend(self.name, backend, device=call.device, dtype=call.dtype, mode=call.mode)
+    def resolve(self, backend: str, call: OpCall) -> Backend:
+        """The backend that runs ``call``: ``backend`` by name, or the best available for ``"auto"``."""
+        return resolve_backend(self.name, backend, device=call.device, dtype=call.dtype, mode=call.mode)
+
+    def run(self, backend: str, call: OpCall) -> tuple[Tensor, Any]:
+        """Run a validated call on ``backend`` and check what it returned."""
+        impl = self.resolve(backend, call)
         if torch.is_autocast_enabled(call.device.type):
             # An op keeps its own precision (float32 accumulation for low-precision inputs): under autocast, its
             # matmuls would otherwise run, and write into float32 buffers, in the autocast dtype.
             with torch.autocast(call.device.type, enabled=False):
-                result = impl.fn(*call.args, **call.kwargs)
+                result = self._kernel(impl, call)
         else:  # the usual case, and every decode step: no context to enter
-            result = impl.fn(*call.args, **call.kwargs)
+            result = self._kernel(impl, call)
         o, state = _verified(impl, call.mode, result, call.describe, call.o, call.state, call.device)
         return o, call.make_state(state)
+
+    def _kernel(self, impl: Backend, call: OpCall) -> Any:
+        if not impl.traceable and torch.compiler.is_compiling():  # one opaque node in the compiled graph
+            return opaque.call(impl.fn, f"{impl.op}/{impl.name}", call, self.state_arg)
+        return impl.fn(*call.args, **call.kwargs)
 
     def load_reference(self) -> Callable[..., Any]:
         if self.reference is None:

@@ -8,7 +8,10 @@ on bad input.
 
 ``check_op_backend(op, backend)`` checks one backend of an op against a float64 reference written from
 the formula: every mode, any split with state hand-over, gradients, low precision, causality of a NaN or
-inf input (of the outputs and of the gradients), and bad input.
+inf input (of the outputs and of the gradients), packed sequences, and bad input.
+
+Packed sequences are checked on both paths: the backend's own (``Backend.packs``: the whole packed row in one
+call) and the op's per-sequence loop (``per_sequence``), each against running every sequence alone.
 
 Both raise ``ConformanceError`` (an ``AssertionError``) listing every failed check; a property that
 hypothesis falsified comes with its shrunk counterexample, reported by the kit itself in one line
@@ -21,6 +24,7 @@ pytest plugin makes one test per check.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import itertools
@@ -37,9 +41,11 @@ from torch import Tensor
 
 import mixers
 from mixers import registry as registry_module
-from mixers.functional import MODES
+from mixers.catalogue import Backend
 from mixers.interface import MixerState, TokenMixer, mix_packed, mix_padded
-from mixers.registry import Backend, Registry, get_registry
+from mixers.ops.checks import MODES
+from mixers.registry import Registry, get_registry
+from mixers.structure import map_structure
 from mixers.testing.asserts import RTOL, assert_raises_mentioning, assert_rel_close, assert_states_close, norm_rel_error
 from mixers.testing.ops import KEEP, OpSpec, get_op_spec, standard_bad_inputs, state_tensors
 from mixers.testing.strategies import OpInputs, handover_plans, mixer_split_plans, scaled_examples
@@ -557,40 +563,68 @@ def _separate(mixer: TokenMixer, pieces: list[Tensor], state: MixerState | None,
     return runs
 
 
+@contextlib.contextmanager
+def per_sequence(ops: Iterable[str], registry: Registry | None = None) -> Iterator[None]:
+    """Inside the block, every backend of ``ops`` that computes packed rows itself (``packs=True``) is registered
+    without it, so that packed sequences take the op's per-sequence loop: the other path of packing."""
+    registry = registry or get_registry()
+    with contextlib.ExitStack() as stack:
+        for op in ops:
+            for b in list(registry.backends.get(op, {}).values()):
+                if b.packs:
+                    stack.enter_context(registry.temporary_backend(dataclasses.replace(b, packs=False), override=True))
+        yield
+
+
+def _packing_paths(ops: Iterable[str]) -> list[tuple[str, contextlib.AbstractContextManager]]:
+    """The two paths of packed sequences, by name: the backend as registered, and the per-sequence loop."""
+    return [("as registered", contextlib.nullcontext()), ("per-sequence loop", per_sequence(tuple(ops)))]
+
+
 def check_packed_equals_separate(target: MixerTarget, max_examples: int | None = None) -> None:
     """Sequences packed in one row (``cu_seqlens``, through ``mix_packed``: the mixer's own packing or one call
     per sequence) give each sequence's outputs, final state and gradients as running it alone, from its own
-    state or from none; empty and single-token sequences included."""
-    mixer, tol = target.build(), _tol(target, 1e-10, 1e-5)
-    params = [p for p in mixer.parameters() if p.requires_grad]
+    state or from none; empty and single-token sequences included; on both paths of the op's packing (the
+    backend's own, and the per-sequence loop)."""
+    mixer = target.build()
 
     def packed_equals_separate(case):
-        lengths, prefix, mode, chunk, _, seed = case
-        N, T = len(lengths), sum(lengths)
-        state = _start(mixer, target, N, prefix, seed + 1)
-        x = target.inputs(B=1, T=T, seed=seed).requires_grad_(True)
-        cu = torch.tensor([0, *itertools.accumulate(lengths)], device=target.device)
-        _at(mode)
-        y, s = mix_packed(mixer, x, state, cu, mode=mode, chunk_size=chunk)
-        assert tuple(y.shape) == (1, T, target.d_model), f"packed output shape {tuple(y.shape)}"
-        assert s.batch_size == N, f"the packed state has {s.batch_size} rows for {N} sequences"
-        starts = [0, *itertools.accumulate(lengths)]
-        runs = _separate(mixer, [x[:, a:b] for a, b in zip(starts, starts[1:], strict=False)], state, mode, chunk)
-        for n, (y_n, s_n) in enumerate(runs):
-            assert_rel_close(y[:, starts[n] : starts[n + 1]], y_n, tol, f"sequence {n} output")
-            assert_states_close(s.reorder(torch.tensor([n], device=x.device)), s_n, tol, f"sequence {n} state")
-        if T == 0:
-            return
-        weight = target.inputs(B=1, T=T, seed=seed + 2)
-        got = torch.autograd.grad((y * weight).sum(), [x, *params], allow_unused=True)
-        want_loss = sum((y_n * weight[:, a:b]).sum() for (y_n, _), a, b in zip(runs, starts, starts[1:], strict=False))
-        want = torch.autograd.grad(want_loss, [x, *params], allow_unused=True)
-        names = ["x", *(n for n, p in mixer.named_parameters() if p.requires_grad)]
-        for name, g, w in zip(names, got, want, strict=True):
-            if g is not None and w is not None:
-                assert_rel_close(g, w, tol * 10, f"d/d{name}")
+        for path, context in _packing_paths(type(mixer).ops):
+            with context:
+                _packed_equals_separate(target, mixer, case, path)
 
     _property(packed_equals_separate, max_examples or scaled_examples(0.3), case=_packs(target))
+
+
+def _packed_equals_separate(target: MixerTarget, mixer: TokenMixer, case: Any, path: str) -> None:
+    """One packed case on one path: outputs, states and gradients against each sequence run alone."""
+    tol = _tol(target, 1e-10, 1e-5)
+    params = [p for p in mixer.parameters() if p.requires_grad]
+    lengths, prefix, mode, chunk, _, seed = case
+    N, T = len(lengths), sum(lengths)
+    state = _start(mixer, target, N, prefix, seed + 1)
+    x = target.inputs(B=1, T=T, seed=seed).requires_grad_(True)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], device=target.device)
+    _at(mode)
+    y, s = mix_packed(mixer, x, state, cu, mode=mode, chunk_size=chunk)
+    assert tuple(y.shape) == (1, T, target.d_model), f"packed output shape {tuple(y.shape)}"
+    assert s.batch_size == N, f"the packed state has {s.batch_size} rows for {N} sequences"
+    starts = [0, *itertools.accumulate(lengths)]
+    runs = _separate(mixer, [x[:, a:b] for a, b in zip(starts, starts[1:], strict=False)], state, mode, chunk)
+    for n, (y_n, s_n) in enumerate(runs):
+        assert_rel_close(y[:, starts[n] : starts[n + 1]], y_n, tol, f"{path}: sequence {n} output")
+        state_n = s.reorder(torch.tensor([n], device=x.device))
+        assert_states_close(state_n, s_n, tol, f"{path}: sequence {n} state")
+    if T == 0:
+        return
+    weight = target.inputs(B=1, T=T, seed=seed + 2)
+    got = torch.autograd.grad((y * weight).sum(), [x, *params], allow_unused=True)
+    want_loss = sum((y_n * weight[:, a:b]).sum() for (y_n, _), a, b in zip(runs, starts, starts[1:], strict=False))
+    want = torch.autograd.grad(want_loss, [x, *params], allow_unused=True)
+    names = ["x", *(n for n, p in mixer.named_parameters() if p.requires_grad)]
+    for name, g, w in zip(names, got, want, strict=True):
+        if g is not None and w is not None:
+            assert_rel_close(g, w, tol * 10, f"{path}: d/d{name}")
 
 
 def check_padded_equals_separate(target: MixerTarget, max_examples: int | None = None) -> None:
@@ -971,6 +1005,53 @@ def check_op_nonfinite_stays_causal(target: OpTarget, max_examples: int | None =
     )
 
 
+def check_op_packed_equals_separate(target: OpTarget, max_examples: int | None = None) -> None:
+    """The rows of a case packed into one row (``cu_seqlens``: each row cut to a drawn length, empty ones
+    included), each from its own row of the initial state, give each row's outputs and final state as calling the
+    op on it alone, in every mode, on both paths (the backend's own packing, and the op's per-sequence loop). The
+    registered ``Op`` is called with the spec's sequence inputs and constants by name."""
+    op = get_registry().ops[target.spec.op]
+
+    def packed_equals_separate(case, cut):
+        inputs = case.inputs(device=target.device)
+        first = next(iter(inputs.seq.values()))
+        B, T = first.shape[:2]
+        lengths = [(cut >> (4 * b)) % (T + 1) for b in range(B)]
+        starts = [0, *itertools.accumulate(lengths)]
+        cu = torch.tensor(starts, device=first.device)
+        packed = {n: torch.cat([t[b : b + 1, :L] for b, L in enumerate(lengths)], dim=1) for n, t in inputs.seq.items()}
+        rtol = _op_rtol(target, first.dtype)
+        for mode in target.modes:
+            _at(mode)
+            for path, context in _packing_paths([op.name]):
+                with context:
+                    o, state = op(
+                        **packed, **inputs.const, **{op.state_arg: inputs.state}, mode=mode,
+                        chunk_size=case.chunk_size, backend=target.backend, cu_seqlens=cu,
+                    )  # fmt: skip
+                got_state = state_tensors(state)
+                for b, L in enumerate(lengths):
+                    rows = None if inputs.state is None else map_structure(inputs.state, lambda t, b=b: t[b : b + 1])
+                    alone = {n: t[b : b + 1, :L] for n, t in inputs.seq.items()}
+                    o_b, s_b = target.spec.call(
+                        alone, inputs.const, rows, mode=mode, chunk_size=case.chunk_size, backend=target.backend
+                    )
+                    where = f"{path}, mode {mode!r}, row {b} of {lengths}"
+                    assert_rel_close(o[:, starts[b] : starts[b + 1]], o_b, rtol, f"{where}: output")
+                    for i, (g, w) in enumerate(zip(got_state, state_tensors(s_b), strict=True)):
+                        row = g[b : b + 1]
+                        for dim, size in enumerate(w.shape):  # a cache holds the longest row's tokens: this row's
+                            row = row.narrow(dim, 0, size) if row.shape[dim] > size else row
+                        assert_rel_close(row, w, rtol, f"{where}: state[{i}]")
+
+    _property(
+        packed_equals_separate,
+        max_examples or scaled_examples(0.3),
+        case=target.spec.cases(dtypes=target.dtypes),
+        cut=st.integers(0, 2**32 - 1),
+    )
+
+
 def check_op_rejects_bad_input(target: OpTarget, max_examples: int | None = None) -> None:
     """The op's validation rejects each bad input its spec lists (``OpSpec.bad_inputs``: an unknown mode, a
     state of another batch size or dtype...) with an error naming what was expected and what was given.
@@ -1018,6 +1099,7 @@ OP_CHECKS: tuple[Check, ...] = (
     Check("gradients", check_op_gradients, hypothesis=True),
     Check("low_precision", check_op_low_precision, hypothesis=True),
     Check("nonfinite_stays_causal", check_op_nonfinite_stays_causal, hypothesis=True),
+    Check("packed_equals_separate", check_op_packed_equals_separate, hypothesis=True),
     Check("rejects_bad_input", check_op_rejects_bad_input, hypothesis=True, per_op=True),
 )
 

@@ -20,7 +20,7 @@ import torch
 from hypothesis import strategies as st
 from torch import Tensor
 
-from mixers import functional
+from mixers.ops.checks import state_dtype as _state_dtype
 from mixers.testing.strategies import OpInputs
 
 
@@ -67,7 +67,7 @@ class OpSpec:
     call: Callable[..., tuple[Tensor, Any]]
     reference: Callable[[OpInputs], tuple[Tensor, Any]]
     magnitude: Callable[[OpInputs], tuple[Tensor, Any]] | None = None
-    state_dtype: Callable[[torch.dtype], torch.dtype] = functional.state_dtype
+    state_dtype: Callable[[torch.dtype], torch.dtype] = _state_dtype
     bad_inputs: Callable[[OpInputs, Any], list[BadInput]] | None = None
 
 
@@ -119,7 +119,7 @@ def bad_ranks(inputs: OpInputs, layout: str | None = None) -> list[BadInput]:
     return cases
 
 
-def _each_state_tensor(state: Any, change: Callable[[Tensor], Tensor]) -> list[tuple[int, Tensor, Tensor, Any]]:
+def each_state_tensor(state: Any, change: Callable[[Tensor], Tensor]) -> list[tuple[int, Tensor, Tensor, Any]]:
     """``(i, tensor, changed, state with only tensor i changed)`` for each tensor of ``state``."""
     tensors = raw_state_tensors(state)
     out = []
@@ -136,7 +136,7 @@ def bad_state_batches(state: Any) -> list[BadInput]:
     the shape it got."""
     return [
         BadInput(f"state[{i}] for another batch size", ("initial_state", shape_str(t), shape_str(bad)), state=bad_state)
-        for i, t, bad, bad_state in _each_state_tensor(state, lambda t: torch.cat([t, t[:1]]))
+        for i, t, bad, bad_state in each_state_tensor(state, lambda t: torch.cat([t, t[:1]]))
     ]
 
 
@@ -149,7 +149,7 @@ def bad_state_dtypes(state: Any) -> list[BadInput]:
 
     return [
         BadInput(f"state[{i}] in {bad.dtype}", ("initial_state", str(t.dtype), str(bad.dtype)), state=bad_state)
-        for i, t, bad, bad_state in _each_state_tensor(state, other)
+        for i, t, bad, bad_state in each_state_tensor(state, other)
     ]
 
 
@@ -180,7 +180,7 @@ def replace_state_tensors(state: Any, tensors: list[Tensor]) -> Any:
     return type(state)._make(items) if hasattr(type(state), "_make") else tuple(items)
 
 
-def _abs(state: Any) -> Any:
+def abs_state(state: Any) -> Any:
     """The state with every tensor replaced by its absolute value."""
     return None if state is None else replace_state_tensors(state, [t.abs() for t in raw_state_tensors(state)])
 

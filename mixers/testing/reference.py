@@ -1,16 +1,7 @@
-"""Float64 references written straight from the formulas, independent of the library's code.
+"""Float64 references of the mixers' own pieces (the short convolution), written straight from the formulas.
 
-Each op's reference lives in its folder (``mixers/ops/<op>/reference.py``) and is re-exported here; this
-module adds the references of the mixers' own pieces (the short convolution). Each takes inputs of any float
-dtype and returns the output and the final state as the op returns them, in float64:
-
-- ``retention_reference(q, k, v, gamma, initial_state=None) -> (o, S_T)``;
-- ``linear_attention_reference(q, k, v, initial_state=None, *, normalize=True, eps=1e-6) -> (o, LinearState)``;
-- ``softmax_attention_reference(q, k, v, initial_state=None) -> (o, KVCache)``, the cache as ``KVCache.held()``
-  gives it;
-- ``short_conv_reference(x, weight, window=None) -> y``.
-
-docs/testing-api.md documents them, with an example test.
+Each op's reference lives in its folder, ``mixers/ops/<op>/reference.py`` (``Op.reference`` names it): e.g.
+``mixers.ops.retention.reference.retention_reference``. docs/testing-api.md documents them, with an example test.
 """
 
 from __future__ import annotations
@@ -18,11 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mixers.ops.linear_attention.reference import linear_attention_reference
-from mixers.ops.retention.reference import retention_reference
-from mixers.ops.softmax_attention.reference import softmax_attention_reference
-
-__all__ = ["linear_attention_reference", "retention_reference", "short_conv_reference", "softmax_attention_reference"]
+__all__ = ["short_conv_reference"]
 
 
 def short_conv_reference(x: Tensor, weight: Tensor, window: Tensor | None = None) -> Tensor:

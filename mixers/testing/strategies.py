@@ -1,9 +1,8 @@
 """Hypothesis strategies for the conformance kit: shapes, chunk sizes, decays, states, split plans and inputs.
 
 The kit's checks are built from these, and so can a plugin author's own property tests: docs/testing-api.md
-documents every name here, with an example test. Besides ``__all__``, the core ops' cases are re-exported
-from their folders on first use: ``RetentionCase`` / ``retention_cases``, ``LinearAttentionCase`` /
-``linear_attention_cases``, ``SoftmaxAttentionCase`` / ``softmax_attention_cases``.
+documents every name here, with an example test. Each op's own cases live in its folder
+(``mixers/ops/<op>/testing.py``: ``RetentionCase`` / ``retention_cases`` and the others), built from these.
 
 Tensors are generated from a drawn seed (hypothesis draws the sizes, decays, chunk sizes and the seed;
 torch draws the numbers), which keeps example generation cheap at T = 300 and D = 64, and keeps a
@@ -26,15 +25,17 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from mixers.functional import MODES
+from mixers.ops.checks import MODES
 
 __all__ = [
     "ELEMENT_BUDGET",
     "MODES",
     "OpInputs",
     "Plan",
+    "as_input",
     "chunk_sizes",
     "gamma_values",
+    "generator",
     "handover_plans",
     "mixer_split_plans",
     "scaled_examples",
@@ -88,11 +89,13 @@ class OpInputs:
         ]
 
 
-def _gen(seed: int) -> torch.Generator:
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with a drawn ``seed``: cases draw their numbers from it (hypothesis draws the seed)."""
     return torch.Generator().manual_seed(seed)
 
 
-def _to(t: Tensor, dtype: torch.dtype, device: torch.device | str | None, requires_grad: bool) -> Tensor:
+def as_input(t: Tensor, dtype: torch.dtype, device: torch.device | str | None, requires_grad: bool) -> Tensor:
+    """``t`` (drawn in float64 on the CPU) as an op input: on ``device``, in ``dtype``, a leaf for gradients."""
     return t.to(device=device, dtype=dtype).requires_grad_(requires_grad)
 
 
@@ -136,23 +139,3 @@ def mixer_split_plans(draw: st.DrawFn, max_T: int = 24, modes: tuple[str, ...] =
         (start, stop, draw(st.sampled_from(modes)), draw(st.integers(1, stop - start + 3)))
         for start, stop in segments(T, cuts)
     ]
-
-
-# The ops' cases live in the ops' folders; they are re-exported here (where the kit and tests found them), on
-# first use, since those modules import this one.
-_MOVED = {
-    "RetentionCase": "mixers.ops.retention.testing",
-    "retention_cases": "mixers.ops.retention.testing",
-    "LinearAttentionCase": "mixers.ops.linear_attention.testing",
-    "linear_attention_cases": "mixers.ops.linear_attention.testing",
-    "SoftmaxAttentionCase": "mixers.ops.softmax_attention.testing",
-    "softmax_attention_cases": "mixers.ops.softmax_attention.testing",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,8 +16,8 @@ import warnings
 import torch
 
 from mixers.backends.cupy._retention import retention
+from mixers.catalogue import Backend, BackendRegistrar
 from mixers.hookspecs import hookimpl
-from mixers.registry import Backend, BackendRegistrar
 
 PRIORITY = -10  # below the torch backend (0) until the kernels have passed on a GPU
 

@@ -7,13 +7,16 @@ Its state is a ``LinearState(kv, z)``. Its float64 reference is in ``reference.p
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-from mixers.ops.base import Op, OpCall
+from mixers.ops.base import ContextParallelForm, Op, OpCall
 from mixers.ops.checks import _shape, check_mode, check_qkv, check_state, state_dtype
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mixers.packing import Packing
 
 
 class LinearState(NamedTuple):
@@ -68,6 +71,7 @@ class LinearAttentionBackend(Protocol):
         initial_state: LinearState | None,
         normalize: bool,
         eps: float,
+        cu_seqlens: Packing | None = None,  # only for a backend with packs=True: B = 1, a state row per sequence
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]: ...
 
 
@@ -81,29 +85,55 @@ def prepare(
     initial_state: LinearState | tuple[Tensor, Tensor] | None = None,
     normalize: bool = True,
     eps: float = 1e-6,
+    cu_seqlens: Packing | None = None,
 ) -> OpCall:
-    """Validate a linear-attention call (see ``mixers.functional.linear_attention``)."""
+    """Validate a linear-attention call (see ``mixers.functional.linear_attention``); with ``cu_seqlens``
+    (packed sequences in one row), the state has a row per sequence."""
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     chunk = check_mode(mode, chunk_size)
-    state = check_linear_state(initial_state, B, H, Dk, Dv, q.dtype, q.device)
+    rows = B if cu_seqlens is None else cu_seqlens.n
+    state = check_linear_state(initial_state, rows, H, Dk, Dv, q.dtype, q.device)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__} {normalize!r}")
     eps = check_eps(eps)
     sd = state_dtype(q.dtype)
     return OpCall(
         args=(q, k, v),
-        kwargs={"mode": mode, "chunk_size": chunk, "initial_state": state, "normalize": normalize, "eps": eps},
+        kwargs={
+            "mode": mode,
+            "chunk_size": chunk,
+            "initial_state": state,
+            "normalize": normalize,
+            "eps": eps,
+            **({} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}),
+        },  # fmt: skip
         device=q.device,
         dtype=q.dtype,
         mode=mode,
         o=("o", (B, T, H, Dv), "[B, T, H, Dv]", q.dtype),
         state=[
-            ("final_state.kv", (B, H, Dk, Dv), "[B, H, Dk, Dv]", sd),
-            ("final_state.z", (B, H, Dk), "[B, H, Dk]", sd),
+            ("final_state.kv", (rows, H, Dk, Dv), "[B, H, Dk, Dv]", sd),
+            ("final_state.z", (rows, H, Dk), "[B, H, Dk]", sd),
         ],
         describe=lambda: f"q {_shape(q)}, v {_shape(v)}",
         make_state=lambda state: LinearState(*state),
     )
+
+
+def _local(arguments: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """What this rank's tokens add to the state (LASP-2): ``kv = sum_s k_s^T v_s``, ``z = sum_s k_s``."""
+    q, k, v = arguments["q"], arguments["k"], arguments["v"]
+    sd = state_dtype(q.dtype)
+    ks = k.to(sd)
+    return torch.einsum("bshk,bshv->bhkv", ks, v.to(sd)), ks.sum(1)
+
+
+def _incoming(cp: Any, gathered: tuple[Tensor, ...], arguments: dict[str, Any]) -> dict[str, Any]:
+    """The state after the earlier ranks: the sum of their contributions."""
+    kvs, zs = gathered
+    w = cp.earlier(kvs.device).to(kvs.dtype)
+    state = LinearState(torch.einsum("jbhkv,j->bhkv", kvs, w), torch.einsum("jbhk,j->bhk", zs, w))
+    return {**arguments, "initial_state": state}
 
 
 LINEAR_ATTENTION = Op(
@@ -114,4 +144,5 @@ LINEAR_ATTENTION = Op(
     reference="mixers.ops.linear_attention.reference:linear_attention_reference",
     testing="mixers.ops.linear_attention.testing:SPEC",
     description="causal linear attention on feature-mapped q, k, with an optional guarded normaliser",
+    context_parallel=ContextParallelForm(_local, _incoming),
 )

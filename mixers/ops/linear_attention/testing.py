@@ -15,8 +15,8 @@ from mixers import functional
 from mixers.ops.checks import state_dtype
 from mixers.ops.linear_attention import LinearState
 from mixers.ops.linear_attention.reference import linear_attention_reference
-from mixers.testing.ops import OpSpec, _abs, core_bad_inputs
-from mixers.testing.strategies import OpInputs, _gen, _to, chunk_sizes
+from mixers.testing.ops import OpSpec, abs_state, core_bad_inputs
+from mixers.testing.strategies import OpInputs, as_input, chunk_sizes, generator
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class LinearAttentionCase:
     dtype: torch.dtype = torch.float64
 
     def inputs(self, requires_grad: bool = False, device: torch.device | str | None = None) -> OpInputs:
-        gen = _gen(self.seed)
+        gen = generator(self.seed)
         B, T, H, Dk, Dv = self.B, self.T, self.H, self.Dk, self.Dv
         q, k = (torch.randn(B, T, H, Dk, generator=gen, dtype=torch.float64) for _ in range(2))
         if self.normalize:
@@ -46,11 +46,11 @@ class LinearAttentionCase:
         z0 = torch.rand(B, H, Dk, generator=gen, dtype=torch.float64)
         if not self.normalize:
             kv0 = kv0 * 2 - 1
-        seq = {name: _to(t, self.dtype, device, requires_grad) for name, t in (("q", q), ("k", k), ("v", v))}
+        seq = {name: as_input(t, self.dtype, device, requires_grad) for name, t in (("q", q), ("k", k), ("v", v))}
         state = None
         if self.with_state:
             sd = state_dtype(self.dtype)
-            state = LinearState(_to(kv0, sd, device, requires_grad), _to(z0, sd, device, requires_grad))
+            state = LinearState(as_input(kv0, sd, device, requires_grad), as_input(z0, sd, device, requires_grad))
         return OpInputs(seq, {"normalize": self.normalize}, state)
 
 
@@ -88,8 +88,8 @@ def _linear_reference(x: OpInputs):
 def _linear_magnitude(x: OpInputs):
     q, k, v = x.seq["q"], x.seq["k"], x.seq["v"]
     if x.const["normalize"]:  # a weighted mean of values with positive weights: errors scale with |v|
-        return linear_attention_reference(q, k, v.abs(), _abs(x.state), normalize=True)
-    return linear_attention_reference(q.abs(), k.abs(), v.abs(), _abs(x.state), normalize=False)
+        return linear_attention_reference(q, k, v.abs(), abs_state(x.state), normalize=True)
+    return linear_attention_reference(q.abs(), k.abs(), v.abs(), abs_state(x.state), normalize=False)
 
 
 def _linear_cases(*, dtypes=(torch.float64,), max_T: int = 40, max_D: int = 8) -> st.SearchStrategy[Any]:

@@ -15,7 +15,7 @@ from mixers import functional
 from mixers.ops.checks import state_dtype
 from mixers.ops.retention.reference import retention_reference
 from mixers.testing.ops import OpSpec, core_bad_inputs
-from mixers.testing.strategies import ELEMENT_BUDGET, OpInputs, _gen, _to, chunk_sizes, gamma_values
+from mixers.testing.strategies import ELEMENT_BUDGET, OpInputs, as_input, chunk_sizes, gamma_values, generator
 
 
 @dataclass(frozen=True)
@@ -37,16 +37,16 @@ class RetentionCase:
         self, requires_grad: bool = False, device: torch.device | str | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """``q, k, v [B, T, H, D]`` of ``dtype`` and an initial state (or ``None``) in the state dtype."""
-        gen = _gen(self.seed)
+        gen = generator(self.seed)
         scale = self.Dk**-0.25  # q . k of order 1, as after the mixer's key scaling
         q = torch.randn(self.B, self.T, self.H, self.Dk, generator=gen, dtype=torch.float64) * scale
         k = torch.randn(self.B, self.T, self.H, self.Dk, generator=gen, dtype=torch.float64) * scale
         v = torch.randn(self.B, self.T, self.H, self.Dv, generator=gen, dtype=torch.float64)
         s0 = torch.randn(self.B, self.H, self.Dk, self.Dv, generator=gen, dtype=torch.float64)
-        q, k, v = (_to(t, self.dtype, device, requires_grad) for t in (q, k, v))
+        q, k, v = (as_input(t, self.dtype, device, requires_grad) for t in (q, k, v))
         if not self.with_state:
             return q, k, v, None
-        return q, k, v, _to(s0, state_dtype(self.dtype), device, requires_grad)
+        return q, k, v, as_input(s0, state_dtype(self.dtype), device, requires_grad)
 
     def inputs(self, requires_grad: bool = False, device: torch.device | str | None = None) -> OpInputs:
         q, k, v, s0 = self.tensors(requires_grad, device)

@@ -7,13 +7,16 @@ backend is ``mixers/backends/torch_softmax_attention.py``.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-from mixers.ops.base import Op, OpCall
+from mixers.ops.base import ContextParallelForm, Op, OpCall
 from mixers.ops.checks import _check_each, _check_shared, _check_widths, _shape, check_mode
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mixers.packing import Packing
 
 
 class KVCache(NamedTuple):
@@ -120,15 +123,18 @@ def check_kv_cache(
     return KVCache(kc, vc, length)
 
 
-def _room(cache: KVCache, T: int) -> KVCache:
-    """``cache`` with room for ``T`` more tokens in every row: grown (to at least twice its capacity, so that a
-    token-by-token loop copies O(1) per token on average) when a row would overflow. Checking costs a device
-    sync, so a compiled graph skips it: there the capacity must have been preallocated (``init_state(max_len)``),
-    and a write past it fails in the indexing kernel."""
+def _room(cache: KVCache, T: int | Tensor) -> KVCache:
+    """``cache`` with room for ``T`` more tokens in every row (``T [B]``: ``T[b]`` in row b), grown (to at least
+    twice its capacity, so that a token-by-token loop copies O(1) per token on average) when a row would
+    overflow. Checking costs a device sync, so a compiled graph skips it: there the capacity must have been
+    preallocated (``init_state(max_len)``), and a write past it fails in the indexing kernel."""
     C = cache.k.shape[2]
-    if T == 0 or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (isinstance(T, int) and T == 0):
         return cache
-    needed = int(cache.length.max()) + T if cache.length.numel() else T
+    if isinstance(T, Tensor):
+        needed = int((cache.length + T).max()) if cache.length.numel() else 0
+    else:
+        needed = int(cache.length.max()) + T if cache.length.numel() else T
     if needed <= C:
         return cache
     new = max(needed, 2 * C)
@@ -145,7 +151,15 @@ class SoftmaxAttentionBackend(Protocol):
     after each row's ``length`` (a backend must not change the slots the given cache holds)."""
 
     def __call__(
-        self, q: Tensor, k: Tensor, v: Tensor, *, mode: str, chunk_size: int | None, initial_state: KVCache | None
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        mode: str,
+        chunk_size: int | None,
+        initial_state: KVCache | None,
+        cu_seqlens: Packing | None = None,  # only for a backend with packs=True: B = 1, a cache row per sequence
     ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]: ...
 
 
@@ -157,30 +171,56 @@ def prepare(
     mode: str,
     chunk_size: int | None = None,
     initial_state: KVCache | tuple[Tensor, Tensor] | None = None,
+    cu_seqlens: Packing | None = None,
 ) -> OpCall:
     """Validate a softmax-attention call (see ``mixers.functional.softmax_attention``); grow a cache without
-    room for the new tokens."""
+    room for the new tokens. With ``cu_seqlens`` (packed sequences in one row) the cache has a row per sequence,
+    each with room for the longest sequence, and without a cache each row's capacity is the longest sequence."""
     B, T, H, Hkv, Dk, Dv = check_qkv_grouped(q, k, v)
     chunk = check_mode(mode, chunk_size)
-    cache = check_kv_cache(initial_state, B, Hkv, Dk, Dv, q.dtype, q.device)
+    rows = B if cu_seqlens is None else cu_seqlens.n
+    cache = check_kv_cache(initial_state, rows, Hkv, Dk, Dv, q.dtype, q.device)
     if cache is not None:
-        cache = _room(cache, T)
-    C = T if cache is None else cache.k.shape[2]
+        cache = _room(cache, T if cu_seqlens is None else cu_seqlens.lengths)
+    longest = T if cu_seqlens is None else cu_seqlens.longest
+    C = longest if cache is None else cache.k.shape[2]
     return OpCall(
         args=(q, k, v),
-        kwargs={"mode": mode, "chunk_size": chunk, "initial_state": cache},
+        kwargs={
+            "mode": mode,
+            "chunk_size": chunk,
+            "initial_state": cache,
+            **({} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}),
+        },  # fmt: skip
         device=q.device,
         dtype=q.dtype,
         mode=mode,
         o=("o", (B, T, H, Dv), "[B, T, H, Dv]", q.dtype),
         state=[
-            ("final_state.k", (B, Hkv, C, Dk), "[B, Hkv, C, Dk]", q.dtype),
-            ("final_state.v", (B, Hkv, C, Dv), "[B, Hkv, C, Dv]", q.dtype),
-            ("final_state.length", (B,), "[B]", torch.int64),
+            ("final_state.k", (rows, Hkv, C, Dk), "[B, Hkv, C, Dk]", q.dtype),
+            ("final_state.v", (rows, Hkv, C, Dv), "[B, Hkv, C, Dv]", q.dtype),
+            ("final_state.length", (rows,), "[B]", torch.int64),
         ],
         describe=lambda: f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}, a cache of capacity {C}",
         make_state=lambda state: KVCache(*state),
     )
+
+
+def _local(arguments: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """This rank's keys and values: every rank attends over those of the ranks up to it."""
+    return arguments["k"], arguments["v"]
+
+
+def _incoming(cp: Any, gathered: tuple[Tensor, ...], arguments: dict[str, Any]) -> dict[str, Any]:
+    """This rank's queries over the keys and values of ranks ``0..r``: the earlier ones as a KV cache. Its own
+    keys are read from the gathered copy too, so that every rank's backward reaches the gather."""
+    ks, vs = gathered  # [K, B, L, Hkv, D]
+    r, (_, B, L, Hkv, _) = cp.rank, ks.shape
+
+    def cache(t: Tensor) -> Tensor:  # ranks 0..r-1 as a cache [B, Hkv, r L, D]
+        return t[:r].permute(1, 3, 0, 2, 4).reshape(B, Hkv, r * L, t.shape[-1])
+
+    return {**arguments, "k": ks[r], "v": vs[r], "initial_state": KVCache(cache(ks), cache(vs))}
 
 
 SOFTMAX_ATTENTION = Op(
@@ -191,4 +231,5 @@ SOFTMAX_ATTENTION = Op(
     reference="mixers.ops.softmax_attention.reference:softmax_attention_reference",
     testing="mixers.ops.softmax_attention.testing:SPEC",
     description="causal softmax attention with a KV cache (grouped-query heads, per-row lengths)",
+    context_parallel=ContextParallelForm(_local, _incoming),
 )

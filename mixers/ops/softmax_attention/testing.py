@@ -17,13 +17,13 @@ from mixers.ops.softmax_attention.reference import softmax_attention_reference
 from mixers.testing.ops import (
     BadInput,
     OpSpec,
-    _each_state_tensor,
     bad_chunk_sizes,
     bad_modes,
     bad_ranks,
     bad_state_dtypes,
+    each_state_tensor,
 )
-from mixers.testing.strategies import OpInputs, _gen, _to, chunk_sizes
+from mixers.testing.strategies import OpInputs, as_input, chunk_sizes, generator
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,11 @@ class SoftmaxAttentionCase:
     ragged: bool = False
 
     def inputs(self, requires_grad: bool = False, device: torch.device | str | None = None) -> OpInputs:
-        gen = _gen(self.seed)
+        gen = generator(self.seed)
         B, T, Hkv, Dk, Dv, Tc = self.B, self.T, self.Hkv, self.Dk, self.Dv, self.Tc
 
         def randn(*shape: int) -> Tensor:
-            return _to(torch.randn(*shape, generator=gen, dtype=torch.float64), self.dtype, device, requires_grad)
+            return as_input(torch.randn(*shape, generator=gen, dtype=torch.float64), self.dtype, device, requires_grad)
 
         q, k, v = randn(B, T, Hkv * self.groups, Dk), randn(B, T, Hkv, Dk), randn(B, T, Hkv, Dv)
         cache = None
@@ -61,7 +61,7 @@ class SoftmaxAttentionCase:
             vc = torch.randn(B, Hkv, Tc + self.free, Dv, generator=gen, dtype=torch.float64) * slots
             length = held.to(device=device)
             cache = KVCache(
-                _to(kc, self.dtype, device, requires_grad), _to(vc, self.dtype, device, requires_grad), length
+                as_input(kc, self.dtype, device, requires_grad), as_input(vc, self.dtype, device, requires_grad), length
             )
         return OpInputs({"q": q, "k": k, "v": v}, {}, cache)
 
@@ -112,7 +112,7 @@ def _softmax_bad_inputs(inputs: OpInputs, state: Any) -> list[BadInput]:
         BadInput(
             f"state[{i}] for another batch size", ("initial_state", f"batch size {B + 1}", f"batch size {B}"), state=bad
         )
-        for i, _, _, bad in _each_state_tensor(state, lambda t: torch.cat([t, t[:1]]))
+        for i, _, _, bad in each_state_tensor(state, lambda t: torch.cat([t, t[:1]]))
     ]
     return [
         *bad_modes(),

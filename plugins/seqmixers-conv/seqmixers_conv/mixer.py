@@ -71,7 +71,12 @@ class ShortConvolution(TokenMixer):
         nn.init.xavier_uniform_(self.out_proj.weight)
 
     def init_state(
-        self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+        self,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        max_len: int | None = None,  # the window has a fixed size: nothing to preallocate
     ) -> MixerState:
         window = torch.zeros(batch_size, self.kernel_size - 1, self.d_model, device=device, dtype=dtype)
         return MixerState.start(window, batch_size, device=device)
@@ -86,10 +91,10 @@ class ShortConvolution(TokenMixer):
         cu_seqlens: Tensor | None = None,
     ) -> tuple[Tensor, MixerState]:
         """``cu_seqlens``: ``x [1, T, d_model]`` holds packed sequences (the op restarts its window at each);
-        the state then has a row per sequence. A mixer without positions needs nothing more for packing."""
+        the state then has a row per sequence. A mixer without positions needs nothing more for cu_seqlens."""
         B, T = self.check_input(x)
-        packing = self.packing(x, cu_seqlens)
-        state = self.check_state(state, B, x.device, packing)
+        cu_seqlens = self.check_packing(x, cu_seqlens)
+        state = self.check_state(state, B, x.device, cu_seqlens)
         u, *g = self.in_proj(x).chunk(2 if self.gate else 1, dim=-1)  # (B, T, d_model) each
         y, window = short_conv(
             u,
@@ -99,12 +104,12 @@ class ShortConvolution(TokenMixer):
             chunk_size=chunk_size if chunk_size is not None else self.chunk_size,
             initial_state=None if state is None else state.op,
             backend=self.backend,
-            cu_seqlens=packing,
+            cu_seqlens=cu_seqlens,
         )
         y = ACTIVATIONS[self.activation](y)
         if self.gate:
             y = y * F.silu(g[0])
-        return self.out_proj(y), self.next_state(state, x, window, packing)
+        return self.out_proj(y), self.next_state(state, x, window, cu_seqlens)
 
     def extra_repr(self) -> str:
         return (

@@ -9,11 +9,12 @@ one pass exactly: this op has no accumulated state at all, only a window.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from mixers.ops import Op, OpCall
+from mixers.ops.base import ContextParallelForm
 from mixers.ops.checks import check_mode, check_state
 from torch import Tensor
 
@@ -70,6 +71,22 @@ def prepare(
     )
 
 
+def _tail(arguments: dict[str, Any]) -> tuple[Tensor]:
+    """What a rank's tokens hand the next ranks: its last ``min(L, K-1)`` inputs."""
+    x, K = arguments["x"], arguments["weight"].shape[1]
+    return (x[:, x.shape[1] - min(x.shape[1], K - 1) :],)
+
+
+def _window(cp: Any, gathered: tuple[Tensor, ...], arguments: dict[str, Any]) -> dict[str, Any]:
+    """The K-1 inputs before this rank's tokens (zeros before the sequence), from the earlier ranks' tails."""
+    (tails,) = gathered  # [ranks, B, m, C]
+    x, K = arguments["x"], arguments["weight"].shape[1]
+    B, m, C = tails.shape[1:]
+    before = tails[: cp.rank].transpose(0, 1).reshape(B, cp.rank * m, C)
+    window = torch.cat([x.new_zeros(B, K - 1, C), before], dim=1)[:, before.shape[1] :]
+    return {**arguments, "initial_state": window}
+
+
 SHORT_CONV = Op(
     OP,
     prepare,
@@ -79,6 +96,7 @@ SHORT_CONV = Op(
     testing="seqmixers_conv.testing:SHORT_CONV_SPEC",
     description="short causal depthwise convolution (state: the last K-1 inputs)",
     sequences=("x",),
+    context_parallel=ContextParallelForm(_tail, _window),
 )
 
 

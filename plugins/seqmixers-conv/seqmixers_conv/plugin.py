@@ -6,7 +6,7 @@ This is the whole integration with seqmixers; the same hooks register the core's
 from __future__ import annotations
 
 from mixers import Backend, hookimpl
-from mixers.registry import BackendRegistrar, MixerRegistrar, OpRegistrar
+from mixers.catalogue import BackendRegistrar, MixerRegistrar, OpRegistrar
 
 from seqmixers_conv.mixer import ShortConvolution
 from seqmixers_conv.op import OP, SHORT_CONV, torch_short_conv

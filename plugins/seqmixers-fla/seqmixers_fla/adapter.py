@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from mixers.backends import nonfinite
 from mixers.backends.torch_linear_attention import guard  # the op's documented denominator guard
-from mixers.functional import state_dtype
+from mixers.ops.checks import state_dtype
 from torch import Tensor
 
 Kernel = Callable[..., tuple[Tensor, Tensor]]

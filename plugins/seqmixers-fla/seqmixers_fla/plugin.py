@@ -10,7 +10,7 @@ import importlib.util
 
 import torch
 from mixers import Backend, hookimpl
-from mixers.registry import BackendRegistrar
+from mixers.catalogue import BackendRegistrar
 
 from seqmixers_fla.adapter import _kernels, linear_attention, retention
 

@@ -21,25 +21,26 @@ resume (``benchmarks/results/train_state_checksums.json`` has the cost).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import shutil
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from models import distributed
-from models.config import ConfigError, ModelConfig, TrainConfig
-
-if TYPE_CHECKING:  # pragma: no cover
-    from models.train import _Run
+from models.config import PARALLEL, ConfigError, ModelConfig, TrainConfig
+from models.lm import LanguageModel
+from models.training.parallel import World, barrier
 
 STATE = "train_state"
 FORMAT = 2  # 2: checksums.json, and the data the run trains on in meta.json
@@ -68,12 +69,30 @@ def _one_process_is_intended() -> Iterator[None]:
         yield
 
 
-def _rng(run: _Run) -> dict[str, torch.Tensor]:
+@dataclass
+class TrainState:
+    """A run after ``step`` steps: the model (wrapped for its parallelism) and its optimizer, the data generator
+    (which fixes the batches still to come) and what the run has measured. ``save`` writes it, with every rank's
+    random state; ``restore`` gives it back."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    step: int = 0
+    train_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss)
+    val_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    best_step: int | None = None  # the step of the lowest validation loss so far
+    best_val_loss: float = math.inf
+    tokens: int = 0  # the real tokens trained on so far, over all ranks (padding not counted)
+    train_s: float = 0.0  # seconds spent in training steps
+
+
+def _rng(state: TrainState, world: World) -> dict[str, torch.Tensor]:
     """This rank's random states (keys carry the rank: every rank has its own) and the shared data generator."""
-    r = run.world.rank
-    states = {f"torch.{r}": torch.get_rng_state(), "data": run.gen.get_state()}
-    if run.world.device.type == "cuda":
-        states[f"cuda.{r}"] = torch.cuda.get_rng_state(run.world.device)
+    r = world.rank
+    states = {f"torch.{r}": torch.get_rng_state(), "data": state.generator.get_state()}
+    if world.device.type == "cuda":
+        states[f"cuda.{r}"] = torch.cuda.get_rng_state(world.device)
     return states
 
 
@@ -129,34 +148,35 @@ def verify_checksums(path: Path) -> None:
             )
 
 
-def save(run: _Run, step: int) -> Path:
-    """Save ``run``'s state after ``step`` to ``OUT/train_state`` (every rank takes part); return the folder."""
-    assert run.out is not None
-    final, tmp, old = run.out / STATE, run.out / f"{STATE}.tmp", run.out / f"{STATE}.old"
-    if run.world.main:
+def save(
+    state: TrainState, out: Path, world: World, *, parallel: str, model: ModelConfig, train: TrainConfig, data: dict
+) -> Path:
+    """Save ``state`` to ``out/train_state`` (every rank takes part) with what the run is: its parallelism, configs
+    and the record of its data (``models.training.batches.data_record``); return the folder."""
+    final, tmp, old = out / STATE, out / f"{STATE}.tmp", out / f"{STATE}.old"
+    if world.main:
         shutil.rmtree(tmp, ignore_errors=True)
-    distributed.barrier(run.world)
-    model_state, optim_state = get_state_dict(run.model, run.optimizer)
-    state = {"model": model_state, "optim": optim_state, "rng": _rng(run)}
+    barrier(world)
+    model_state, optim_state = get_state_dict(state.model, state.optimizer)
+    tensors = {"model": model_state, "optim": optim_state, "rng": _rng(state, world)}
     with _one_process_is_intended():
-        dcp.save(state, checkpoint_id=tmp, no_dist=run.world.size == 1)
-    distributed.barrier(run.world)  # every rank's shards are written before rank 0 hashes them
-    if run.world.main:
-        r = run.result
+        dcp.save(tensors, checkpoint_id=tmp, no_dist=world.size == 1)
+    barrier(world)  # every rank's shards are written before rank 0 hashes them
+    if world.main:
         meta = {
             "format": FORMAT,
-            "step": step,
-            "ranks": run.world.size,
-            "parallel": run.parallel,
-            "model": run.model_config.to_dict(),
-            "train": run.tc.to_dict(),
-            "data": run.data_record,
-            "train_curve": r.train_curve,
-            "val_curve": r.val_curve,
-            "best_step": r.best_step,
-            "best_val_loss": r.best_val_loss if r.best_step is not None else None,
-            "tokens": run.tokens,
-            "train_s": r.train_s,
+            "step": state.step,
+            "ranks": world.size,
+            "parallel": parallel,
+            "model": model.to_dict(),
+            "train": train.to_dict(),
+            "data": data,
+            "train_curve": state.train_curve,
+            "val_curve": state.val_curve,
+            "best_step": state.best_step,
+            "best_val_loss": state.best_val_loss if state.best_step is not None else None,
+            "tokens": state.tokens,
+            "train_s": state.train_s,
         }
         (tmp / META).write_text(json.dumps(meta, indent=1))
         write_checksums(tmp)
@@ -165,7 +185,7 @@ def save(run: _Run, step: int) -> Path:
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
-    distributed.barrier(run.world)
+    barrier(world)
     return final
 
 
@@ -244,7 +264,7 @@ def _check_curve(name: str, curve: object, first: int, last: int) -> dict[int, f
 
 
 def check_data_record(record: object) -> None:
-    """What a run trained on (``models.train.data_record``): its kind, fingerprint and tokenizer."""
+    """What a run trained on (``models.training.batches.data_record``): its kind, fingerprint and tokenizer."""
     if not isinstance(record, dict):
         raise ConfigError(f"data must be a table, got {_got(record)}")
     kind = record.get("kind")
@@ -298,8 +318,8 @@ def check_meta(meta: object) -> tuple[ModelConfig, TrainConfig]:
         raise ConfigError(f"step must be an int in [0, train.steps = {train.steps}], got {_got(step)}")
     if not _is_int(meta["ranks"], 1):
         raise ConfigError(f"ranks must be an int >= 1, got {_got(meta['ranks'])}")
-    if meta["parallel"] not in distributed.PARALLEL:
-        raise ConfigError(f"parallel must be one of {distributed.PARALLEL}, got {_got(meta['parallel'])}")
+    if meta["parallel"] not in PARALLEL:
+        raise ConfigError(f"parallel must be one of {PARALLEL}, got {_got(meta['parallel'])}")
     check_data_record(meta["data"])
     train_points = _check_curve("train_curve", meta["train_curve"], 1, step)
     if len(train_points) != step:
@@ -322,47 +342,48 @@ def check_meta(meta: object) -> tuple[ModelConfig, TrainConfig]:
     return model, train
 
 
-def load(run: _Run, saved: Saved) -> int:
-    """Restore ``run`` from the checked training state ``saved``; return the step it had completed."""
+def restore(saved: Saved, state: TrainState, world: World, *, parallel: str, model: ModelConfig) -> TrainState:
+    """``state`` (a new run's: its model, optimizer and generator) as the checked training state ``saved`` left
+    it: the tensors and random states loaded in place, the step and measures from its ``meta.json``. A state
+    saved by another setup (ranks, parallelism, model) is refused."""
     meta, path = saved.meta, saved.path
     mismatches = [
         f"{what}: saved {was!r}, now {now!r}"
         for what, was, now in (
-            ("ranks", meta["ranks"], run.world.size),
-            ("parallel", meta["parallel"], run.parallel),
-            ("model", meta["model"], run.model_config.to_dict()),
+            ("ranks", meta["ranks"], world.size),
+            ("parallel", meta["parallel"], parallel),
+            ("model", meta["model"], model.to_dict()),
         )
         if was != now
     ]
     if mismatches:
         raise ResumeError(f"the training state in {path} is from another setup: {'; '.join(mismatches)}")
-    model_state, optim_state = get_state_dict(run.model, run.optimizer)
-    state = {"model": model_state, "optim": optim_state, "rng": _rng(run)}
+    model_state, optim_state = get_state_dict(state.model, state.optimizer)
+    tensors = {"model": model_state, "optim": optim_state, "rng": _rng(state, world)}
     with _one_process_is_intended():
-        dcp.load(state, checkpoint_id=path, no_dist=run.world.size == 1)
-    set_state_dict(run.model, run.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng, r = state["rng"], run.world.rank
+        dcp.load(tensors, checkpoint_id=path, no_dist=world.size == 1)
+    set_state_dict(state.model, state.optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"])
+    rng, r = tensors["rng"], world.rank
     torch.set_rng_state(rng[f"torch.{r}"])
-    run.gen.set_state(rng["data"])
+    state.generator.set_state(rng["data"])
     if f"cuda.{r}" in rng:
-        torch.cuda.set_rng_state(rng[f"cuda.{r}"], run.world.device)
-    res = run.result
-    res.train_curve = [tuple(p) for p in meta["train_curve"]]
-    res.val_curve = [tuple(p) for p in meta["val_curve"]]
-    res.best_step = meta["best_step"]
-    if res.best_step is not None:
-        res.best_val_loss, res.best = meta["best_val_loss"], run.best
-    run.tokens, res.train_s = meta["tokens"], meta["train_s"]
-    return saved.step
+        torch.cuda.set_rng_state(rng[f"cuda.{r}"], world.device)
+    best_step = meta["best_step"]
+    return dataclasses.replace(
+        state,
+        step=saved.step,
+        train_curve=[tuple(p) for p in meta["train_curve"]],
+        val_curve=[tuple(p) for p in meta["val_curve"]],
+        best_step=best_step,
+        best_val_loss=meta["best_val_loss"] if best_step is not None else math.inf,
+        tokens=meta["tokens"],
+        train_s=meta["train_s"],
+    )
 
 
 def export(folder: str | Path, path: str | Path) -> Path:
     """Write the model of the training state in ``folder`` (sharded or not) to the single-file checkpoint
     ``path`` that ``generate`` and ``models.load`` read; needs no process group. The state is checked first."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    from models.lm import LanguageModel  # (imported here: models.lm is not needed to save or load a state)
-
     saved, path = read(folder), Path(path)
     whole = path.with_name(f".{path.name}.full.tmp")
     try:

@@ -1,47 +1,55 @@
-"""Training data on disk: text files, folders of them and JSONL, streamed; the byte and BPE tokenizers; the token
-cache, a memory-mapped file of token ids with the documents' starts beside it.
+"""The data pipeline: the embedded corpus, text files, folders of them and JSONL, read as documents and streamed
+into the token cache, a memory-mapped file of token ids with the documents' starts beside it, from which training
+draws windows or packed rows.
+
+The embedded corpus is the English help text every Python installation carries (``pydoc_data.topics``, about
+465 KB: the language reference behind ``help("if")``), so training needs no download.
 
 ``iter_texts`` (or ``iter_pieces``, which also says where documents start) reads a file or a folder a line or a
 block at a time, never a whole file. ``build_token_cache`` tokenizes it once into ``NAME.bin`` (the token ids),
 ``NAME.starts.bin`` (each document's first token) and ``NAME.json`` (what they were built from); a later call with
 the same files and tokenizer reuses them. ``open_token_cache`` maps them into memory (``torch.from_file``: pages
 are read from disk as they are touched), and a ``TokenCache`` draws windows or packed rows from them without
-reading the whole file. See docs/training-data.md.
+reading the whole file. Packed rows follow ``pack_documents``'s rules: no document crosses a row's sequences.
+See docs/training-data.md.
 """
 
 from __future__ import annotations
 
 import array
-import contextlib
-import hashlib
 import json
 import os
-import signal
-import subprocess
-import sys
-import threading
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from models import data as _data
 from models.config import ConfigError
-from models.data import BYTE_VOCAB, jsonl_text
+from models.training.tokenizers import ByteTokenizer, Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 FORMATS = ("auto", "text", "jsonl")
 TEXT_DOCUMENTS = ("file", "lines", "separator")
 BLOCK_CHARS = 1 << 20  # the most characters of a text file read (and tokenized) at once
-BPE_PIECE_CHARS = 1 << 10  # the most characters BPE training sees at once (see BPETokenizer.train)
-TOKENIZER_FILE = "tokenizer.json"
 CACHE_VERSION = 2  # 2: the sidecar records checksums and the largest id
 SCAN_BYTES = 1 << 20  # a cache file is read this much at a time to check it
+IGNORE = -100  # the target of a position that is not trained on (``F.cross_entropy``'s default ignore_index)
+
+
+def default_corpus() -> bytes:
+    """The pydoc topics, in a fixed (sorted) order, as UTF-8 bytes."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name].strip() for name in sorted(topics)).encode("utf-8")
+
+
+class DocumentError(ConfigError):
+    """The training data cannot be read as documents (a bad JSONL line, too few documents). A ``ConfigError``,
+    so that ``seqmixers train`` reports it in one line."""
 
 
 # Reading files ------------------------------------------------------------------------------------------
@@ -149,8 +157,8 @@ def iter_pieces(
     one), as UTF-8 with invalid bytes replaced by U+FFFD and line endings kept as they are. ``documents``: each
     text file is one document (``"file"``); or each of its non-empty lines is one, without its line ending
     (``"lines"``: ``\n``, ``\r\n`` or ``\r``); or each non-empty piece between occurrences of ``separator``
-    (``"separator"``). The last two give the documents ``models.data.documents`` gives for the file's bytes. A
-    document longer than ``block_chars`` comes in several pieces.
+    (``"separator"``), the same whatever ``block_chars`` is. A document longer than ``block_chars`` comes in
+    several pieces.
     JSONL files are read a line at a time: each line one object whose string ``field`` is a document. A line that
     is not raises ``DocumentError`` naming the file and line number.
     """
@@ -182,233 +190,124 @@ def iter_texts(
         yield text
 
 
-# Tokenizers ---------------------------------------------------------------------------------------------
+# Documents and packed rows ----------------------------------------------------------------------------
 
 
-@runtime_checkable
-class Tokenizer(Protocol):
-    """What the data pipeline needs of a tokenizer. ``fingerprint`` changes whenever the ids it gives do."""
-
-    name: str
-
-    @property
-    def vocab_size(self) -> int: ...
-
-    @property
-    def fingerprint(self) -> str: ...
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Iterable[int] | Tensor) -> str: ...
-
-    def save(self, directory: str | Path) -> None: ...
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens (vocabulary 256): ``models.data.encode``/``decode``. Needs no file."""
-
-    name = "bytes"
-    vocab_size = BYTE_VOCAB
-    fingerprint = "bytes"
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [list(t.encode("utf-8")) for t in texts]
-
-    def decode(self, ids: Iterable[int] | Tensor) -> str:
-        return _data.decode(ids if isinstance(ids, Tensor) else list(ids))
-
-    def save(self, directory: str | Path) -> None:
-        """Bytes need no file: removes a ``tokenizer.json`` left there, so that ``load_tokenizer`` gives bytes."""
-        (Path(directory) / TOKENIZER_FILE).unlink(missing_ok=True)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ByteTokenizer)
-
-    def __hash__(self) -> int:
-        return hash(self.name)
-
-    def __repr__(self) -> str:
-        return "ByteTokenizer()"
-
-
-def _tokenizers():
+def jsonl_text(line: bytes, field: str, where: str) -> str:
+    """The string ``field`` of the JSON object on one JSONL ``line``; a line that is not one raises
+    ``DocumentError`` naming ``where`` it is and what was expected."""
+    expected = f"one JSON object per line with a string field {field!r}"
     try:
-        import tokenizers
-    except ImportError:
-        raise ImportError(
-            "the BPE tokenizer needs the `tokenizers` library: pip install tokenizers "
-            "(or pip install 'seqmixers[bpe]'); the byte tokenizer needs nothing"
-        ) from None
-    return tokenizers
+        record = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DocumentError(f"{where}: not valid JSON ({exc}); expected {expected}") from None
+    if not isinstance(record, dict):
+        raise DocumentError(f"{where}: a {type(record).__name__}, not an object; expected {expected}")
+    if field not in record:
+        raise DocumentError(f"{where}: no field {field!r} (it has {sorted(record)[:10]}); expected {expected}")
+    text = record[field]
+    if not isinstance(text, str):
+        raise DocumentError(f"{where}: field {field!r} is a {type(text).__name__}, not a string; expected {expected}")
+    return text
 
 
-def bounded_pieces(texts: Iterable[str], max_chars: int = BPE_PIECE_CHARS) -> Iterator[str]:
-    """``texts`` in pieces of at most ``max_chars`` characters that join to them: each cut just before the last
-    space or line end of the piece, where it has one (a word of BPE's pre-tokenizer starts there, so words stay
-    whole), else after ``max_chars`` characters (a run without whitespace). Empty texts give nothing."""
-    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1:
-        raise ValueError(f"max_chars must be an int >= 1, got {max_chars!r}")
-    for text in texts:
-        start = 0
-        while len(text) - start > max_chars:
-            end = start + max_chars
-            cut = max(text.rfind(c, start + 1, end + 1) for c in " \n\t")
-            cut = cut if cut > start else end
-            yield text[start:cut]
-            start = cut
-        if start < len(text):
-            yield text[start:]
+@dataclass
+class PackedRows:
+    """Documents packed into ``R`` fixed-length rows of ``seq_len`` input tokens (``pack_documents``).
 
+    ``inputs [R, L]`` (the documents' dtype; 0 at padding), ``targets [R, L]`` (the same dtype; meaningful
+    where ``counted``), ``counted [R, L]`` bool (the positions trained on), ``starts [R, L]`` bool (where a
+    sequence starts; always at 0), ``n_real [R]`` (the tokens of each row that are not padding).
+    ``rows[i]`` is row i as ``(inputs [L], targets [L] int64 with IGNORE, cu_seqlens [n+1] int64)``.
+    """
 
-class TokenizerInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped the training of a tokenizer (at once: there is nothing to save)."""
+    inputs: Tensor
+    targets: Tensor
+    counted: Tensor
+    starts: Tensor
+    n_real: Tensor
 
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name} while training the BPE tokenizer")
-
-
-@contextlib.contextmanager
-def _stop_at_once() -> Iterator[None]:
-    """While entered in the main thread, SIGINT and SIGTERM (unless ignored) raise ``TokenizerInterrupted``,
-    whatever handlers were set before (restored on the way out)."""
-
-    def stop(signum: int, frame: object) -> None:
-        raise TokenizerInterrupted(signum)
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(signum) is not signal.SIG_IGN:
-                previous[signum] = signal.signal(signum, stop)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-
-
-def _train_in_worker(pieces: Iterable[str], options: dict) -> str:
-    """The JSON of a BPE tokenizer trained on ``pieces`` by ``models/_bpe_worker.py`` in a child process, which
-    is killed if anything goes wrong here (a signal, an error reading the texts)."""
-    worker = [sys.executable, str(Path(__file__).with_name("_bpe_worker.py")), str(os.getpid())]
-    with _stop_at_once(), subprocess.Popen(worker, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
-        try:
-            try:
-                proc.stdin.write(json.dumps(options).encode("utf-8") + b"\n")
-                for piece in pieces:
-                    data = piece.encode("utf-8")
-                    proc.stdin.write(len(data).to_bytes(4, "little") + data)
-                proc.stdin.write(bytes(4))  # the end
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass  # the worker stopped early: its exit code says so
-            trained = proc.stdout.read().decode("utf-8")
-            code = proc.wait()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(OSError):
-                proc.stdin.close()  # its buffer may hold what a killed worker never read
-    if code != 0 or not trained:
-        raise RuntimeError(f"training the BPE tokenizer failed: its worker process exited with code {code}")
-    return trained
-
-
-class BPETokenizer:
-    """A byte-level BPE tokenizer (GPT-2 style) from the ``tokenizers`` library: every text encodes, and
-    ``decode(encode(text)) == text``. Made with ``train`` (on the training data) or ``load``; ``save(dir)`` writes
-    ``dir/tokenizer.json``."""
-
-    name = "bpe"
-
-    def __init__(self, tokenizer) -> None:
-        self._tok = tokenizer
-        self._fingerprint = hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
-
-    @classmethod
-    def train(
-        cls,
-        texts: Iterable[str],
-        vocab_size: int,
-        *,
-        min_frequency: int = 2,
-        show_progress: bool = True,
-        max_piece_chars: int = BPE_PIECE_CHARS,
-    ) -> BPETokenizer:
-        """Learn merges from ``texts`` (e.g. ``iter_texts(source)``) up to ``vocab_size`` ids (at least 256: the
-        bytes come first); fewer if the text runs out of pairs seen ``min_frequency`` times.
-
-        The texts are fed in pieces of at most ``max_piece_chars`` characters (``bounded_pieces``): a long run
-        without whitespace is one "word" to BPE, and its cost grows with the word's length times the merges (a
-        1 MB line took minutes), so bounded pieces keep the time proportional to the text. The library trains in
-        a child process (``models/_bpe_worker.py``) fed through a pipe: in the main thread, SIGINT and SIGTERM
-        stop it at once, whatever handlers were set (nothing half-trained could be kept), by killing the child
-        and raising ``TokenizerInterrupted``. ``show_progress``: the library's progress bars on stderr (drawn
-        only on a terminal)."""
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < BYTE_VOCAB:
-            raise ValueError(f"vocab_size must be an int >= {BYTE_VOCAB} (the bytes come first), got {vocab_size!r}")
-        tk = _tokenizers()
-        options = {"vocab_size": vocab_size, "min_frequency": min_frequency, "show_progress": bool(show_progress)}
-        trained = _train_in_worker(bounded_pieces(texts, max_piece_chars), options)
-        return cls(tk.Tokenizer.from_str(trained))
-
-    @classmethod
-    def load(cls, directory: str | Path) -> BPETokenizer:
-        path = Path(directory) / TOKENIZER_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"no BPE tokenizer at {str(path)!r}")
-        return cls(_tokenizers().Tokenizer.from_file(str(path)))
-
-    def save(self, directory: str | Path) -> None:
-        """Write ``directory/tokenizer.json`` (atomically: a temporary file renamed over it)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / TOKENIZER_FILE
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            self._tok.save(str(tmp))
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
 
     @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size()
+    def seq_len(self) -> int:
+        return self.inputs.shape[1]
 
-    @property
-    def fingerprint(self) -> str:
-        return self._fingerprint
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        x, y, cu = self.batch(torch.tensor([i]))
+        return x[0], y[0], cu
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(self, ids: Iterable[int] | Tensor) -> str:
-        ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
-        return self._tok.decode(ids, skip_special_tokens=False)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, BPETokenizer) and other.fingerprint == self.fingerprint
-
-    def __hash__(self) -> int:
-        return hash(self._fingerprint)
-
-    def __repr__(self) -> str:
-        return f"BPETokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint!r})"
+    def batch(self, rows: Tensor | list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """Rows ``rows`` (B indices) flattened into one packed row: ``(x [1, B*L], y [1, B*L], cu_seqlens [N+1])``,
+        int64; ``y`` is ``IGNORE`` where nothing is trained; ``cu_seqlens`` joins the rows' boundaries."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        x = self.inputs[rows].long().flatten()
+        y = torch.where(self.counted[rows], self.targets[rows].long(), IGNORE).flatten()
+        starts = self.starts[rows].flatten().nonzero().flatten()
+        cu = torch.cat([starts, torch.tensor([x.numel()])])
+        return x[None], y[None], cu
 
 
-def load_tokenizer(directory: str | Path | None) -> ByteTokenizer | BPETokenizer:
-    """The BPE tokenizer saved in ``directory`` (its ``tokenizer.json``), else the byte tokenizer."""
-    if directory is not None and (Path(directory) / TOKENIZER_FILE).is_file():
-        return BPETokenizer.load(directory)
-    return ByteTokenizer()
+def pack_documents(docs: list[Tensor], seq_len: int) -> PackedRows:
+    """Pack tokenized documents, in order, into rows of ``seq_len`` input tokens.
+
+    A document of n tokens is trained as on its own: position i predicts token i + 1, so it has n - 1 counted
+    targets, and its last token's target is ignored. Documents of fewer than 2 tokens predict nothing and are
+    left out. The rule, going through the documents in order with a cursor in the current row:
+
+    - a document that fits in the room left in the row goes there, as its own sequence (a boundary at its
+      start: it starts at position 0 and sees nothing before it);
+    - a document that fits in a row (n <= seq_len) but not in the room starts a new row; the room left is
+      padding (input 0, no target), a separate sequence of its own, so no real token attends to it;
+    - a longer document is cut: its pieces fill the room, then whole rows, and its rest goes on in the next
+      row. Each piece is a new sequence (no state or attention from the piece before); the target of a
+      piece's last token is the document's real next token, the first token of the next piece.
+    - the last row is filled with padding.
+
+    So every counted target is the next token of the same document, no target or attention crosses a
+    document, every document has exactly n - 1 counted targets, and a document of at most ``seq_len``
+    tokens gets exactly the loss that running it alone gives. Rows with no counted target (the one-token
+    end of a cut document, then padding) are left out.
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
+    docs = [d.flatten() for d in docs if d.numel() >= 2]
+    dtype = docs[0].dtype if docs else torch.long
+    lengths = [d.numel() for d in docs]
+    doc_starts, pad_starts, pos = [], [], 0
+    for n in lengths:
+        room = seq_len - pos % seq_len
+        if room < n <= seq_len:
+            pad_starts.append(pos)
+            pos += room
+        doc_starts.append(pos)
+        pos += n
+    total = -(-pos // seq_len) * seq_len
+    if pos < total:
+        pad_starts.append(pos)
+    stream = torch.cat(docs).to(dtype) if docs else torch.zeros(0, dtype=dtype)
+    lengths_t = torch.tensor(lengths, dtype=torch.long)
+    doc_starts_t = torch.tensor(doc_starts, dtype=torch.long)
+    offsets = torch.cumsum(lengths_t, 0) - lengths_t  # each document's start in the stream
+    dest = torch.arange(len(stream)) + torch.repeat_interleave(doc_starts_t - offsets, lengths_t)
+    inputs = torch.zeros(total, dtype=dtype)
+    targets = torch.zeros(total, dtype=dtype)
+    counted = torch.zeros(total, dtype=torch.bool)
+    real = torch.zeros(total, dtype=torch.bool)
+    starts = torch.zeros(total, dtype=torch.bool)
+    inputs[dest] = stream
+    targets[dest[:-1]] = stream[1:]
+    is_last = torch.zeros(len(stream), dtype=torch.bool)
+    is_last[offsets + lengths_t - 1] = True
+    counted[dest] = ~is_last
+    real[dest] = True
+    starts[doc_starts_t] = True
+    starts[torch.tensor(pad_starts, dtype=torch.long)] = True
+    starts[::seq_len] = True
+    keep = counted.view(-1, seq_len).any(1)
+    view = [t.view(-1, seq_len)[keep] for t in (inputs, targets, counted, starts, real)]
+    return PackedRows(*view[:4], n_real=view[4].sum(1))
 
 
 # The token cache ----------------------------------------------------------------------------------------
@@ -726,10 +625,10 @@ class TokenCache:
     ascending), each a tensor over a memory-mapped file (or a view of one): slicing reads only the pages it
     touches. Do not write into them (the writes would stay in this process; the files are never changed).
 
-    ``split`` cuts it into training and validation parts; ``random_windows``/``fixed_windows`` give
-    ``(x [B, T], y [B, T])`` int64 like ``models.data.random_batch``/``fixed_batches``; ``random_packed``/
-    ``fixed_packed`` give packed rows ``(x [1, B*L], y [1, B*L], cu_seqlens)`` like
-    ``models.data.random_packed_batch``/``fixed_packed_batches``, built from the few documents each row needs.
+    ``split`` cuts it into training and validation parts; ``random_windows``/``fixed_windows`` give windows
+    ``(x [B, T], y [B, T])`` int64 (targets: the inputs shifted by one); ``random_packed``/``fixed_packed`` give
+    packed rows ``(x [1, B*L], y [1, B*L], cu_seqlens)`` (``pack_documents``'s rules), built from the few
+    documents each row needs.
     Picking and reading are separate, for a trainer that picks a global batch with one generator on every rank
     and reads only its own part: ``random_window_starts`` then ``windows_at``; ``random_positions`` then
     ``rows_at`` (or ``packed_at``).
@@ -758,7 +657,7 @@ class TokenCache:
     def split(self, val_fraction: float, *, by: str = "documents") -> tuple[TokenCache, TokenCache]:
         """``(train, val)``: the last ``val_fraction`` of the documents (at least one) is held out; with a single
         document, the last ``val_fraction`` of its tokens. ``by="tokens"``: the last ``int(N * val_fraction)``
-        tokens, wherever documents start (``models.data.split``'s cut, for random windows). Views of the same
+        tokens, wherever documents start (for random windows). Views of the same
         files."""
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
@@ -809,8 +708,8 @@ class TokenCache:
 
     # packed rows
 
-    def _row(self, position: int, seq_len: int) -> _data.PackedRows:
-        """One packed row (``models.data.pack_documents``'s rules) starting at token ``position``: the rest of the
+    def _row(self, position: int, seq_len: int) -> PackedRows:
+        """One packed row (``pack_documents``'s rules) starting at token ``position``: the rest of the
         document holding it (a piece of it, when ``position`` is inside), then the documents after it while the
         row has room. Reads at most about ``2 * seq_len`` tokens per document it uses."""
         doc = int(torch.searchsorted(self.doc_starts, torch.tensor([position]), right=True)) - 1
@@ -821,23 +720,23 @@ class TokenCache:
             docs.append(piece)
             total += piece.numel()
             doc, end = doc + 1, nxt
-        rows = _data.pack_documents(docs, seq_len)
+        rows = pack_documents(docs, seq_len)
         if len(rows) == 0:  # nothing to predict from here (a 1-token end of the data): an all-ignored row
             z = torch.zeros(1, seq_len, dtype=torch.long)
-            return _data.PackedRows(z, z, z.bool(), torch.ones(1, seq_len, dtype=torch.bool), z[:, 0])
-        return _data.PackedRows(*(t[:1] for t in (rows.inputs, rows.targets, rows.counted, rows.starts, rows.n_real)))
+            return PackedRows(z, z, z.bool(), torch.ones(1, seq_len, dtype=torch.bool), z[:, 0])
+        return PackedRows(*(t[:1] for t in (rows.inputs, rows.targets, rows.counted, rows.starts, rows.n_real)))
 
-    def rows_at(self, positions: Tensor | list[int], seq_len: int) -> _data.PackedRows:
+    def rows_at(self, positions: Tensor | list[int], seq_len: int) -> PackedRows:
         """One packed row per position (see ``_row``), as ``PackedRows`` (int64): ``.batch(range(B))`` gives the
         packed batch, ``.n_real`` the real tokens of each row."""
         if self.n_documents == 0 or len(self) < 2:
             raise ValueError("the cache holds no document of 2 or more tokens to pack")
         rows = [self._row(p, seq_len) for p in torch.as_tensor(positions).tolist()]
-        return _data.PackedRows(*(torch.cat(parts) for parts in zip(*(_fields(r) for r in rows), strict=True)))
+        return PackedRows(*(torch.cat(parts) for parts in zip(*(_fields(r) for r in rows), strict=True)))
 
     def packed_at(self, positions: Tensor | list[int], seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
         """Rows starting at token ``positions`` as one packed row ``(x [1, B*L], y [1, B*L], cu_seqlens [N+1])``,
-        int64, ``y`` is ``models.data.IGNORE`` where nothing is trained (``models.data.PackedRows.batch``)."""
+        int64, ``y`` is ``IGNORE`` where nothing is trained (``PackedRows.batch``)."""
         rows = self.rows_at(positions, seq_len)
         return rows.batch(torch.arange(len(rows)))
 
@@ -857,30 +756,5 @@ class TokenCache:
         return [self.packed_at(part, seq_len) for part in positions.split(batch_size)]
 
 
-class TextStream:
-    """Decodes token ids as they are generated, for any tokenizer: ``stream(token)`` gives the text that token
-    completes ("" while a character is still incomplete), ``flush()`` what is left. The ids since the last
-    complete text are decoded together (for byte-level BPE a token may hold part of a character), and text
-    ending in U+FFFD waits for the next token (a replacement character that is really in the text comes out at
-    the end, or once text after it is complete)."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self._pending: list[int] = []
-
-    def __call__(self, token: int) -> str:
-        self._pending.append(int(token))
-        text = self.tokenizer.decode(self._pending)
-        if text.endswith("\ufffd"):
-            return ""
-        self._pending.clear()
-        return text
-
-    def flush(self) -> str:
-        text = self.tokenizer.decode(self._pending) if self._pending else ""
-        self._pending.clear()
-        return text
-
-
-def _fields(rows: _data.PackedRows) -> tuple[Tensor, ...]:
+def _fields(rows: PackedRows) -> tuple[Tensor, ...]:
     return rows.inputs, rows.targets, rows.counted, rows.starts, rows.n_real

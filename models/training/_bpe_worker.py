@@ -1,4 +1,4 @@
-"""Trains a byte-level BPE tokenizer for ``models.corpus.BPETokenizer.train`` in a process of its own.
+"""Trains a byte-level BPE tokenizer for ``models.training.tokenizers.BPETokenizer.train`` in a process of its own.
 
 The ``tokenizers`` library trains in Rust without returning to Python, so a signal handler of the process that
 calls it never runs until it is done (minutes, on some data). Run in a child process, the training can be
@@ -44,6 +44,10 @@ def exit_when_orphaned(parent: int) -> None:
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=exit_when_orphaned, args=(int(sys.argv[1]),), daemon=True).start()
+    # A script's folder comes first on sys.path, and this one holds models/training/tokenizers.py: without it
+    # there, ``import tokenizers`` finds the library.
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
     import tokenizers as tk
 
     stdin = sys.stdin.buffer
