@@ -57,13 +57,17 @@ class Backend:
     traceable: bool = True
     packs: bool = False  # fn takes cu_seqlens (a mixers.packing.Packing) and computes every packed sequence itself
 
-    def unsupported_reason(self, device: torch.device, dtype: torch.dtype, mode: str) -> str | None:
-        """Why this backend cannot take these inputs, or ``None`` if it can."""
-        if self.devices is not None and device.type not in self.devices:
-            return f"runs on {sorted(self.devices)} devices, not {device.type!r}"
-        if self.dtypes is not None and dtype not in self.dtypes:
+    def unsupported_reason(
+        self, device: torch.device | str, dtype: torch.dtype | None = None, mode: str | None = None
+    ) -> str | None:
+        """Why this backend cannot take inputs on ``device`` (of ``dtype``, in ``mode``: ``None`` for any), or
+        ``None`` if it can."""
+        device_type = (device if isinstance(device, str) else device.type).split(":")[0]
+        if self.devices is not None and device_type not in self.devices:
+            return f"runs on {sorted(self.devices)} devices, not {device_type!r}"
+        if dtype is not None and self.dtypes is not None and dtype not in self.dtypes:
             return f"takes dtypes {sorted(str(d) for d in self.dtypes)}, not {dtype}"
-        if self.modes is not None and mode not in self.modes:
+        if mode is not None and self.modes is not None and mode not in self.modes:
             return f"computes modes {sorted(self.modes)}, not {mode!r}"
         return None
 

@@ -33,7 +33,6 @@ rank's equals the single-process final state.
 
 from __future__ import annotations
 
-import inspect
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -144,10 +143,15 @@ class ContextParallel:
         B, L, C = x.shape
         if size == 0:
             return x.new_zeros(B, 0, C)
-        m = min(L, size)
-        (tails,) = self.all_gather(x[:, L - m :])  # [K, B, m, C]
+        (tails,) = self.all_gather(x[:, L - min(L, size) :])
+        return self.window_before(tails, size)
+
+    def window_before(self, tails: Tensor, size: int) -> Tensor:
+        """The ``size`` inputs before this rank's tokens (zeros before the sequence), from every rank's last inputs
+        ``tails [K, B, m, C]`` (all-gathered): what a convolution over time continues from."""
+        _, B, m, C = tails.shape
         before = tails[: self.rank].transpose(0, 1).reshape(B, self.rank * m, C)
-        return torch.cat([x.new_zeros(B, size, C), before], dim=1)[:, -size:]
+        return torch.cat([tails.new_zeros(B, size, C), before], dim=1)[:, before.shape[1] :]
 
     def run(
         self,
@@ -164,7 +168,7 @@ class ContextParallel:
         form = op.context_parallel
         if form is None:
             raise NotImplementedError(f"op {op.name!r} has no context-parallel form (Op.context_parallel)")
-        arguments = dict(inspect.signature(op.prepare).bind(*args, **kwargs).arguments)
+        arguments = op.arguments(*args, **kwargs)
         mode = arguments.get("mode")
         if mode not in CP_MODES:
             raise ValueError(f"under context parallelism mode must be one of {CP_MODES} (training), got {mode!r}")

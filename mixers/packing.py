@@ -9,6 +9,7 @@ mixers, the ops and the backends that pack (``Backend.packs``). A padded batch (
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,10 +82,15 @@ class Packing:
     def total(self) -> int:
         return self.bounds[-1]
 
+    @functools.cached_property
+    def sizes(self) -> tuple[int, ...]:
+        """Each sequence's length, as Python ints (no device sync)."""
+        return tuple(b - a for a, b in zip(self.bounds, self.bounds[1:], strict=False))
+
     @property
     def longest(self) -> int:
         """The length of the longest sequence."""
-        return max(b - a for a, b in zip(self.bounds, self.bounds[1:], strict=False))
+        return max(self.sizes)
 
     @property
     def lengths(self) -> Tensor:

@@ -60,14 +60,14 @@ class Selection(Catalogue):
             self._availability[key] = reason
         return self._availability[key]
 
-    def cannot_run(self, backend: Backend, device: torch.device | str) -> str | None:
-        """Why ``backend`` cannot run on ``device`` here (its library or driver missing, or not made for that
-        device type), or ``None``: the one check configs and "auto" share (dtypes and modes are the call's)."""
+    def cannot_run(
+        self, backend: Backend, device: torch.device | str, dtype: torch.dtype | None = None, mode: str | None = None
+    ) -> str | None:
+        """Why ``backend`` cannot run here on ``device`` (its library or driver missing, or not made for that
+        device type, dtype or mode: ``None`` for any), or ``None``: the one check configs and "auto" share."""
         reason = self.unavailable_reason(backend)
-        if reason is None and backend.devices is not None:
-            device_type = (device if isinstance(device, str) else device.type).split(":")[0]
-            if device_type not in backend.devices:
-                reason = f"it runs on {sorted(backend.devices)} devices, not {device_type!r}"
+        if reason is None and (unsupported := backend.unsupported_reason(device, dtype, mode)) is not None:
+            reason = f"it {unsupported}"
         return reason
 
     def allow_plugin_backends(self, plugins: bool | str | Iterable[str] = True) -> None:
@@ -139,7 +139,7 @@ class Selection(Catalogue):
             raise ValueError(f"no backend is registered for op {op!r}; registered ops: {sorted(self.backends)}")
         if backend == "auto":
             for b in sorted(self.auto_candidates(op), key=lambda b: -b.priority):
-                if self.unavailable_reason(b) is None and b.unsupported_reason(device, dtype, mode) is None:
+                if self.cannot_run(b, device, dtype, mode) is None:
                     return b
             raise ValueError(
                 f"no installed backend of op {op!r} that 'auto' may pick can run mode {mode!r} on a {device.type} "

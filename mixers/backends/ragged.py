@@ -133,7 +133,7 @@ def buckets(packing: Packing, chunk: int | None = None) -> Buckets:
     layouts = _LAYOUTS.setdefault(packing, {})
     key = ("buckets", chunk)
     if key not in layouts:
-        lengths = [b - a for a, b in zip(packing.bounds, packing.bounds[1:], strict=False)]
+        lengths = packing.sizes
         longer = tuple(s for s, L in enumerate(lengths) if chunk is not None and L > chunk)
         grouped = [s for s, L in enumerate(lengths) if L and s not in longer]
         groups: list[list[int]] = []

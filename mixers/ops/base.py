@@ -228,6 +228,10 @@ class Op:
             return packed_call(self, backend, args, kwargs, cu_seqlens)
         return self.run(backend, self.prepare(*args, **kwargs))
 
+    def arguments(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """A call's arguments by name, as ``prepare`` takes them (for the paths that slice or replace some)."""
+        return dict(inspect.signature(self.prepare).bind(*args, **kwargs).arguments)
+
     def resolve(self, backend: str, call: OpCall) -> Backend:
         """The backend that runs ``call``: ``backend`` by name, or the best available for ``"auto"``."""
         return resolve_backend(self.name, backend, device=call.device, dtype=call.dtype, mode=call.mode)

@@ -13,7 +13,6 @@ sequence.
 
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,7 +38,7 @@ def _state_rows(state: Any) -> int | None:
 def _bind(op: Op, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict | None:
     """The call's arguments by name (as the op's ``prepare`` takes them), or ``None`` if its first sequence
     argument is not a tensor with a time dimension (then the op's own validation says what is wrong)."""
-    arguments = dict(inspect.signature(op.prepare).bind(*args, **kwargs).arguments)
+    arguments = op.arguments(*args, **kwargs)
     first = arguments.get(op.sequences[0])
     return arguments if isinstance(first, Tensor) and first.dim() >= 2 else None
 

@@ -80,11 +80,7 @@ def _tail(arguments: dict[str, Any]) -> tuple[Tensor]:
 def _window(cp: Any, gathered: tuple[Tensor, ...], arguments: dict[str, Any]) -> dict[str, Any]:
     """The K-1 inputs before this rank's tokens (zeros before the sequence), from the earlier ranks' tails."""
     (tails,) = gathered  # [ranks, B, m, C]
-    x, K = arguments["x"], arguments["weight"].shape[1]
-    B, m, C = tails.shape[1:]
-    before = tails[: cp.rank].transpose(0, 1).reshape(B, cp.rank * m, C)
-    window = torch.cat([x.new_zeros(B, K - 1, C), before], dim=1)[:, before.shape[1] :]
-    return {**arguments, "initial_state": window}
+    return {**arguments, "initial_state": cp.window_before(tails, arguments["weight"].shape[1] - 1)}
 
 
 SHORT_CONV = Op(
