@@ -12,6 +12,7 @@ run keeps what it measured)::
 
     python benchmarks/learning_defaults.py [--seeds 0 1 2] [--steps 2000] [--jobs 2] [--part mqar demo]
     python benchmarks/learning_defaults.py --variants new+conv --models retention linear_attention --resume
+    python benchmarks/learning_defaults.py --models retention gated_retention --variants new new+conv --out X.json
 """
 
 from __future__ import annotations
@@ -39,18 +40,20 @@ VARIANTS = {"old": {"init": "gpt2", "tie_embeddings": True}, "new": {"init": "sc
 # inside the recurrent mixers (``conv_size``; softmax attention has no such option and is left as it is).
 EXTRA_VARIANTS = {"new+conv": {**VARIANTS["new"], "conv_size": 4}}
 ALL_VARIANTS = {**VARIANTS, **EXTRA_VARIANTS}
-CONV_MIXERS = ("retention", "linear_attention")
+CONV_MIXERS = ("retention", "linear_attention", "gated_retention")
 MQAR_MODELS = {
     "softmax_attention": ["softmax_attention"],
     "retention": ["retention"],
     "linear_attention": ["linear_attention"],
     "hybrid": ["retention", "softmax_attention"],
+    "gated_retention": ["gated_retention"],
 }
 DEMO_PRESETS = {
     "softmax_attention": "transformer-tiny",
     "retention": "retnet-tiny",
     "linear_attention": "linear-tiny",
     "hybrid": "hybrid-tiny",
+    "gated_retention": "gated-retnet-tiny",
 }
 
 

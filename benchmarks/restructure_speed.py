@@ -42,7 +42,8 @@ timed too where affordable: both at T <= 2048 (both are quadratic in T), the Ret
 
 Times are wall-clock on ``--threads`` threads; on a shared machine they include waits for a core: read the
 before/after ratios (measured alternately in the same run) and the spread over the rounds.
-Usage: ``python -m benchmarks.restructure_speed --before /tmp/before --after . [--quick] [--rounds 3]``.
+Usage: ``python -m benchmarks.restructure_speed --before /tmp/before --after . [--quick] [--rounds 3]``
+(``--groups packed``: that part alone, written to ``restructure_speed_packed.json``).
 """
 
 from __future__ import annotations
@@ -230,8 +231,8 @@ def measure(tree: Path, spec: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def jobs(quick: bool, samples: int) -> list[tuple[dict, dict]]:
-    """(spec for before, spec for after) per group of measurements."""
+def jobs(quick: bool, samples: int, groups: tuple[str, ...] = tuple(GROUPS)) -> list[tuple[dict, dict]]:
+    """(spec for before, spec for after) per measurement of ``groups``."""
     lengths = (256, 512) if quick else (512, 2048, 8192)
     out = []
     for T in lengths:
@@ -252,7 +253,7 @@ def jobs(quick: bool, samples: int) -> list[tuple[dict, dict]]:
     spec["blocks"] = 2 if quick else 5
     out.append((spec, spec))
     common = {"quick": quick, "samples": samples}
-    return [(b | common, a | common) for b, a in out]
+    return [(b | common, a | common) for b, a in out if b["group"] in groups]
 
 
 def key(row: dict) -> tuple:
@@ -264,7 +265,7 @@ def gather(trees: dict[str, Path], args: argparse.Namespace) -> tuple[dict, dict
     imported. The same key must mean the same work in both trees (same parameter and token counts)."""
     runs: dict[tuple, dict[str, list[dict]]] = {}
     seen: dict[str, dict] = {}
-    todo = jobs(args.quick, args.samples)
+    todo = jobs(args.quick, args.samples, args.groups)
     for r in range(args.rounds):
         for j, specs in enumerate(todo):
             order = TREES if (r + j) % 2 == 0 else TREES[::-1]
@@ -354,12 +355,13 @@ def report(runs: dict, quick: bool) -> dict:
         )
         if r["docs"] == "short":
             target(f"packed short {r['model']} {r['mode']}: loop / native >= 2", r["after_loop_over_native"], 2.0)
-    ret, tra = (get[("packed", "long", m, TRAIN_MODE[m], "native")] for m in MODELS)
-    ret_loop, tra_loop = (get[("packed", "long", m, TRAIN_MODE[m], "loop")] for m in MODELS)
-    before = ratio(tra_loop["before_ms"], ret_loop["before_ms"])
-    after = ratio(tra["after_ms"], ret["after_ms"])
-    print(f"  long: RetNet speed / Transformer speed, before (loop) {fmt(before)}, after (native) {fmt(after)}")
-    target("packed long: RetNet / Transformer speed >= 1.1 (native)", after, 1.1, before)
+    if any(r["group"] == "packed" for r in rows):
+        ret, tra = (get[("packed", "long", m, TRAIN_MODE[m], "native")] for m in MODELS)
+        ret_loop, tra_loop = (get[("packed", "long", m, TRAIN_MODE[m], "loop")] for m in MODELS)
+        before = ratio(tra_loop["before_ms"], ret_loop["before_ms"])
+        after = ratio(tra["after_ms"], ret["after_ms"])
+        print(f"  long: RetNet speed / Transformer speed, before (loop) {fmt(before)}, after (native) {fmt(after)}")
+        target("packed long: RetNet / Transformer speed >= 1.1 (native)", after, 1.1, before)
 
     print("\n3. decode ms/token, B = 1, greedy stream; speed-up = before / after")
     print(
@@ -406,15 +408,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="subprocesses per tree and group, alternating")
     parser.add_argument("--samples", type=int, default=2, help="timings per subprocess (after an untimed one)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, help="default benchmarks/results/restructure_speed[_quick].json")
+    parser.add_argument(
+        "--groups", nargs="+", choices=tuple(GROUPS), default=tuple(GROUPS), help="the parts to run (default: all)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="default benchmarks/results/restructure_speed[_GROUPS][_quick].json (_GROUPS: if not all)",
+    )
     args = parser.parse_args()
+    args.groups = tuple(g for g in GROUPS if g in args.groups)
     if args.quick:
         args.rounds, args.samples = 1, 1
     trees = {"before": args.before.resolve(), "after": args.after.resolve()}
     for name, tree in trees.items():
         if not (tree / "mixers" / "__init__.py").is_file() or not (tree / "models" / "__init__.py").is_file():
             parser.error(f"--{name} {tree} is not a seqmixers tree (no mixers/ and models/ packages there)")
-    out = args.out or ROOT / "benchmarks" / "results" / f"restructure_speed{'_quick' if args.quick else ''}.json"
+    part = "" if args.groups == tuple(GROUPS) else "_" + "_".join(args.groups)
+    out = args.out or ROOT / "benchmarks" / "results" / f"restructure_speed{part}{'_quick' if args.quick else ''}.json"
     info = run_info(args.threads)
     if __spec__ is not None:  # run as a module: record the command that way
         info["command"] = " ".join([Path(sys.executable).name, "-m", __spec__.name, *sys.argv[1:]])
@@ -443,6 +454,7 @@ def main() -> None:
         "rounds": args.rounds,
         "samples": args.samples,
         "quick": args.quick,
+        "groups": list(args.groups),
         **tables,
         "wall_s": round(wall, 1),
     }

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.progress import Progress
-from models.training.loop import decay_groups
+from models.training.optim import decay_groups
 
 IGNORE = -100
 TASKS = ("mqar", "induction", "selective_copy")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from mixers.ops.checks import DEFAULT_CHUNK_SIZE, MODES
+from mixers.ops.gated_retention import GATED_RETENTION
 from mixers.ops.linear_attention import LINEAR_ATTENTION, LinearState
 from mixers.ops.retention import RETENTION
 from mixers.ops.softmax_attention import SOFTMAX_ATTENTION, KVCache
@@ -26,6 +27,7 @@ __all__ = [
     "MODES",
     "KVCache",
     "LinearState",
+    "gated_retention",
     "linear_attention",
     "retention",
     "softmax_attention",
@@ -160,4 +162,46 @@ def softmax_attention(
     return SOFTMAX_ATTENTION(
         q, k, v, mode=mode, chunk_size=chunk_size, initial_state=initial_state, backend=backend, cu_seqlens=cu_seqlens,
         attention_mask=attention_mask,
+    )  # fmt: skip
+
+
+def gated_retention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    *,
+    mode: str,
+    chunk_size: int | None = None,
+    initial_state: Tensor | None = None,
+    backend: str = "auto",
+    cu_seqlens: Tensor | Packing | None = None,
+    attention_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Gated retention (YOCO): retention with a decay per token and head, ``S_t = exp(g_t) S_{t-1} + k_t^T v_t``,
+    ``o_t = q_t S_t``.
+
+    That is ``o_t = sum_{s<=t} exp(g_{s+1} + ... + g_t) (q_t . k_s) v_s + exp(g_1 + ... + g_t) q_t S_0``. With
+    ``g = log(gamma)`` everywhere it equals ``retention``; with ``g = 0``, ``linear_attention`` with
+    ``normalize=False``.
+
+    Arguments:
+        q, k: ``[B, T, H, Dk]``, already rotated and scaled (the mixer's job); v: ``[B, T, H, Dv]``.
+        g: ``[B, T, H]`` log decays, ``<= 0`` (YOCO: ``logsigmoid(x W_gamma) / 16``); ``-inf`` forgets the state.
+            Any floating dtype (computed in float32, float64 for float64 inputs); gradients flow to it. Its
+            values are not checked (that would wait for the device): a positive one makes the state grow.
+        mode: ``"parallel"``, ``"chunkwise"`` (any ``chunk_size``, default 64) or ``"recurrent"``; all three
+            compute the same function.
+        initial_state: ``[B, H, Dk, Dv]`` state ``S_0`` from an earlier call, or ``None`` for zeros.
+        backend: a backend name, or ``"auto"``.
+        cu_seqlens, attention_mask: packed sequences or a padded batch, as for ``retention`` (``g`` is packed or
+            padded like ``q``).
+
+    Returns:
+        ``(o, final_state)``: ``o`` is ``[B, T, H, Dv]`` in the dtype of ``q``; ``final_state`` is ``S_T``,
+        ``[B, H, Dk, Dv]`` in float32 (float64 for float64 inputs), ready to be passed back as ``initial_state``.
+    """
+    return GATED_RETENTION(
+        q, k, v, g, mode=mode, chunk_size=chunk_size, initial_state=initial_state, backend=backend,
+        cu_seqlens=cu_seqlens, attention_mask=attention_mask,
     )  # fmt: skip

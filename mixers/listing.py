@@ -38,10 +38,11 @@ def format_listing(registry: Registry) -> str:
     for name, fm in sorted(registry.feature_maps.items()):
         lines.append(f"  {name:<20} plugin: {fm.plugin} [{dist(fm.plugin)}]  {fm.description}")
     lines.append("Plugins:")
+    width = max([32, *(len(name) + 1 for name in registry.plugins)])
     for info in registry.plugins.values():
         origin = (
             "built-in" if info.builtin else f"distribution {info.distribution or '?'} {info.version or ''}".rstrip()
         )
-        lines.append(f"  {info.name:<32} {origin:<36} {'ok' if info.ok else 'BROKEN'}")
+        lines.append(f"  {info.name:<{width}} {origin:<36} {'ok' if info.ok else 'BROKEN'}")
         lines.extend("      error: " + e.replace("\n", "\n             ") for e in info.errors)
     return "\n".join(lines)

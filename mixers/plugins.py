@@ -36,12 +36,22 @@ ENTRY_POINT_GROUP = "seqmixers"
 
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
-    "mixers.ops",
-    "mixers.backends.torch_backend",
+    # ops: each folder registers its Op
+    "mixers.ops.retention",
+    "mixers.ops.linear_attention",
+    "mixers.ops.softmax_attention",
+    "mixers.ops.gated_retention",
+    # backends: each file registers its own
+    "mixers.backends.torch_retention",
+    "mixers.backends.torch_linear_attention",
+    "mixers.backends.torch_softmax_attention",
+    "mixers.backends.torch_gated_retention",
     "mixers.backends.cupy",
+    # mixers
     "mixers.retention",
     "mixers.linear_attention",
     "mixers.softmax_attention",
+    "mixers.gated_retention",
 )
 
 

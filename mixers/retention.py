@@ -14,7 +14,9 @@ float32 whatever the input dtype, so it needs no rescaling for range, and all mo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from einops import rearrange
@@ -24,6 +26,7 @@ from mixers.catalogue import MixerRegistrar
 from mixers.hookspecs import hookimpl
 from mixers.interface import MixerState
 from mixers.layers import HEAD_NORMS, HeadNorm, ProjectedMixer, Rotary, check_value_dim, resolve_heads
+from mixers.ops.base import Op
 from mixers.ops.checks import check_gamma, state_dtype
 from mixers.ops.retention import RETENTION
 from mixers.packing import Packing
@@ -31,12 +34,25 @@ from mixers.packing import Packing
 __all__ = ["MultiScaleRetention", "default_gammas"]
 
 
-def default_gammas(num_heads: int, *, decay: bool = True, multi_scale: bool = True) -> list[float]:
-    """The paper's decays ``1 - 2^(-5 - h)``; one shared ``1 - 2^-5`` without multi-scale; 1 without decay."""
+DECAY_SCHEDULES = ("code", "paper")
+
+
+def default_gammas(
+    num_heads: int, *, decay: bool = True, multi_scale: bool = True, decay_schedule: str = "code"
+) -> list[float]:
+    """Per-head decays. ``decay_schedule="code"``: ``1 - 2^(-5 - h)``, what the official code and slides use;
+    ``"paper"``: ``1 - exp(linspace(log 1/32, log 1/512, H))``, what the paper's experiments describe (the
+    same first and, for H = 5, last head; a single head gets ``1 - 1/32``). Without multi-scale, one shared
+    ``1 - 2^-5``; without decay, 1."""
+    if decay_schedule not in DECAY_SCHEDULES:
+        raise ValueError(f"decay_schedule must be one of {DECAY_SCHEDULES}, got {decay_schedule!r}")
     if not decay:
         return [1.0] * num_heads
     if not multi_scale:
         return [1.0 - 2.0**-5] * num_heads
+    if decay_schedule == "paper":
+        logs = torch.linspace(math.log(1 / 32), math.log(1 / 512), num_heads, dtype=torch.float64)
+        return (1.0 - logs.exp()).tolist()
     return [1.0 - 2.0 ** (-5 - h) for h in range(num_heads)]
 
 
@@ -51,7 +67,8 @@ class MultiScaleRetention(ProjectedMixer):
         gate: the swish output gate. group_norm: the per-head norm; ``norm`` picks ``"groupnorm"``
             (paper; LayerNorm per head) or ``"rmsnorm"`` (torchscale), ``norm_affine`` its weights.
         decay: ``False`` sets gamma = 1 (no decay). multi_scale: ``False`` shares one gamma.
-            gammas: explicit per-head decays (overrides both).
+            decay_schedule: ``"code"`` (``1 - 2^(-5 - h)``) or ``"paper"`` (``1 - exp(linspace(log 1/32,
+            log 1/512, H))``); see ``default_gammas``. gammas: explicit per-head decays (overrides all three).
         rotary: rotate q, k by position; ``rope_layout`` ``"interleaved"`` (torchscale) or ``"half"``,
             ``rope_schedule`` ``"rope"``/``"linspace"`` (torchscale's), ``rope_base``.
         conv_size: taps of a short causal convolution (then SiLU) on q, k, v before retention, as fla's
@@ -64,6 +81,7 @@ class MultiScaleRetention(ProjectedMixer):
     """
 
     ops = ("retention",)
+    op: ClassVar[Op] = RETENTION  # what mix() calls, with decays(x)
     context_parallel = True  # runs split over ranks (mixers.context_parallel)
     op_state_type = Tensor
 
@@ -81,6 +99,7 @@ class MultiScaleRetention(ProjectedMixer):
         norm_eps: float = 1e-5,
         decay: bool = True,
         multi_scale: bool = True,
+        decay_schedule: str = "code",
         gammas: Sequence[float] | None = None,
         rotary: bool = True,
         rope_layout: str = "interleaved",
@@ -100,7 +119,8 @@ class MultiScaleRetention(ProjectedMixer):
         self.scaling = Dk**-0.5
         self._scales: dict[tuple[torch.device, bool], Tensor] = {}
         # Decays travel to the op as Python floats (checked without a device sync, never rounded by .to()).
-        gammas = default_gammas(H, decay=decay, multi_scale=multi_scale) if gammas is None else gammas
+        if gammas is None:
+            gammas = default_gammas(H, decay=decay, multi_scale=multi_scale, decay_schedule=decay_schedule)
         self.gammas = tuple(check_gamma(gammas, H, torch.device("cpu")).tolist())
         self.rope = Rotary(Dk, layout=rope_layout, schedule=rope_schedule, base=rope_base) if rotary else None
         head_norm = HeadNorm(H, value_dim // H, norm, affine=norm_affine, eps=norm_eps) if group_norm else None
@@ -152,11 +172,11 @@ class MultiScaleRetention(ProjectedMixer):
             qk = qk * qk.new_tensor([1.0, self.scaling])[:, None, None]
         q, k = qk.unbind(2)
         o, kv = self.run_op(
-            RETENTION,
+            self.op,
             q,
             k,
             v.view(B, T, H, Dv),
-            self.gammas,
+            self.decays(x),
             mode=mode,
             chunk_size=chunk_size,
             initial_state=None if state is None else state.op,
@@ -164,6 +184,11 @@ class MultiScaleRetention(ProjectedMixer):
             cu_seqlens=cu_seqlens,
         )  # (B, T, H, Dv)
         return self.output(o, g), self.next_state(state, x, kv, cu_seqlens, conv=window)
+
+    def decays(self, x: Tensor) -> Sequence[float] | Tensor:
+        """The op's decay argument for the tokens ``x``: the fixed per-head ``gammas`` (a subclass with decays that
+        depend on the token returns them instead, for its ``op``)."""
+        return self.gammas
 
     def extra_repr(self) -> str:
         return (

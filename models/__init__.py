@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from models.checkpoint_format import CheckpointError
     from models.config import ConfigError, LayerSpec, ModelConfig, TrainConfig, load_run_config, presets
     from models.lm import LanguageModel, build_model
-    from models.training.loop import TrainResult, train
+    from models.training.loop import train
+    from models.training.results import TrainResult
 
 # The public names are imported on first use (PEP 562): importing torch takes seconds, and the ``seqmixers``
 # command imports this package before it can catch a Ctrl-C, so the package itself imports nothing heavy.
@@ -35,7 +36,7 @@ _WHERE = {
     "presets": "models.config",
     "LanguageModel": "models.lm",
     "build_model": "models.lm",
-    "TrainResult": "models.training.loop",
+    "TrainResult": "models.training.results",
     "train": "models.training.loop",
 }
 

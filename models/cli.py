@@ -1,4 +1,5 @@
-"""The ``seqmixers`` command: ``train``, ``generate``, ``list``, ``demo``, ``mixers-demo`` and plugins' commands.
+"""The ``seqmixers`` command: ``train``, ``generate``, ``export``, ``convert``, ``list``, ``demo``, ``mixers-demo``
+and plugins' commands.
 
 - ``seqmixers train --config FILE|PRESET [--data PATH] [--out DIR] [--force]``: train on the embedded corpus
   (or a text file, JSONL file or folder, streamed; ``--documents`` packs documents; ``--tokenizer bpe``) with a
@@ -8,6 +9,8 @@
 - ``seqmixers generate CHECKPOINT --prompt TEXT``: stream a sample (prefill, then O(1)-state decoding
   for the recurrent layers); ``--prompt`` several times: one batch of ragged prompts; ``--beams K``: beam search.
 - ``seqmixers export RUN --out FILE``: the model of a run's training state (sharded or not) as one file.
+- ``seqmixers convert --from torchscale|fla SRC --out FILE`` (and ``--to``): RetNets of the official code and of
+  flash-linear-attention into our checkpoints and back (``models.convert``).
 - ``seqmixers list``: mixers, backends, feature maps and plugins, where each came from, what is available.
 - ``seqmixers demo``: the main job, a RetNet / Transformer / hybrid comparison in a few minutes on a CPU.
 - ``seqmixers mixers-demo``: the op-level check, every mixer's three modes agreeing and states handing over.
@@ -39,7 +42,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from models.training import state as train_state
     from models.training.data import default_corpus
     from models.training.interrupts import Interrupted
-    from models.training.loop import TrainingDiverged, train
+    from models.training.loop import train
+    from models.training.results import TrainingDiverged
     from models.training.tokenizers import TokenizerInterrupted
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 speaks
@@ -182,6 +186,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from models.training import state as train_state
 
     path = train_state.export(args.run, args.out)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from models import convert
+    from models.checkpoint import load
+
+    if args.source:
+        model = convert.convert_file(args.source, args.src, config=args.config)
+        path = model.save(args.out, metadata={"converted_from": args.source, "source": str(args.src)})
+    else:
+        if args.config:
+            raise convert.ConvertError("--config describes a source to convert from; --to reads our checkpoint")
+        path = convert.export_file(load(args.src), args.target, args.out)
     print(f"wrote {path}", file=sys.stderr)
     return 0
 
@@ -587,6 +606,29 @@ def parser(*, plugin_commands: bool = False) -> argparse.ArgumentParser:
     e.add_argument("run", help="a run folder holding train_state/ (or the train_state folder)")
     e.add_argument("--out", required=True, help="the .safetensors file to write (read by generate and models.load)")
     e.set_defaults(func=_cmd_export)
+
+    c = sub.add_parser(
+        "convert",
+        help="convert a torchscale or fla RetNet into our checkpoint, or ours into theirs",
+        description="--from: read a torchscale RetNetDecoder or fla RetNetForCausalLM checkpoint and write ours (read "
+        "by generate and models.load); --to: write our checkpoint in their layout (docs/convert.md).",
+    )
+    direction = c.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from", dest="source", choices=("torchscale", "fla"), help="the source's library")
+    direction.add_argument("--to", dest="target", choices=("torchscale", "fla"), help="the target's library")
+    c.add_argument(
+        "src",
+        help="--from: a .safetensors or torch weights file (fla: also a save_pretrained folder); --to: our "
+        ".safetensors checkpoint",
+    )
+    c.add_argument("--config", help="--from: a JSON file of the source config's fields, where SRC holds none")
+    c.add_argument(
+        "--out",
+        required=True,
+        help="--from: our .safetensors to write; --to fla: a folder (config.json, model.safetensors); --to "
+        "torchscale: a torch file {model, config}",
+    )
+    c.set_defaults(func=_cmd_convert)
 
     sub.add_parser("list", help="list mixers, backends and plugins").set_defaults(func=_cmd_list)
 

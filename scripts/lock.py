@@ -26,7 +26,9 @@ from packaging.utils import canonicalize_name
 
 ROOT = "seqmixers"
 ROOT_EXTRAS = ("dev",)
-EXTRA = ("torchscale",)  # installed with --no-deps: itself only
+# installed with --no-deps, each itself only: the official RetNet code, and flash-linear-attention (the converters'
+# reference models; its kernels need triton to import, and a GPU to run)
+EXTRA = ("torchscale", "fla-core", "flash-linear-attention", "triton")
 NOT_LOCKED = {"torch"}  # kept as installed, and not traversed
 
 

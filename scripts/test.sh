@@ -10,8 +10,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export SEQMIXERS_CONSTRAINTS=${SEQMIXERS_CONSTRAINTS-scripts/constraints.txt}
 bash scripts/setup.sh
-# The official RetNet code, for the side-by-side agreement test (its own deps are not needed).
-"$PY" -m pip install --quiet --no-deps "torchscale==0.3.0"
+# The official RetNet code and flash-linear-attention, for the agreement and converter tests (their own deps
+# are not needed: torch stays as set up; fla's modules import triton, which runs nothing without a GPU).
+"$PY" -m pip install --quiet --no-deps "torchscale==0.3.0" "fla-core==0.6.0" "flash-linear-attention==0.6.0" \
+  "triton==3.9.0"
 # The two example plugins (registered through entry points, so they must be installed); --no-deps: they
 # need only seqmixers, installed above. Their tests are in pytest's testpaths (pyproject.toml).
 "$PY" -m pip install --quiet --no-deps -e plugins/seqmixers-fla -e plugins/seqmixers-conv

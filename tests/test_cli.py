@@ -45,12 +45,12 @@ def test_list_shows_broken_plugins_and_still_lists_the_good_ones(tmp_path):
     assert "plugin: mixers.retention [seqmixers " in line_with(out, "ops: retention", "plugin: mixers.retention")
     assert f"plugin: fake_fast [{DISTRIBUTION} {VERSION}]" in line_with(out, "retention/fast ")
     # Backends with availability and plugin.
-    assert "available" in line_with(out, "retention/torch ", "plugin: mixers.backends.torch_backend")
+    assert "available" in line_with(out, "retention/torch ", "plugin: mixers.backends.torch_retention")
     assert "available" in line_with(out, "retention/fast ", "priority  50", "plugin: fake_fast")
     assert "unavailable (needs the FakeAccel driver" in line_with(out, "retention/accel ", "plugin: fake_unavailable")
     assert "probe crashed" in line_with(out, "retention/flaky ")
     # Plugins: built-ins, the distribution and version of third-party ones, broken ones with their error.
-    assert line_with(out, "mixers.backends.torch_backend ", "built-in").rstrip().endswith("ok")
+    assert line_with(out, "mixers.backends.torch_retention ", "built-in").rstrip().endswith("ok")
     assert line_with(out, "fake_good ", f"distribution {DISTRIBUTION} {VERSION}").rstrip().endswith("ok")
     assert line_with(out, "fake_broken ", f"distribution {DISTRIBUTION} {VERSION}").rstrip().endswith("BROKEN")
     broken_block = out[out.index("fake_broken ") :]
@@ -76,7 +76,7 @@ def test_listing_in_process(tmp_path, monkeypatch, capsys):
         forget_fake_modules()
     out = capsys.readouterr().out
     assert "BROKEN" in line_with(out, "fake_duplicate ", "distribution")
-    assert "already registered by plugin 'mixers.backends.torch_backend'" in out
+    assert "already registered by plugin 'mixers.backends.torch_retention'" in out
 
 
 @pytest.mark.parametrize("argv", [[], ["frobnicate"]])

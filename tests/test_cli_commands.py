@@ -135,14 +135,14 @@ def test_strict_plugins_make_a_broken_command_hook_fatal(commands, monkeypatch):
 
 
 def test_built_in_commands_do_not_load_the_plugins(commands, monkeypatch, capsys):
-    """``seqmixers train|generate|export|list|demo|mixers-demo ...`` and ``--version`` never call the hook; the
+    """``seqmixers train|generate|export|convert|list|demo|mixers-demo ...`` and ``--version`` never call the hook; the
     built-in commands are the parser's own, every one of them."""
 
     def boom(subparsers):
         raise AssertionError("plugins' commands loaded for a built-in command")
 
     monkeypatch.setattr(cli, "_add_plugin_commands", boom)
-    assert set(cli.builtin_commands()) == {"train", "generate", "export", "list", "demo", "mixers-demo"}
+    assert set(cli.builtin_commands()) == {"train", "generate", "export", "convert", "list", "demo", "mixers-demo"}
     for argv in [*([command, "--help"] for command in cli.builtin_commands()), ["--version"]]:
         with pytest.raises(SystemExit) as info:
             cli.main(argv)

@@ -28,9 +28,10 @@ import torch._dynamo
 
 import mixers
 from mixers import functional
-from mixers.backends import torch_linear_attention, torch_retention, torch_softmax_attention
+from mixers.backends import torch_gated_retention, torch_linear_attention, torch_retention, torch_softmax_attention
 from mixers.catalogue import RegistrationError
 from mixers.ops import opaque
+from mixers.ops.gated_retention import GATED_RETENTION
 from mixers.ops.linear_attention import LINEAR_ATTENTION
 from mixers.ops.retention import RETENTION
 from mixers.ops.softmax_attention import SOFTMAX_ATTENTION
@@ -47,7 +48,7 @@ pytestmark = [
 
 B, T, D_MODEL, HEADS, CHUNK = 2, 16, 32, 2, 8
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-MIXERS = ("retention", "linear_attention", "softmax_attention")
+MIXERS = ("retention", "linear_attention", "softmax_attention", "gated_retention")
 MODES = ("parallel", "chunkwise")
 
 
@@ -289,9 +290,12 @@ def op_cases() -> list[tuple[str, object, object, tuple, dict]]:
     cache = functional.KVCache(kc, vc, length)
     x, w = rand(B, 5, 6), rand(6, 3)
     gammas = [0.9, 0.8]
+    g, gated_k = -rand(B, 5, HEADS, positive=True), torch_gated_retention.gated_retention
     return [
         ("retention", ret, ret_k, (q, k, v, gammas), {"mode": "chunkwise", "chunk_size": 2}),
         ("retention-state", ret, ret_k, (q, k, v, gammas), {"mode": "parallel", "initial_state": s0}),
+        ("gated", GATED_RETENTION, gated_k, (q, k, v, g), {"mode": "chunkwise", "chunk_size": 2}),
+        ("gated-state", GATED_RETENTION, gated_k, (q, k, v, g), {"mode": "recurrent", "initial_state": s0}),
         ("linear", lin, lin_k, (q, k, v), {"mode": "parallel"}),
         ("linear-state", lin, lin_k, (q, kpos, v), {"mode": "chunkwise", "chunk_size": 2, "initial_state": lin_state}),
         ("softmax", soft, soft_k, (q, kg, vg), {"mode": "parallel"}),

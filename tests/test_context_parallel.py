@@ -44,6 +44,8 @@ MIXER_CASES: dict[str, tuple[str, dict[str, Any], int, str, int | None]] = {
         "chunkwise",
         4,
     ),  # fmt: skip
+    "gated_retention": ("gated_retention", {"num_heads": 2}, 8, "parallel", None),
+    "gated_retention-conv-chunkwise": ("gated_retention", {"num_heads": 2, "conv_size": 4}, 12, "chunkwise", 4),
     "softmax_attention": ("softmax_attention", {"num_heads": 2}, 8, "parallel", None),
     "softmax_attention-gqa-chunkwise": ("softmax_attention", {"num_heads": 2, "num_kv_heads": 1}, 12, "chunkwise", 4),
 }

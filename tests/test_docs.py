@@ -446,13 +446,14 @@ def test_every_public_name_of_strategies_and_reference_is_documented():
     """docs/testing-api.md documents each public name of ``mixers.testing.strategies`` and
     ``mixers.testing.reference``, and each core op's cases and reference (``mixers/ops/<op>/testing.py``,
     ``reference.py``: the classes and functions defined there)."""
-    from mixers.ops import BUILTIN_OPS
+    from mixers.registry import get_registry
     from mixers.testing import reference, strategies
 
     text = (ROOT / "docs" / "testing-api.md").read_text(encoding="utf-8")
     folders = [
         importlib.import_module(f"mixers.ops.{op.name}.{part}")
-        for op in BUILTIN_OPS
+        for op in get_registry().ops.values()
+        if op.plugin.startswith("mixers.ops.")
         for part in ("testing", "reference")
     ]
     own = [
@@ -505,7 +506,7 @@ def test_parameter_counts_quoted_for_the_presets_are_the_models():
     ]
     assert not wrong, "\n".join(wrong)
     about = re.search(r"about (\d+)k parameters", (ROOT / "docs" / "models.md").read_text(encoding="utf-8"))
-    assert about and all(round(n / 1000) == int(about[1]) for n in counts.values()), (about, counts)
+    assert about and all(abs(n - 1000 * int(about[1])) < 1000 for n in counts.values()), (about, counts)  # within 1k
 
 
 def test_readme_demo_table_is_the_recorded_demo():

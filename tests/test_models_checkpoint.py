@@ -177,7 +177,7 @@ def test_a_header_is_read_without_loading_any_plugin(saved, monkeypatch):
     with pytest.raises(
         CheckpointError,
         match=r"holds a config this installation cannot build: layers\[0\]: unknown mixer 'some_plugin_mixer'; "
-        r"registered mixers: linear_attention",
+        r"registered mixers: gated_retention, linear_attention",
     ):
         load(saved)
 

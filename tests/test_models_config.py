@@ -73,7 +73,7 @@ def test_each_invalid_model_field_is_named(fields, match):
 REGISTRY_ERRORS = [
     (
         {"layers": ["retnetion"]},
-        r"layers\[0\]: unknown mixer 'retnetion'; registered mixers: linear_attention, retention",
+        r"layers\[0\]: unknown mixer 'retnetion'; registered mixers: gated_retention, linear_attention, retention",
     ),
     ({"layers": ["retention", "bogus"], "n_layers": 2}, r"layers\[1\]: unknown mixer 'bogus'"),
     ({"layers": [{"mixer": "nope"}]}, r"layers\[0\]\.mixer: unknown mixer 'nope'"),
@@ -407,7 +407,7 @@ def test_a_config_is_data_made_without_loading_any_plugin(no_plugin_loading, tmp
     no_plugin_loading.undo()
     with pytest.raises(
         ConfigError,
-        match=r"^mixer_options\.not_installed_mixer: unknown mixer 'not_installed_mixer'; registered mixers: linear",
+        match=r"^mixer_options\.not_installed_mixer: unknown mixer 'not_installed_mixer'; registered mixers: gated_ret",
     ):
         build_model(config)
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from models import TrainConfig, train
 from models.training import data as corpus
 from models.training.batches import prepare
-from models.training.loop import lr_at
+from models.training.optim import lr_at
 from models.training.parallel import World
 from models.training.tokenizers import ByteTokenizer
 from tests.models_helpers import one_thread, tiny_config  # noqa: F401  (one_thread is an autouse fixture)

@@ -15,18 +15,24 @@ from torch import Tensor
 import mixers
 from mixers import functional
 from mixers.catalogue import Backend, BackendOutputError
-from mixers.ops import BUILTIN_OPS, KVCache, LinearState, Op, OpCall
+from mixers.ops import Op, OpCall
 from mixers.ops.checks import check_mode, check_state
+from mixers.ops.gated_retention import GATED_RETENTION
+from mixers.ops.linear_attention import LINEAR_ATTENTION, LinearState
+from mixers.ops.retention import RETENTION
+from mixers.ops.softmax_attention import SOFTMAX_ATTENTION, KVCache
 from mixers.registry import Registry, get_registry
 from mixers.testing.ops import OP_SPECS, get_op_spec
 
+BUILTIN_OPS = (RETENTION, LINEAR_ATTENTION, SOFTMAX_ATTENTION, GATED_RETENTION)
 
-def test_the_builtin_ops_are_registered_with_their_reference_and_spec():
+
+def test_the_builtin_ops_are_registered_by_their_folders_with_their_reference_and_spec():
     ops = get_registry().ops
     assert {op.name for op in BUILTIN_OPS} <= set(ops)
     for op in BUILTIN_OPS:
         registered = ops[op.name]
-        assert registered.plugin == "mixers.ops" and registered.prepare is op.prepare
+        assert registered.plugin == f"mixers.ops.{op.name}" and registered.prepare is op.prepare
         assert callable(registered.load_reference())
         spec = registered.load_testing()
         assert spec.op == op.name and get_op_spec(op.name) is spec and OP_SPECS[op.name] is spec
@@ -95,7 +101,7 @@ def plugin_registry(monkeypatch):
 
     module.register_ops, module.register_backends = register_ops, register_backends
     monkeypatch.setitem(sys.modules, "fake_op_plugin", module)
-    plugins = ("mixers.ops", "mixers.backends.torch_backend", "fake_op_plugin")
+    plugins = ("mixers.ops.retention", "mixers.backends.torch_retention", "fake_op_plugin")
     reg = Registry().load(builtins=plugins, entry_points=False)
     monkeypatch.setattr("mixers.registry._REGISTRY", reg)
     return reg
@@ -136,12 +142,13 @@ def test_a_malformed_or_duplicate_op_breaks_only_its_plugin(monkeypatch):
     again.register_ops = register_ops_again
     monkeypatch.setitem(sys.modules, "fake_bad_op_plugin", bad)
     monkeypatch.setitem(sys.modules, "fake_dup_op_plugin", again)
-    reg = Registry().load(builtins=("mixers.ops", "fake_bad_op_plugin", "fake_dup_op_plugin"), entry_points=False)
+    builtins = ("mixers.ops.retention", "fake_bad_op_plugin", "fake_dup_op_plugin")
+    reg = Registry().load(builtins=builtins, entry_points=False)
     assert "register() expected a mixers.ops.Op, got str" in "\n".join(reg.plugins["fake_bad_op_plugin"].errors)
-    assert "op 'retention' is already registered by plugin 'mixers.ops'" in "\n".join(
+    assert "op 'retention' is already registered by plugin 'mixers.ops.retention'" in "\n".join(
         reg.plugins["fake_dup_op_plugin"].errors
     )
-    assert reg.ops["retention"].plugin == "mixers.ops"
+    assert reg.ops["retention"].plugin == "mixers.ops.retention"
 
 
 def test_every_name_the_kit_exports_resolves():

@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixers.backends import torch_linear_attention, torch_retention, torch_softmax_attention
+from mixers.backends import ragged, torch_linear_attention, torch_retention, torch_softmax_attention
 from mixers.ops.checks import MODES, state_dtype
 from mixers.ops.linear_attention import LinearState
 from mixers.ops.linear_attention.reference import linear_attention_reference
@@ -241,6 +241,31 @@ def test_a_nan_in_one_sequence_leaves_the_others_exactly_as_they_were(op, mode, 
         want = torch.autograd.grad((o_clean[0, keep] * weight).sum(), leaves_of(*clean), allow_unused=True)
         for name, a, b in zip(["q", "k", "v", "state", "state.z"], got, want, strict=False):
             assert torch.equal(a, b), f"d{name} changed where the NaN cannot reach"
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_the_buckets_gather_and_scatter_heads_are_exact_and_so_are_their_gradients(chunk):
+    """``Buckets.gather_heads`` and ``scatter_heads`` on a row of several buckets with empty slots (which reread
+    their chunk's last token) and an empty sequence: scattering the gathered chunks gives the row back, each
+    layout's chunks hold its sequences' tokens, and both backwards pass ``gradcheck``; also from a strided view
+    (read in place) and in another dtype (the gradient comes back in the input's)."""
+    P = packing([5, 0, 1, 7, 2, 3])
+    groups = ragged.buckets(P, chunk)
+    assert len(groups.layouts) > 1 or chunk is None
+    base = torch.randn(1, P.total, 2, H, 3, dtype=torch.float64, requires_grad=True)
+    x = base[:, :, 1]  # (token, head) rows of 3, two heads apart
+    parts = groups.gather_heads(x)
+    for part, layout in zip(parts, groups.layouts, strict=True):
+        assert part.shape == (1, H, layout.chunks, layout.C, 3) and part.is_contiguous()
+        assert torch.equal(part[0].flatten(1, 2), x[0, layout.index].transpose(0, 1))
+    assert torch.equal(groups.scatter_heads(parts), x[0])
+    assert torch.autograd.gradcheck(lambda b: groups.gather_heads(b[:, :, 1]), (base,))
+    leaves = tuple(p.detach().requires_grad_() for p in parts)
+    assert torch.autograd.gradcheck(lambda *ps: groups.scatter_heads(ps), leaves)
+    low = x.detach().float().requires_grad_()
+    assert all(p.dtype == torch.float64 for p in groups.gather_heads(low, torch.float64))
+    (grad,) = torch.autograd.grad(groups.scatter_heads(groups.gather_heads(low, torch.float64)).sum(), low)
+    assert grad.dtype == torch.float32 and torch.equal(grad, torch.ones_like(low))
 
 
 @pytest.mark.parametrize("op", ["retention", "linear_attention"])

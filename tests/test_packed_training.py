@@ -18,8 +18,9 @@ from models.config import ConfigError, ModelConfig, TrainConfig
 from models.lm import build_model
 from models.training import data as corpus
 from models.training.batches import cache_options
-from models.training.loop import evaluate, train
+from models.training.loop import train
 from models.training.tokenizers import ByteTokenizer
+from models.training.validation import evaluate
 from tests.models_helpers import (
     one_thread,  # noqa: F401  (autouse fixture)
     tiny_run_file,

@@ -74,9 +74,8 @@ def test_gradients_are_the_float64_references(op, dtype, with_state):
         assert err <= rtol, f"{op} {dtype}: d/d{name} is {err:.2e} from the reference"
 
 
-def saved_bytes(op: str, T: int) -> int:
-    """Bytes of the distinct storages autograd saves for the backward of one recurrent call over T tokens."""
-    leaves, state_leaves = inputs(op, T, dtype=torch.float32)
+def saved_bytes_of(call) -> int:
+    """Bytes of the distinct storages autograd saves for the backward of ``call()``."""
     storages: dict[int, int] = {}
 
     def pack(t):
@@ -85,8 +84,14 @@ def saved_bytes(op: str, T: int) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run(op, leaves, state_leaves)
+        call()
     return sum(storages.values())
+
+
+def saved_bytes(op: str, T: int) -> int:
+    """Bytes autograd saves for the backward of one recurrent call of ``op`` over T tokens."""
+    leaves, state_leaves = inputs(op, T, dtype=torch.float32)
+    return saved_bytes_of(lambda: run(op, leaves, state_leaves))
 
 
 @pytest.mark.parametrize("op", ["retention", "linear_attention"])

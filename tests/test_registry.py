@@ -42,7 +42,7 @@ from tests.fake_plugins import (
     write_twin_distribution,
 )
 
-TORCH_PLUGIN = "mixers.backends.torch_backend"
+TORCH_PLUGIN = "mixers.backends.torch_retention"
 
 
 @pytest.fixture

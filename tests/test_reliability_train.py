@@ -16,6 +16,8 @@ from models import cli, read_header
 from models.config import load_run_config
 from models.training import data as corpus
 from models.training import loop as training
+from models.training.interrupts import Interrupted
+from models.training.results import TrainingDiverged
 from tests.models_helpers import (
     one_thread,  # noqa: F401  (autouse fixture)
     tiny_run_file,
@@ -66,7 +68,7 @@ def test_best_checkpoint_is_kept_beside_the_last_one(tiny, tmp_path, monkeypatch
 def test_a_run_away_validation_loss_stops_the_run_and_keeps_the_good_checkpoints(tiny, tmp_path, monkeypatch, runaway):
     model_config, train_config = load_run_config(tiny)
     fake_validation(monkeypatch, [5.0, 4.0, runaway])
-    with pytest.raises(training.TrainingDiverged, match=r"at step 4: validation loss .* best 4\.000 \(step 2\)"):
+    with pytest.raises(TrainingDiverged, match=r"at step 4: validation loss .* best 4\.000 \(step 2\)"):
         training.train(model_config, train_config, data=corpus.default_corpus(), out=tmp_path, progress=False)
     assert read_header(tmp_path / "model.safetensors")[1]["step"] == 2, "the diverged weights are not saved"
     assert read_header(tmp_path / "best.safetensors")[1]["step"] == 2
@@ -127,7 +129,7 @@ def test_sigint_during_training_saves_before_raising(tiny, tmp_path, monkeypatch
     calls = interrupt_at_batch(monkeypatch, 3, signal.SIGINT)
     before = signal.getsignal(signal.SIGINT)
     train_config = dataclasses.replace(train_config, steps=100, eval_every=100)
-    with pytest.raises(training.Interrupted) as caught:
+    with pytest.raises(Interrupted) as caught:
         training.train(model_config, train_config, data=corpus.default_corpus(), out=tmp_path, progress=False)
     assert isinstance(caught.value, KeyboardInterrupt)
     assert caught.value.signum == signal.SIGINT and caught.value.step == 3 and len(calls) == 3

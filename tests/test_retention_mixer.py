@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import mixers
 from mixers.interface import MixerState
-from mixers.retention import MultiScaleRetention
+from mixers.retention import MultiScaleRetention, default_gammas
 from mixers.testing import assert_rel_close, norm_rel_error
 from mixers.testing.reference import short_conv_reference
 from mixers.testing.strategies import MODES
@@ -271,3 +271,38 @@ def test_default_configuration_runs():
         y, _ = mixer(torch.randn(1, 5, d_model))
         assert y.shape == (1, 5, d_model) and torch.isfinite(y).all()
     assert mixers.build("retention", 768).num_heads == 3
+
+
+def test_decay_schedule_gammas_code_and_paper():
+    """``"code"``: ``1 - 2^(-5-h)``; ``"paper"``: ``1 - exp(linspace(log 1/32, log 1/512, H))``."""
+    code = [1 - 2.0**-5, 1 - 2.0**-6, 1 - 2.0**-7, 1 - 2.0**-8]
+    assert default_gammas(4) == default_gammas(4, decay_schedule="code") == code
+    assert default_gammas(1, decay_schedule="paper") == pytest.approx([1 - 1 / 32], abs=1e-15)
+    logs = [math.log(1 / 32) + i * (math.log(1 / 512) - math.log(1 / 32)) / 3 for i in range(4)]
+    paper = default_gammas(4, decay_schedule="paper")
+    assert paper == pytest.approx([1 - math.exp(v) for v in logs], abs=1e-15)
+    assert paper[0] == pytest.approx(1 - 1 / 32) and paper[-1] == pytest.approx(1 - 1 / 512)
+    assert paper != default_gammas(4)  # 1/512 is reached at the last head, not at head 5
+    assert default_gammas(4, decay_schedule="paper", multi_scale=False) == [1 - 2.0**-5] * 4
+    assert default_gammas(4, decay_schedule="paper", decay=False) == [1.0] * 4
+    with pytest.raises(ValueError, match=r"decay_schedule must be one of \('code', 'paper'\), got 'Paper'"):
+        default_gammas(4, decay_schedule="Paper")
+
+
+def test_decay_schedule_option_builds_and_round_trips_through_a_config():
+    import models
+
+    mixer = make(decay_schedule="paper")
+    assert mixer.gammas == tuple(default_gammas(3, decay_schedule="paper")) != tuple(default_gammas(3))
+    assert_rel_close(mixer(inputs(), mode="chunkwise", chunk_size=5)[0], mixer(inputs())[0], 1e-10, "paper schedule")
+    with pytest.raises(ValueError, match="decay_schedule must be one of"):
+        make(decay_schedule="slides")
+    config = models.ModelConfig(
+        d_model=16, n_layers=1, layers=["retention"],
+        mixer_options={"retention": {"num_heads": 4, "decay_schedule": "paper"}},
+    )  # fmt: skip
+    again = models.ModelConfig.from_dict(config.to_dict())
+    assert again == config
+    built = models.build_model(again)
+    gammas = [m.gammas for m in built.modules() if isinstance(m, MultiScaleRetention)]
+    assert gammas == [tuple(default_gammas(4, decay_schedule="paper"))]

@@ -168,7 +168,7 @@ def test_the_top_level_help_wraps_evenly_to_the_terminal(width, capsys, monkeypa
     assert not too_long, too_long
     description = out.split("\n\n")[2]  # after the usage and the first line: the commands, one bullet each
     items = re.split(r"\n(?=- )", description)
-    assert len(items) == 7 and all(item.startswith("- seqmixers") or "Plugins" in item for item in items), items
+    assert len(items) == 8 and all(item.startswith("- seqmixers") or "Plugins" in item for item in items), items
     for item in items:  # filled greedily: no line could have taken the next line's first word
         rows = item.splitlines()
         for row, following in zip(rows, rows[1:], strict=False):

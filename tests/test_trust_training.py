@@ -19,6 +19,7 @@ from models.training import folder
 from models.training import loop as training
 from models.training import state as train_state
 from models.training.parallel import Layout, World
+from models.training.results import TrainingDiverged
 from tests.models_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 MODEL = ModelConfig(
@@ -283,7 +284,7 @@ def test_a_backend_that_makes_nan_is_named_when_training_diverges(tmp_path):
 
     model = dataclasses.replace(MODEL, layers=["retention", {"mixer": "retention", "backend": "poisoned"}])
     with get_registry().temporary_backend("retention", "poisoned", poisoned, plugin="nan_tests"):
-        with pytest.raises(training.TrainingDiverged) as caught:
+        with pytest.raises(TrainingDiverged) as caught:
             training.train(model, TRAIN, data=corpus.default_corpus()[:20_000], progress=False)
     message = str(caught.value)
     assert "the first non-finite output is layer 1's mixer 'retention'" in message

@@ -8,7 +8,6 @@ holds ``RetNetRelPos`` imports ``fairscale`` and ``timm`` at the top for things 
 from __future__ import annotations
 
 import importlib.util
-import math
 import sys
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -19,9 +18,10 @@ import torch.nn.functional as F
 
 import mixers
 from mixers.retention import MultiScaleRetention
-from models import LanguageModel, ModelConfig, TrainConfig, build_model
+from models import LanguageModel, ModelConfig, TrainConfig
+from models.convert import from_torchscale, torchscale_model_config
 from models.training.batches import prepare
-from models.training.loop import lr_at, make_optimizer
+from models.training.optim import lr_at, make_optimizer
 from models.training.parallel import World
 
 
@@ -66,8 +66,8 @@ def build_pair(
 ) -> tuple[torch.nn.Module, torch.nn.Module, MultiScaleRetention]:
     """``(torchscale_msr, torchscale_relpos, ours)`` computing the same function with the same weights.
 
-    Ours is configured the way torchscale computes: its angle schedule (``linspace``), interleaved
-    rotation, per-head RMSNorm without affine weights and the same epsilon.
+    Ours is configured as ``models.convert`` configures it: torchscale's angle schedule (``linspace``),
+    interleaved rotation, per-head RMSNorm without affine weights and the same epsilon.
     """
     torch.manual_seed(seed)
     args = ts.RetNetConfig(
@@ -79,17 +79,10 @@ def build_pair(
     )
     theirs = ts.MultiScaleRetention(args, d_model, value_dim, num_heads)
     relpos = ts.RetNetRelPos(args)
-    ours = mixers.build(
-        "retention",
-        d_model,
-        num_heads=num_heads,
-        value_dim=value_dim,
-        rope_layout="interleaved",
-        rope_schedule="linspace",
-        norm="rmsnorm",
-        norm_affine=False,
-        norm_eps=eps,
-    )
+    # the retention options of the LM conversion (this config's vocabulary and FFN play no part here)
+    lm = {**vars(args), "vocab_size": 1, "activation_fn": "swish"}
+    options = torchscale_model_config(lm).layer_specs()[0].options
+    ours = mixers.build("retention", d_model, **options)
     with torch.no_grad():
         ours.in_proj.weight.copy_(
             torch.cat([theirs.q_proj.weight, theirs.k_proj.weight, theirs.v_proj.weight, theirs.g_proj.weight])
@@ -102,30 +95,6 @@ def run_torchscale(msr: torch.nn.Module, relpos: torch.nn.Module, x: torch.Tenso
     """torchscale's output in ``"parallel"`` or ``"chunkwise"`` mode (its chunk size must divide T)."""
     chunkwise = mode == "chunkwise"
     return msr(x, relpos(x.shape[1], chunkwise_recurrent=chunkwise), chunkwise_recurrent=chunkwise)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The whole language model: torchscale's RetNetDecoder and our LanguageModel with the same weights.
-#
-# What torchscale 0.3.0's RetNetDecoder computes (torchscale/architecture/retnet.py), the RetNetConfig
-# that asks for it, and the ModelConfig that says the same:
-#   embedding * sqrt(d)      no_scale_embedding=False        init="scaled", embed_scale=sqrt(d_model)
-#       (as torchscale's fairseq RetNet LM sets it; RetNetConfig's own default no_scale_embedding=True
-#       means no scaling, i.e. our embed_scale=1.0)
-#   pre-norm blocks          decoder_normalize_before=True   (ours are always pre-norm)
-#   RMSNorm with weights, eps=layernorm_eps: before retention, before the FFN, and the final norm
-#                                                            norm="rmsnorm", norm_eps=eps
-#   retention: MultiScaleRetention, per-head RMSNorm without weights   as in build_pair; torchscale uses
-#       layernorm_eps there too, so that instance's eps is set to retention_eps afterwards
-#   FFN: always torchscale's GLU (component/gate_linear_unit.py), fc2(act(fc1 x) * gate x) without
-#       biases, never FeedForwardNetwork, so ``subln`` plays no part (it only forces pre-norm)
-#                            activation_fn="swish"           ffn="swiglu", fc = [fc1; gate], proj = fc2
-#       (swish is what torchscale's fairseq RetNet LM uses; RetNetConfig's default "gelu" makes a GeGLU,
-#       which our FFNs cannot express; nor can torchscale's RetNet express our ffn="gelu" MLP with biases)
-#   output projection without bias; share_decoder_input_output_embed <-> tie_embeddings (untied, the
-#       fairseq LM's default, unless asked)
-#   off: deepnorm, layernorm_embedding, MoE; dropout = activation_dropout = drop_path_rate = 0
-# ---------------------------------------------------------------------------------------------------------
 
 
 def lm_configs(
@@ -142,7 +111,9 @@ def lm_configs(
     tie_embeddings: bool = False,
     chunk_size: int = 16,
 ) -> tuple[Any, ModelConfig]:
-    """``(RetNetConfig, ModelConfig)`` describing the same decoder-only RetNet (see the table above)."""
+    """``(RetNetConfig, ModelConfig)`` describing the same decoder-only RetNet: torchscale's fairseq RetNet LM
+    settings (swish GLU, embedding scaled by sqrt(d), pre-norm, no dropout), and what ``models.convert`` makes
+    of them (docs/convert.md maps each convention)."""
     args = ts.RetNetConfig(
         vocab_size=vocab_size,
         decoder_embed_dim=d_model,
@@ -163,33 +134,7 @@ def lm_configs(
         chunkwise_recurrent=False,  # torchscale_logits picks the mode per call
         recurrent_chunk_size=chunk_size,
     )
-    retention = {
-        "num_heads": num_heads,
-        "value_dim": value_dim,
-        "rope_layout": "interleaved",
-        "rope_schedule": "linspace",
-        "norm": "rmsnorm",
-        "norm_affine": False,
-        "norm_eps": retention_eps,
-        "backend": "torch",
-    }
-    config = ModelConfig(
-        vocab_size=vocab_size,
-        d_model=d_model,
-        n_layers=n_layers,
-        layers=["retention"],
-        mixer_options={"retention": retention},
-        ffn="swiglu",
-        ffn_dim=ffn_dim,
-        norm="rmsnorm",
-        norm_eps=eps,
-        dropout=0.0,
-        tie_embeddings=tie_embeddings,
-        init="scaled",
-        embed_scale=math.sqrt(d_model),
-        chunk_size=chunk_size,
-    )
-    return args, config
+    return args, torchscale_model_config(args, retention_eps=retention_eps)
 
 
 def build_torchscale_lm(ts: types.SimpleNamespace, args: Any, *, retention_eps: float = 1e-30) -> torch.nn.Module:
@@ -203,30 +148,6 @@ def build_torchscale_lm(ts: types.SimpleNamespace, args: Any, *, retention_eps: 
     for layer in decoder.layers:
         layer.retention.group_norm.eps = retention_eps  # the only norm whose epsilon differs from layernorm_eps
     return decoder
-
-
-def torchscale_state_as_ours(decoder: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The decoder's weights under our ``LanguageModel``'s state-dict names.
-
-    Our retention projects q, k, v, g in one matmul (``in_proj`` = their four weights stacked) and our
-    SwiGLU's ``fc`` holds first the half that goes through the activation (their ``fc1``), then the linear
-    half (their ``gate``). Those two are new tensors; the others are the decoder's own parameters.
-    """
-    state = {"tok_emb.weight": decoder.embed_tokens.weight, "lm_head.weight": decoder.output_projection.weight}
-    for i, layer in enumerate(decoder.layers):
-        msr, ffn = layer.retention, layer.ffn
-        state |= {
-            f"blocks.{i}.norm1.weight": layer.retention_layer_norm.weight,
-            f"blocks.{i}.mixer.in_proj.weight": torch.cat(
-                [msr.q_proj.weight, msr.k_proj.weight, msr.v_proj.weight, msr.g_proj.weight]
-            ),
-            f"blocks.{i}.mixer.out_proj.weight": msr.out_proj.weight,
-            f"blocks.{i}.norm2.weight": layer.final_layer_norm.weight,
-            f"blocks.{i}.ffn.fc.weight": torch.cat([ffn.fc1.weight, ffn.gate.weight]),
-            f"blocks.{i}.ffn.proj.weight": ffn.fc2.weight,
-        }
-    state["norm.weight"] = decoder.layer_norm.weight
-    return state
 
 
 def build_lm_pair(
@@ -247,13 +168,10 @@ def build_lm_pair(
     Both models come out float32; for float64 use ``.double()``, then ``relpos_float64`` (and
     ``without_float32_casts``) on torchscale's.
     """
-    args, config = lm_configs(ts, retention_eps=retention_eps, **sizes)
+    args, _ = lm_configs(ts, retention_eps=retention_eps, **sizes)
     torch.manual_seed(seed)
     theirs = build_torchscale_lm(ts, args, retention_eps=retention_eps)
-    ours = build_model(config)
-    state = torchscale_state_as_ours(theirs)
-    with torch.no_grad():
-        ours.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
+    ours = from_torchscale(theirs.state_dict(), args, retention_eps=retention_eps)
     n_theirs = sum(p.numel() for p in theirs.parameters())
     if ours.num_parameters() != n_theirs:  # nothing of ours is left out of the copy, nothing of theirs unused
         raise AssertionError(f"parameter counts differ: ours {ours.num_parameters()}, torchscale {n_theirs}")
@@ -341,12 +259,12 @@ def train_together(
 ) -> Iterator[tuple[int, list[float]]]:
     """Train each ``(model, forward)`` of ``runs`` on the same batches; yield ``(step, losses)`` per step.
 
-    The recipe is ``models.training.loop``'s: ``make_optimizer`` (AdamW, weight decay on matrices only), ``lr_at``
-    (warm-up, then cosine), clipping at ``tc.grad_clip``; the batches are ``training_batches(tc.batch_size,
-    tc.seq_len, tc.steps, tc.seed)``. ``forward`` maps tokens to logits. AdamW acts elementwise, so their
-    separate q/k/v/g matrices and our stacked ``in_proj`` get the same updates, and the global gradient
-    norm is the same sum over the same numbers. The loss is computed in the logits' dtype (``models.training.loop``
-    casts to float32).
+    The recipe is the training loop's (``models.training.optim``): ``make_optimizer`` (AdamW, weight decay on
+    matrices only), ``lr_at`` (warm-up, then cosine), clipping at ``tc.grad_clip``; the batches are
+    ``training_batches(tc.batch_size, tc.seq_len, tc.steps, tc.seed)``. ``forward`` maps tokens to logits. AdamW
+    acts elementwise, so their separate q/k/v/g matrices and our stacked ``in_proj`` get the same updates, and the
+    global gradient norm is the same sum over the same numbers. The loss is computed in the logits' dtype
+    (``models.training.loop`` casts to float32).
     """
     optimizers = [make_optimizer(model, tc) for model, _ in runs]
     for model, _ in runs:
@@ -380,10 +298,12 @@ def train_pair(theirs: torch.nn.Module, ours: LanguageModel, tc: TrainConfig) ->
 
 
 def max_weight_difference(theirs: torch.nn.Module, ours: LanguageModel) -> float:
-    """The largest relative difference ``|a - b| / |a|`` (Frobenius) over all weights, in our naming."""
+    """The largest relative difference ``|a - b| / |a|`` (Frobenius) over all weights, in our naming
+    (torchscale's converted by ``models.convert.from_torchscale``)."""
     mine = ours.state_dict()
     worst = 0.0
     with torch.no_grad():
-        for name, w in torchscale_state_as_ours(theirs).items():
+        converted = from_torchscale(theirs.state_dict(), theirs.args).state_dict()
+        for name, w in converted.items():
             worst = max(worst, ((mine[name] - w).norm() / w.norm()).item())
     return worst

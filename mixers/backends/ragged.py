@@ -15,7 +15,7 @@ model shares its packing.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -88,15 +88,6 @@ class Ragged:
         o = o.reshape(-1, *o.shape[-2:])
         return o if self.span is not None else o.index_select(0, self.slot)
 
-    def scatter_heads(self, o: Tensor) -> Tensor:
-        """Every chunk's result ``o [1, H, N, C, D]`` (head-major) back to the layout's tokens: ``[T', H, D]``."""
-        if self.span is not None:
-            return o[0, :, 0].transpose(0, 1)
-        H, D = o.shape[1], o.shape[-1]
-        heads = torch.arange(H, device=o.device) * (o.numel() // (H * D))
-        rows = (self.slot[:, None] + heads).flatten()  # the (head, slot) rows, token-major
-        return o.reshape(-1, D).index_select(0, rows).view(-1, H, D)
-
 
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Packing -> {key: layout(s)}
 
@@ -117,10 +108,109 @@ class Buckets:
 
     layouts: tuple[Ragged, ...]
     position: Tensor | None  # int64 [T]: each token's place in the layouts' results joined (None: one whole layout)
+    _rows: dict[int, _HeadRows] = field(default_factory=dict, repr=False)  # per number of heads
 
     def join(self, parts: list[Tensor]) -> Tensor:
         """The layouts' results for their tokens (``parts[i] [T_i, ...]``) as one ``[T, ...]``, in token order."""
         return parts[0] if self.position is None else torch.cat(parts).index_select(0, self.position)
+
+    def gather_heads(self, x: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, ...]:
+        """Every layout's chunks of the packed row ``x [1, T, H, D]``, head-major: ``[1, H, N_i, C_i, D]`` each
+        (contiguous), in one pass over x. Differentiable, its backward one pass too (``_Gather``)."""
+        H, D = x.shape[2:]
+        parts = _Gather.apply(x, self._heads(H), dtype)
+        return tuple(p.view(1, H, layout.chunks, layout.C, D) for p, layout in zip(parts, self.layouts, strict=True))
+
+    def scatter_heads(self, parts: tuple[Tensor, ...]) -> Tensor:
+        """Every layout's results ``parts[i] [1, H, N_i, C_i, D]`` (head-major) at their tokens: ``[T, H, D]``.
+        Differentiable (``_Scatter``)."""
+        return _Scatter.apply(self._heads(parts[0].shape[1]), *parts)
+
+    def _heads(self, H: int) -> _HeadRows:
+        if H not in self._rows:
+            self._rows[H] = _HeadRows.of(self.layouts, H)
+        return self._rows[H]
+
+
+@dataclass(frozen=True, eq=False)
+class _HeadRows:
+    """The slots of layouts that hold every token of a packed row ``[T, H, D]`` once, for its H heads, as rows of
+    the row viewed as ``[T * H, D]``; each layout's slots head-major (``[H, N_i * C_i]``). Each (token, head) row is
+    one slot's own; an empty slot reads its chunk's last token and writes a row past T * H (one to drop)."""
+
+    take: Tensor  # int64 [S]: the row each slot reads, the layouts' slots one after the other
+    put: tuple[Tensor, ...]  # int64 [S_i] per layout: the row each slot writes
+    empty: tuple[Tensor, ...]  # int64 [E_i] per layout: its empty slots
+    reread: tuple[Tensor, ...]  # int64 [E_i] per layout: the row each of its empty slots reads
+    sizes: tuple[int, ...]  # S_i: the slots of each layout
+    rows: int  # T * H
+    heads: int
+
+    @classmethod
+    def of(cls, layouts: tuple[Ragged, ...], H: int) -> _HeadRows:
+        heads = torch.arange(H, device=layouts[0].index.device)[:, None]
+        T = sum(layout.tokens.shape[0] for layout in layouts)
+        take = [(layout.index * H + heads).flatten() for layout in layouts]
+        put = tuple((layout.dest * H + heads).flatten() for layout in layouts)
+        empty = tuple((p >= T * H).nonzero().flatten() for p in put)
+        reread = tuple(t[e] for t, e in zip(take, empty, strict=True))
+        return cls(torch.cat(take), put, empty, reread, tuple(p.shape[0] for p in put), T * H, H)
+
+    def write(self, slots: list[Tensor], dtype: torch.dtype) -> Tensor:
+        """Each slot of ``slots`` (each layout's, ``[S_i, D]``) at its row: ``[T * H, D]``."""
+        out = slots[0].new_empty(self.rows + self.heads, slots[0].shape[-1], dtype=dtype)
+        for part, put in zip(slots, self.put, strict=True):
+            out.index_copy_(0, put, part.to(dtype))
+        return out[: self.rows]
+
+
+class _Gather(torch.autograd.Function):
+    """``Buckets.gather_heads``: the slots ``x.view(T * H, D)[take]``, by layout. Its backward writes each slot's
+    gradient at its own row and adds the empty slots' on top (they reread a row): one pass, where autograd's would
+    zero-fill and scatter-add a whole ``[T * H, D]`` per gather."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, rows: _HeadRows, dtype: torch.dtype | None) -> tuple[Tensor, ...]:
+        ctx.rows, ctx.shape, ctx.dtype = rows, x.shape, x.dtype
+        T, H, D = x.shape[1:]
+        stride = x.stride(1) // D  # rows from one token to the next
+        if x.stride(3) != 1 or x.stride(2) != D or x.stride(1) % D:  # (its (token, head) rows are not rows of D)
+            x, stride = x.contiguous(), H
+        take = rows.take if stride == H else rows.take // H * stride + rows.take % H
+        flat = x.as_strided(((T - 1) * stride + H, D), (D, 1))  # every row of D from x's first: no copy of x
+        return flat.index_select(0, take).to(dtype).split(rows.sizes)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        rows = ctx.rows
+        slots = [g.reshape(-1, ctx.shape[-1]) for g in grads]
+        dx = rows.write(slots, ctx.dtype)
+        for part, empty, reread in zip(slots, rows.empty, rows.reread, strict=True):
+            dx.index_add_(0, reread, part.index_select(0, empty).to(ctx.dtype))
+        return dx.view(ctx.shape), None, None
+
+
+class _Scatter(torch.autograd.Function):
+    """``Buckets.scatter_heads``: each slot's result at its own row, the empty slots' dropped. Its backward reads
+    each slot's gradient from its row, zero in the empty slots."""
+
+    @staticmethod
+    def forward(ctx, rows: _HeadRows, *parts: Tensor) -> Tensor:
+        ctx.rows, ctx.shapes = rows, [p.shape for p in parts]
+        H, D = parts[0].shape[1], parts[0].shape[-1]
+        return rows.write([p.reshape(-1, D) for p in parts], parts[0].dtype).view(-1, H, D)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do: Tensor) -> tuple[Tensor | None, ...]:
+        rows = ctx.rows
+        slots = do.reshape(-1, do.shape[-1]).index_select(0, rows.take).split(rows.sizes)
+        grads = (
+            g.index_fill_(0, empty, 0).view(shape)
+            for g, empty, shape in zip(slots, rows.empty, ctx.shapes, strict=True)
+        )
+        return None, *grads
 
 
 def buckets(packing: Packing, chunk: int | None = None) -> Buckets:

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 
 from mixers.backends import nonfinite, torch_retention
+from mixers.catalogue import Backend, BackendRegistrar
+from mixers.hookspecs import hookimpl
 from mixers.ops.checks import state_dtype
 from mixers.ops.linear_attention import LinearState
 
@@ -77,3 +79,17 @@ def linear_attention(
     o = (num / guard(den, eps) if normalize else num).to(out_dtype)
     o, kv, z = nonfinite.marked(found, o, state[..., :Dv].contiguous(), state[..., Dv].contiguous())
     return o, LinearState(kv, z)
+
+
+@hookimpl
+def register_backends(register: BackendRegistrar) -> None:
+    register(
+        Backend(
+            op="linear_attention",
+            name="torch",
+            fn=linear_attention,
+            priority=0,
+            packs=True,
+            description="pure torch; any device and dtype; differentiable by autograd",
+        )
+    )

@@ -30,16 +30,19 @@ over sequences: every mode cuts each sequence into chunks of its own, from its f
 single tokens; chunkwise mode: ``chunk_size`` tokens; parallel mode: one chunk per sequence), laid out step-major
 (``mixers.backends.ragged``): step j holds the j-th chunk of every sequence that has one. One pass is then as
 many batched steps as the longest sequence has chunks, each advancing the state rows of the sequences still
-running (``_ragged_carry``: in place, the other rows untouched, so nothing multiplies a finished sequence's state
-by zero and nothing needs resetting). Sequences no longer than a chunk (all of them in parallel mode) are one
-chunk each, padded with those of similar lengths (``ragged.buckets``). A sequence's last chunk is filled up by
-repeating its last token: causality hides those slots from every real token, their ``k_decay`` is 0 (the decays
-are per chunk: ``gamma^(L-1-j)`` over the L tokens a chunk holds), and their outputs are dropped. The same
+running (``_ragged_carry``: the other rows untouched, so nothing multiplies a finished sequence's state by zero
+and nothing needs resetting; a state goes from a chunk's entering slot to the next chunk's in one pass).
+Sequences no longer than a chunk (all of them in parallel mode) are one chunk each, padded with those of similar
+lengths (``ragged.buckets``). A sequence's last chunk is filled up by repeating its last token: causality hides
+those slots from every real token, their ``k_decay`` is 0 (the decays are per chunk: ``gamma^(L-1-j)`` over the L
+tokens a chunk holds), and their outputs are dropped. The same
 ``_Chunks`` and ``_Recurrent`` compute it, so the hand-written and memory-bounded backwards, the float32
 accumulation, the decays' exponents in ``0..C`` and ``checkpoint_states`` (every ``every``-th chunk of each
 sequence) hold as for one sequence. Without gradients, ``PACKED_GROUP`` chunks run at a time, gathered from the
-packed inputs (no copy of the whole row). Non-finite inputs are excluded as above, their reach ending at their
-sequence's end (``nonfinite.finite_parts`` with the packing).
+packed inputs (no copy of the whole row); with gradients, the chunks of every bucket are gathered from q, k, v in
+one pass and their outputs put back in one (``Buckets.gather_heads``, ``scatter_heads``: their backwards are one
+pass too, not autograd's zero-filled row and scatter-add per gather). Non-finite inputs are excluded as above,
+their reach ending at their sequence's end (``nonfinite.finite_parts`` with the packing).
 
 Inputs arrive validated by ``mixers.functional.retention``; ``gamma`` is a float64 tensor ``[H]``.
 Computation runs in float32 (float64 for float64 inputs); ``o`` is cast back to the input dtype.
@@ -58,7 +61,9 @@ import torch
 from torch import Tensor
 
 from mixers.backends import nonfinite
-from mixers.backends.ragged import Buckets, Ragged, buckets, ragged
+from mixers.backends.ragged import Ragged, buckets, ragged
+from mixers.catalogue import Backend, BackendRegistrar
+from mixers.hookspecs import hookimpl
 from mixers.ops.checks import state_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -338,13 +343,36 @@ def _ragged_carry(
     """``_carry`` over chunks of a ``Ragged`` layout: ``kv [1, H, N, Dk, Dv]``, ``chunk_decay [H, N]``, ``state
     [n, H, Dk, Dv]`` (a row per sequence); span ``(a, r, m)`` advances rows ``r..r+m-1`` by chunks ``a..a+m-1``.
     The rows a span does not reach are left as they are, never scaled by zero (a NaN in a finished sequence
-    stays in it)."""
+    stays in it). A row's state passes from one span to the next inside ``before`` (one pass over the states:
+    ``before[next] = decay * before + kv``); ``state`` takes the rows that leave the spans, and gives those that
+    join them."""
     before = torch.empty_like(kv)
     state = state.clone()
+    decay = chunk_decay[..., None, None]
+
+    def advance(c: int, n: int, out: Tensor) -> None:  # the states leaving chunks c..c+n-1
+        torch.addcmul(kv[0, :, c : c + n], decay[:, c : c + n], before[0, :, c : c + n], out=out)
+
+    def rows(r0: int, r1: int, lo: int, hi: int) -> tuple[tuple[int, int], ...]:  # rows r0..r1-1 not in lo..hi-1
+        return tuple((s, e) for s, e in ((r0, min(lo, r1)), (max(hi, r0), r1)) if s < e)
+
+    last = None
     for a, r, m in reversed(spans) if reverse else spans:
-        rows = state[r : r + m]
-        before[0, :, a : a + m] = rows.transpose(0, 1)
-        rows.mul_(chunk_decay[:, a : a + m].t()[..., None, None]).add_(kv[0, :, a : a + m].transpose(0, 1))
+        lo = hi = r
+        if last is not None:  # the rows the last span advanced too: their state goes straight to this span's
+            la, lr, lm = last
+            lo, hi = max(r, lr), min(r + m, lr + lm)
+            hi = max(lo, hi)
+            for s, e in rows(lr, lr + lm, lo, hi):
+                advance(la + s - lr, e - s, state[s:e].transpose(0, 1))
+            if lo < hi:
+                advance(la + lo - lr, hi - lo, before[0, :, a + lo - r : a + hi - r])
+        for s, e in rows(r, r + m, lo, hi):
+            before[0, :, a + s - r : a + e - r] = state[s:e].transpose(0, 1)
+        last = (a, r, m)
+    if last is not None:
+        la, lr, lm = last
+        advance(la, lm, state[lr : lr + lm].transpose(0, 1))
     return before, state
 
 
@@ -489,51 +517,45 @@ def _packed(
     computing dtype and the final states."""
     acc = log_g.dtype
     H, Dk, Dv = q.shape[2], q.shape[3], v.shape[3]
-    q, k, v = (x.contiguous() for x in (q, k, v))  # (gathers read (token, head) rows: one copy here, not one each)
-    if mode == "recurrent":
-        groups = Buckets((ragged(packing, 1),), None)
-    else:  # (a sequence no longer than a chunk is one chunk: padded with those of similar lengths)
-        groups = buckets(packing, chunk_size if mode == "chunkwise" else None)
-    layouts = groups.layouts
     initial = q.new_zeros(packing.n, H, Dk, Dv, dtype=acc) if state is None else state
+    if mode == "recurrent" or not tracked:  # (gathers read (token, head) rows: one copy here, not one per gather)
+        q, k, v = (x.contiguous() for x in (q, k, v))
+    if mode == "recurrent":  # token by token, every sequence at once
+        layout = ragged(packing, 1)
+        q_, k_, v_ = (layout.gather(x, dtype=acc) for x in (q, k, v))  # [T, H, D] step-major
+        g = gamma.to(acc)[:, None, None]
+        o, final = _Recurrent.apply(q_, k_, v_, initial.index_select(0, layout.order), g, layout.steps)
+        return layout.scatter(o)[None], initial.index_copy(0, layout.order, final)  # (empty ones: their initial)
+    # (a sequence no longer than a chunk is one chunk: padded with those of similar lengths)
+    groups = buckets(packing, chunk_size if mode == "chunkwise" else None)
+    layouts = groups.layouts
     rows = torch.cat([layout.order for layout in layouts])
-    outs, finals = [], []
-    if mode != "recurrent" and not tracked:  # every layout writes its tokens' outputs in place
+    starts = [initial.index_select(0, layout.order) for layout in layouts]
+    if not tracked:  # every layout writes its tokens' outputs in place
         out = q.new_empty(q.shape[1] + 1, H, Dv, dtype=acc)
         exclude = nonfinite.may_be_nonfinite(v)
-        for layout in layouts:
-            finals.append(_streamed_layout(q, k, v, log_g, initial.index_select(0, layout.order), layout, exclude, out))
-        return out[None, :-1], initial.index_copy(0, rows, torch.cat(finals))  # (empty ones: their initial)
-    for layout in layouts:
-        o, final = _on_layout(q, k, v, gamma, log_g, initial.index_select(0, layout.order), layout, mode)
+        finals = [
+            _streamed_layout(q, k, v, log_g, s, layout, exclude, out) for s, layout in zip(starts, layouts, strict=True)
+        ]
+        return out[None, :-1], initial.index_copy(0, rows, torch.cat(finals))
+    # With gradients (on finite inputs): the layouts' chunks gathered in one pass (of q, k, v as given), their
+    # results put back in one, and so their gradients.
+    outs, finals = [], []
+    for layout, start, *qkv in zip(layouts, starts, *(groups.gather_heads(x, acc) for x in (q, k, v)), strict=True):
+        every = _checkpoint_every(len(layout.steps)) if mode == "chunkwise" else None
+        o, final = _Chunks.apply(*qkv, start, log_g, every, False, layout)
         outs.append(o)
         finals.append(final)
-    return groups.join(outs)[None], initial.index_copy(0, rows, torch.cat(finals))
-
-
-def _on_layout(
-    q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, log_g: Tensor, state: Tensor, layout: Ragged, mode: str
-) -> tuple[Tensor, Tensor]:
-    """Retention over the sequences of ``layout`` from ``state`` (a row per sequence, in the layout's order), with
-    gradients (on finite inputs) or in recurrent mode: their outputs ``[T', H, Dv]`` (the layout's tokens) and
-    final states."""
-    acc = log_g.dtype
-    if mode == "recurrent":  # token by token, every sequence at once
-        q_, k_, v_ = (layout.gather(x, dtype=acc) for x in (q, k, v))  # [T, H, D] step-major
-        o, final = _Recurrent.apply(q_, k_, v_, state, gamma.to(acc)[:, None, None], layout.steps)
-        return layout.scatter(o), final
-    qc, kc, vc = (layout.gather_heads(x, dtype=acc) for x in (q, k, v))
-    every = _checkpoint_every(len(layout.steps)) if mode == "chunkwise" else None
-    o, final = _Chunks.apply(qc, kc, vc, state, log_g, every, False, layout)
-    return layout.scatter_heads(o), final
+    return groups.scatter_heads(tuple(outs))[None], initial.index_copy(0, rows, torch.cat(finals))
 
 
 def _streamed_layout(
     q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, state: Tensor, layout: Ragged, exclude: bool, out: Tensor
 ) -> Tensor:
-    """``_on_layout`` without gradients, in chunks and parallel modes: ``PACKED_GROUP`` chunks at a time (their
-    working set stays in cache), gathered from the inputs, their outputs written at their tokens' rows of ``out``
-    (``[T + 1, H, Dv]``); returns the final states (``exclude``: as ``_intra``'s)."""
+    """Retention over the sequences of ``layout`` from ``state`` (a row per sequence, in the layout's order) without
+    gradients, in chunkwise and parallel modes: ``PACKED_GROUP`` chunks at a time (their working set stays in
+    cache), gathered from the inputs, their outputs written at their tokens' rows of ``out`` (``[T + 1, H, Dv]``);
+    returns the final states (``exclude``: as ``_intra``'s)."""
     acc = log_g.dtype
     decays = _decays(log_g, layout.C, layout.lengths)
     for a, b, carry, part, _ in _groups(layout.chunks, PACKED_GROUP, decays, layout, by_steps=False):
@@ -635,3 +657,17 @@ def compute(
         pieces.append(o.reshape(B, H, tail, Dv))
     o = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
     return o.transpose(1, 2).to(out_dtype), state
+
+
+@hookimpl
+def register_backends(register: BackendRegistrar) -> None:
+    register(
+        Backend(
+            op="retention",
+            name="torch",
+            fn=retention,
+            priority=0,
+            packs=True,
+            description="pure torch; any device and dtype; differentiable by autograd",
+        )
+    )

@@ -55,6 +55,8 @@ from torch.autograd.function import once_differentiable
 
 from mixers.backends import nonfinite
 from mixers.backends.ragged import Ragged, buckets
+from mixers.catalogue import Backend, BackendRegistrar
+from mixers.hookspecs import hookimpl
 from mixers.ops.checks import state_dtype
 from mixers.ops.softmax_attention import KVCache
 
@@ -363,3 +365,17 @@ def _bucketed(
         ob = _attend(padded(q), kb, vb, offset, mode, chunk_size, with_cache=cache is not None)
         outs.append(layout.scatter(ob))
     return groups.join(outs)[None]
+
+
+@hookimpl
+def register_backends(register: BackendRegistrar) -> None:
+    register(
+        Backend(
+            op="softmax_attention",
+            name="torch",
+            fn=softmax_attention,
+            priority=0,
+            packs=True,
+            description="pure torch (parallel through scaled_dot_product_attention); any device and dtype",
+        )
+    )

@@ -1,6 +1,8 @@
 """Training language models: the loop, its state and data, the processes that share it.
 
 - ``loop``: ``train()``, the training loop read top to bottom, and ``train_step``.
+- ``optim``, ``validation``, ``results``: AdamW and its learning-rate schedule; the validation loss and its
+  perplexity; what a run returns (``TrainResult``) or raises when it diverges (``TrainingDiverged``).
 - ``state``: the whole training state (``TrainState``), saved, checked and restored for ``resume``.
 - ``parallel``: the torchrun process group, data parallelism (DDP, FSDP2) and context parallelism.
 - ``batches``: a run's data (source, tokenizer, token cache, batches) and the record a resume checks.

@@ -12,22 +12,17 @@ from torch import nn
 
 from mixers.registry import get_registry
 from models.config import ModelConfig, TrainConfig
-from models.training.parallel import unwrapped
+from models.training.parallel import Layout, unwrapped
 
 
 def nonfinite_origin(
-    model: nn.Module,
-    config: ModelConfig,
-    tc: TrainConfig,
-    batches: list[tuple],
-    device: torch.device,
-    context: Callable[[], contextlib.AbstractContextManager],
+    model: nn.Module, config: ModelConfig, tc: TrainConfig, batches: list[tuple], layout: Layout, *, sharded: bool
 ) -> str:
     """The first parameter of ``model`` that is not finite, or else the first layer whose output is not finite on
-    ``batches`` (``(x, y)`` or ``(x, y, cu_seqlens or None, ...)``), run inside ``context()`` (autocast, context
-    parallelism: as they were trained). Every rank runs the same forward passes (FSDP and context parallelism
-    need them all)."""
-    plain = unwrapped(model)
+    ``batches`` (``(x, y)`` or ``(x, y, cu_seqlens or None, ...)``), run as they were: under the run's autocast,
+    and under context parallelism if they are ``sharded`` over the ranks' time (a training step's, not
+    validation's). Every rank runs the same forward passes (FSDP and context parallelism need them all)."""
+    plain, device = unwrapped(model), layout.world.device
     for name, param in plain.named_parameters():
         if not bool(torch.isfinite(param).all()):
             return f"the weight {name} is not finite (an update made it so); lower lr (now {tc.lr})"
@@ -46,8 +41,9 @@ def nonfinite_origin(
         mixer = f"layer {i}'s mixer {_mixer_name(plain, config, tc, i, device)}"
         handles.append(block.mixer.register_forward_hook(watch(mixer)))
         handles.append(block.ffn.register_forward_hook(watch(f"layer {i}'s FFN")))
+    cp = layout.context(model) if sharded else contextlib.nullcontext()
     try:
-        with torch.no_grad(), context():
+        with torch.no_grad(), layout.autocast(tc.precision), cp:
             for x, _, *packed in batches:
                 cu_seqlens = packed[0].to(device) if packed and packed[0] is not None else None
                 model(x.to(device), mode=tc.mode, chunk_size=tc.chunk_size, cu_seqlens=cu_seqlens)

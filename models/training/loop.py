@@ -1,21 +1,16 @@
-"""The training loop: AdamW with warm-up and cosine decay, periodic validation perplexity, checkpoints (each written
-atomically), the whole training state for ``resume``, and a sample at the end.
-
-The run folder (``models.training.folder``) holds ``model.safetensors`` (the last validated model; or, after
-SIGINT/SIGTERM, the model of the last completed step) and ``best.safetensors`` (the lowest validation loss so
-far). A run whose validation loss rises more than ``DIVERGENCE_MARGIN`` above its best, or whose loss is not
-finite, stops with ``TrainingDiverged`` and does not save the diverged weights.
+"""The training loop, read top to bottom: ``train`` sets a run up (the process group, the state to resume, the run
+folder, the data) and tears it down, ``_loop`` runs it step by step (validation, checkpoints, the divergence stop,
+the save on an interrupt, the training state for ``resume``, a sample at the end), and ``train_step`` takes one
+optimizer step over a global batch's micro-batches.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,81 +26,17 @@ from models.training.batches import RunData, prepare, saved_source
 from models.training.data import IGNORE
 from models.training.diagnosis import nonfinite_origin
 from models.training.interrupts import Interrupted, StopSignals
+from models.training.optim import lr_at, make_optimizer
 from models.training.parallel import Layout, all_sum, all_sums, barrier, setup, teardown, unwrapped
+from models.training.results import TrainingDiverged, TrainResult
 from models.training.runlog import RunLog
 from models.training.state import ResumeError, Saved, TrainState
+from models.training.validation import evaluate, perplexity
 
 # A validation loss more than this above the best so far (nats per token; x e = 2.7 in perplexity) stops
 # the run: a healthy run's validation loss, on the same fixed batches each time, moves far less between
 # validations, and a run at lr=10 that was not stopped went on to perplexity 1e16.
 DIVERGENCE_MARGIN = 1.0
-
-
-@dataclass
-class TrainResult:
-    """What a run produced: the trained model, loss curves, throughput, final validation loss, sample."""
-
-    model: LanguageModel
-    train_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss)
-    val_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
-    tokens_per_s: float = 0.0
-    train_s: float = 0.0
-    checkpoint: Path | None = None
-    sample: str = ""
-    best: Path | None = None  # the checkpoint of the lowest validation loss
-    best_step: int | None = None
-    best_val_loss: float = math.inf
-    tokenizer: Any = None  # the run's tokenizer (models.training.tokenizers.ByteTokenizer or BPETokenizer)
-
-    @property
-    def val_loss(self) -> float:
-        return self.val_curve[-1][1]
-
-    @property
-    def val_ppl(self) -> float:
-        return perplexity(self.val_loss)
-
-
-def perplexity(loss: float) -> float:
-    """``exp(loss)``, infinite rather than an ``OverflowError`` for a diverged loss."""
-    return math.inf if loss > 700 else math.exp(loss)
-
-
-class TrainingDiverged(FloatingPointError):
-    """The training loss was not finite, or the validation loss rose more than the margin above its best.
-
-    ``best`` is the best checkpoint kept (None without a run folder), from ``best_step`` at ``best_val_loss``;
-    ``checkpoint`` the last validated one (None if no validation was finite)."""
-
-    def __init__(self, message: str, *, step: int, state: TrainState, out: Path | None) -> None:
-        super().__init__(message)
-        self.step, self.best_step, self.best_val_loss = step, state.best_step, state.best_val_loss
-        kept = out is not None and state.best_step is not None
-        self.best = out / folder.BEST if kept else None
-        self.checkpoint = out / folder.LAST if kept else None
-
-
-def lr_at(step: int, tc: TrainConfig) -> float:
-    """Linear warm-up to ``lr``, then cosine decay to ``min_lr_ratio * lr`` at the last step."""
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
-    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
-def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Optimizer parameter groups with weight decay on matrices only (not on norms, biases, or per-head
-    scales), as is usual for transformers."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-
-
-def make_optimizer(model: LanguageModel, tc: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (``decay_groups``)."""
-    return torch.optim.AdamW(decay_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2))
 
 
 def train(
@@ -243,15 +174,14 @@ def _loop(
 
     def diverged(message: str, batches: list[tuple], *, sharded: bool) -> TrainingDiverged:
         """The error for a loss that is not finite, saying where it came from."""
-        context = (lambda: _contexts(tc, layout, model)) if sharded else (lambda: _autocast(tc, layout))
-        origin = nonfinite_origin(model, model_config, tc, batches, world.device, context)
+        origin = nonfinite_origin(model, model_config, tc, batches, layout, sharded=sharded)
         bar.close()
         return TrainingDiverged(f"{message}; {origin}", step=state.step, state=state, out=out)
 
     def validate() -> None:
         """Validate (every rank: the same batches, the same loss), log, stop a diverged run, save checkpoints."""
         step = state.step
-        with _autocast(tc, layout):
+        with layout.autocast(tc.precision):
             val = evaluate(model, run_data.val_batches, tc)
         state.val_curve.append((step, val))
         log.log(step, val_loss=val, force=True, **measures())
@@ -326,18 +256,8 @@ def _loop(
     stop.release()  # from here (the sample), Ctrl-C interrupts at once: the last checkpoint is saved
     if stop.signum is not None:
         raise Interrupted(stop.signum, tc.steps, checkpoint)
-    result = TrainResult(
-        model=(layout.whole_model(model, model_config) if layout.parallel == "fsdp" else None) or plain,
-        train_curve=state.train_curve,
-        val_curve=state.val_curve,
-        tokens_per_s=state.tokens / state.train_s,
-        train_s=state.train_s,
-        checkpoint=checkpoint,
-        best=best if state.best_step is not None else None,
-        best_step=state.best_step,
-        best_val_loss=state.best_val_loss,
-        tokenizer=run_data.tokenizer,
-    )
+    trained = (layout.whole_model(model, model_config) if layout.parallel == "fsdp" else None) or plain
+    result = TrainResult.of(trained, state, out, run_data.tokenizer)
     if tc.sample_tokens and world.main:
         prompt = torch.tensor(run_data.tokenizer.encode(tc.sample_prompt or "\n"), dtype=torch.long)
         tokens = result.model.generate(
@@ -366,7 +286,7 @@ def train_step(state: TrainState, micro: list[tuple], layout: Layout, tc: TrainC
         x, y = x.to(world.device), y.to(world.device)
         cu_seqlens = cu_seqlens.to(world.device) if cu_seqlens is not None else None
         with layout.sync_gradients(model, last=m == len(micro) - 1), layout.context(model):
-            with _autocast(tc, layout):  # the forward pass only: backward runs in the forward's dtypes
+            with layout.autocast(tc.precision):  # the forward pass only: backward runs in the forward's dtypes
                 logits, _ = model(x, mode=tc.mode, chunk_size=tc.chunk_size, cu_seqlens=cu_seqlens)  # (B, T, V)
             loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="sum")
             (loss_sum * scale).backward()
@@ -381,37 +301,5 @@ def train_step(state: TrainState, micro: list[tuple], layout: Layout, tc: TrainC
     return total / counted, grad_norm
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, ...]], tc: TrainConfig) -> float:
-    """Mean next-token cross-entropy (nats) over ``batches``: each ``(x [B, T], y [B, T])``, or packed,
-    ``(x [1, T], y [1, T], cu_seqlens)`` with ``y = -100`` where nothing is counted (the sum of the losses
-    over the count of counted targets)."""
-    was_training, device = model.training, unwrapped(model).device
-    model.eval()
-    total, count = 0.0, 0
-    for x, y, *packed in batches:
-        x, y = x.to(device), y.to(device)
-        cu_seqlens = packed[0].to(device) if packed else None
-        logits, _ = model(x, mode=tc.mode, chunk_size=tc.chunk_size, cu_seqlens=cu_seqlens)  # (B, T, V)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="sum").item()
-        count += int((y != IGNORE).sum())
-    model.train(was_training)
-    return total / count
-
-
 def _best(state: TrainState) -> str:
     return f"best {state.best_val_loss:.3f} (step {state.best_step})"
-
-
-def _autocast(tc: TrainConfig, layout: Layout) -> contextlib.AbstractContextManager:
-    """bf16 autocast for ``precision="bf16"`` (under FSDP, its mixed-precision policy does it instead)."""
-    if tc.precision == "bf16" and layout.parallel != "fsdp":
-        return torch.autocast(layout.world.device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _contexts(tc: TrainConfig, layout: Layout, model: torch.nn.Module) -> Any:
-    """What a training step's forward pass runs in: bf16 autocast and context parallelism, where the run has them."""
-    with _autocast(tc, layout), layout.context(model):
-        yield

@@ -211,6 +211,12 @@ class Layout:
         """Context parallelism over the ranks while ``model`` runs (nothing without it)."""
         return context_parallel(self.cp.group, model=model) if self.cp is not None else contextlib.nullcontext()
 
+    def autocast(self, precision: str) -> contextlib.AbstractContextManager:
+        """bf16 autocast for ``precision="bf16"`` (under FSDP, its mixed-precision policy does it instead)."""
+        if precision == "bf16" and self.parallel != "fsdp":
+            return torch.autocast(self.world.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     @contextlib.contextmanager
     def sync_gradients(self, model: nn.Module, *, last: bool) -> Iterator[None]:
         """Reduce data-parallel gradients over the ranks only in the last micro-batch's backward pass (the others

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from mixers.hookspecs import hookimpl
 from mixers.ops.base import ContextParallelForm, Op, OpCall
 from mixers.ops.checks import _shape, check_mode, check_qkv, check_state, state_dtype
 
@@ -146,3 +147,8 @@ LINEAR_ATTENTION = Op(
     description="causal linear attention on feature-mapped q, k, with an optional guarded normaliser",
     context_parallel=ContextParallelForm(_local, _incoming),
 )
+
+
+@hookimpl
+def register_ops(register) -> None:  # noqa: ANN001 - an OpRegistrar
+    register(LINEAR_ATTENTION)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor
 
+from mixers.hookspecs import hookimpl
 from mixers.ops.base import ContextParallelForm, Op, OpCall
 from mixers.ops.checks import _shape, check_gamma, check_mode, check_qkv, check_state, state_dtype
 
@@ -102,3 +103,8 @@ RETENTION = Op(
     description="retention (RetNet): decayed causal linear attention, parallel / chunkwise / recurrent",
     context_parallel=ContextParallelForm(_local, _incoming),
 )
+
+
+@hookimpl
+def register_ops(register) -> None:  # noqa: ANN001 - an OpRegistrar
+    register(RETENTION)

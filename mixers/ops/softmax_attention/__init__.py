@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from mixers.hookspecs import hookimpl
 from mixers.ops.base import ContextParallelForm, Op, OpCall
 from mixers.ops.checks import _check_each, _check_shared, _check_widths, _shape, check_mode
 
@@ -233,3 +234,8 @@ SOFTMAX_ATTENTION = Op(
     description="causal softmax attention with a KV cache (grouped-query heads, per-row lengths)",
     context_parallel=ContextParallelForm(_local, _incoming),
 )
+
+
+@hookimpl
+def register_ops(register) -> None:  # noqa: ANN001 - an OpRegistrar
+    register(SOFTMAX_ATTENTION)

@@ -1,4 +1,4 @@
-"""The plugin module named by the ``seqmixers`` entry point: registers backend ``"fla"`` for two ops.
+"""The plugin module named by the ``seqmixers`` entry point: registers backend ``"fla"`` for three ops.
 
 The backend is registered whether or not fla and a GPU are present; ``check_available`` says which is
 missing, so ``python -m mixers list`` and any error naming the backend explain why it cannot run.
@@ -12,7 +12,7 @@ import torch
 from mixers import Backend, hookimpl
 from mixers.catalogue import BackendRegistrar
 
-from seqmixers_fla.adapter import _kernels, linear_attention, retention
+from seqmixers_fla.adapter import _kernels, gated_retention, linear_attention, retention
 
 # Below the torch backend (0) until the GPU tests have passed on a GPU: "auto" never picks unverified
 # kernels, as in the core's CuPy backend. Raise it once tests/test_seqmixers_fla.py passes on a GPU.
@@ -38,7 +38,11 @@ def check_available() -> str | None:
 
 @hookimpl
 def register_backends(register: BackendRegistrar) -> None:
-    for op, fn in (("retention", retention), ("linear_attention", linear_attention)):
+    for op, fn in (
+        ("retention", retention),
+        ("gated_retention", gated_retention),
+        ("linear_attention", linear_attention),
+    ):
         register(
             Backend(
                 op=op,
