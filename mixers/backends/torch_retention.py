@@ -35,14 +35,14 @@ and nothing needs resetting; a state goes from a chunk's entering slot to the ne
 Sequences no longer than a chunk (all of them in parallel mode) are one chunk each, padded with those of similar
 lengths (``ragged.buckets``). A sequence's last chunk is filled up by repeating its last token: causality hides
 those slots from every real token, their ``k_decay`` is 0 (the decays are per chunk: ``gamma^(L-1-j)`` over the L
-tokens a chunk holds), and their outputs are dropped. The same
-``_Chunks`` and ``_Recurrent`` compute it, so the hand-written and memory-bounded backwards, the float32
-accumulation, the decays' exponents in ``0..C`` and ``checkpoint_states`` (every ``every``-th chunk of each
-sequence) hold as for one sequence. Without gradients, ``PACKED_GROUP`` chunks run at a time, gathered from the
-packed inputs (no copy of the whole row); with gradients, the chunks of every bucket are gathered from q, k, v in
-one pass and their outputs put back in one (``Buckets.gather_heads``, ``scatter_heads``: their backwards are one
-pass too, not autograd's zero-filled row and scatter-add per gather). Non-finite inputs are excluded as above,
-their reach ending at their sequence's end (``nonfinite.finite_parts`` with the packing).
+tokens a chunk holds), and their outputs are dropped. The same ``_Chunks`` and ``_Recurrent`` compute it, so the
+hand-written and memory-bounded backwards, the float32 accumulation, the decays' exponents in ``0..C`` and
+``checkpoint_states`` (every ``every``-th chunk of each sequence) hold as for one sequence. Without gradients,
+``PACKED_GROUP`` chunks run at a time, gathered from the packed inputs (no copy of the whole row); with gradients,
+the chunks of every bucket are gathered from q, k, v in one pass and their outputs put back in one
+(``Buckets.gather_heads``, ``scatter_heads``: their backwards are one pass too, not autograd's zero-filled row and
+scatter-add per gather). Non-finite inputs are excluded as above, their reach ending at their sequence's end
+(``nonfinite.finite_parts`` with the packing).
 
 Inputs arrive validated by ``mixers.functional.retention``; ``gamma`` is a float64 tensor ``[H]``.
 Computation runs in float32 (float64 for float64 inputs); ``o`` is cast back to the input dtype.
